@@ -1,0 +1,132 @@
+"""File helpers every stage uses: nothing is ever half-written.
+
+Every write goes to a temporary name in the destination folder and is renamed
+into place, so a kill at any moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+
+class SegsynthError(Exception):
+    """An error a user can fix: the message names the file or key and the fix."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_write_png(path: str | os.PathLike, array: np.ndarray, palette: Iterable[Iterable[int]] | None = None) -> None:
+    """Write a uint8 HxW (index) or HxWx3 (RGB) array as PNG, atomically.
+
+    Index masks get the palette attached (mode "P") so they look right in any
+    viewer while still holding the raw class ids.
+    """
+    import io as _io
+
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"cannot store values outside 0..255 in a PNG: {path}")
+        array = array.astype(np.uint8)
+    image = Image.fromarray(array)
+    if array.ndim == 2 and palette is not None:
+        image = image.convert("P")
+        flat = [value for colour in palette for value in colour]
+        image.putpalette(flat + [0] * (768 - len(flat)))
+    buffer = _io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SegsynthError(f"{path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise SegsynthError(f"{path}: not valid JSON ({error}); fix or regenerate the file") from None
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line and fsync it, so a finished record survives a kill."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, default=_json_default) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Read JSON lines; a torn last line (a kill mid-append) is skipped, any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                return  # a write cut short by a kill: the record never counted
+            raise SegsynthError(f"{path}:{number}: not valid JSON; remove the line or regenerate the file") from None
+
+
+def safe_relative_path(folder: str | os.PathLike, relative: str, what: str = "path") -> Path:
+    """Resolve a manifest path inside its folder; paths that leave the folder are refused."""
+    folder = Path(folder).resolve()
+    if os.path.isabs(relative):
+        raise SegsynthError(f"{what} {relative!r} is absolute; manifest paths must be relative to {folder}")
+    resolved = (folder / relative).resolve()
+    if folder != resolved and folder not in resolved.parents:
+        raise SegsynthError(f"{what} {relative!r} leaves its folder {folder}; manifest paths may not contain '..'")
+    return resolved
+
+
+def _remove_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
