@@ -1,0 +1,132 @@
+"""`segsynth evaluate`: mIoU from one confusion matrix over a whole split.
+
+As mmseg's IoUMetric: per-class intersection and union are summed over every
+image of the split, then IoU = I / U per class; a class absent from both the
+predictions and the labels has no IoU (NaN) and is left out of the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from segsynth import IGNORE_INDEX
+from segsynth.config import field, save_config
+from segsynth.data import open_dataset
+from segsynth.data.validate import quick_check
+from segsynth.distributed import all_reduce_sum, init_distributed, shard
+from segsynth.io import atomic_write_json
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = field(help="checkpoint folder (a `segsynth train --out` folder)")
+    data: str = field(help="dataset spec, e.g. camvid:PATH or toy")
+    split: str = field("val", help="split to evaluate (train, val, test, ...)")
+    out: str | None = field(None, help="write metrics JSON here (default: CHECKPOINT/metrics_<split>.json)")
+    size: list[int] = field([], help="inference size H,W (default: each image's own size)")
+    batch_size: int = field(8, help="images per forward pass")
+    device: str = field("auto", help="auto, cpu or cuda")
+
+
+def confusion_matrix(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """C x C counts, rows = ground truth, columns = prediction; ignore pixels skipped."""
+    valid = label != IGNORE_INDEX
+    index = label[valid].astype(np.int64) * num_classes + prediction[valid].astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(confusion: np.ndarray, classes) -> dict:
+    confusion = confusion.astype(np.float64)
+    intersection = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, intersection / union, np.nan)
+        accuracy = np.where(confusion.sum(1) > 0, intersection / confusion.sum(1), np.nan)
+    total = confusion.sum()
+    return {
+        "miou": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else math.nan,
+        "aacc": float(intersection.sum() / total * 100) if total else math.nan,
+        "macc": float(np.nanmean(accuracy) * 100) if np.isfinite(accuracy).any() else math.nan,
+        "per_class": {name: float(value * 100) for name, value in zip(classes, iou)},
+        "pixels": int(total),
+    }
+
+
+@torch.no_grad()
+def confusion_over_split(model, split, num_classes: int, device, size=None, batch_size: int = 8,
+                         indices=None, progress: bool = True) -> np.ndarray:
+    """Whole-image inference (optionally at `size`), logits resized back to each label's size."""
+    model.eval()
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    indices = list(range(len(split))) if indices is None else list(indices)
+    bar = tqdm(total=len(indices), desc=f"evaluate {split.name}", disable=not progress, leave=False, unit="img")
+    for start in range(0, len(indices), batch_size):
+        samples = [split[i] for i in indices[start: start + batch_size]]
+        groups: dict = {}  # batch images of equal size together
+        for sample in samples:
+            groups.setdefault(sample.image.shape, []).append(sample)
+        for group in groups.values():
+            images = torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)
+            label_size = group[0].label.shape
+            if size:
+                images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+            prediction = model.predict(images, size=label_size).argmax(1).cpu().numpy()
+            for sample, predicted in zip(group, prediction):
+                confusion += confusion_matrix(predicted, sample.label, num_classes)
+        bar.update(len(samples))
+    bar.close()
+    return confusion
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Evaluate a checkpoint on one split; writes and returns the metrics dict."""
+    from segsynth.train import resolve_checkpoint
+    from segsynth.models import load_segmenter
+
+    # 1. Open and check everything before any compute.
+    info = init_distributed(config.device)
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    dataset = open_dataset(config.data)
+    split = dataset.split(config.split)
+    quick_check(dataset, [config.split])
+    model, meta = load_segmenter(checkpoint)
+    if model.num_classes != dataset.num_classes:
+        from segsynth.io import SegsynthError
+
+        raise SegsynthError(
+            f"{checkpoint}: model has {model.num_classes} classes but dataset {config.data} has {dataset.num_classes}; "
+            "evaluate on the dataset the model was trained for"
+        )
+    model.to(info.device)
+
+    # 2. Each rank takes a shard of the split; confusion matrices are summed.
+    started = time.time()
+    indices = shard(list(range(len(split))), info.rank, info.world_size)
+    confusion = confusion_over_split(model, split, dataset.num_classes, info.device, config.size or None,
+                                     config.batch_size, indices, progress=info.is_main)
+    confusion = all_reduce_sum(torch.from_numpy(confusion)).numpy()
+    metrics = metrics_from_confusion(confusion, dataset.classes)
+    metrics.update(split=config.split, data=config.data, checkpoint=str(checkpoint), images=len(split),
+                   seconds=round(time.time() - started, 2))
+
+    # 3. Write the metrics and the resolved config beside them.
+    if info.is_main:
+        out = Path(config.out) if config.out else checkpoint.parent / f"metrics_{config.split}.json"
+        atomic_write_json(out, metrics)
+        save_config(config, out.with_name(out.stem + ".config.yaml"))
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [f"mIoU {metrics['miou']:.2f}  aAcc {metrics['aacc']:.2f}  mAcc {metrics['macc']:.2f}"]
+    for name, value in metrics["per_class"].items():
+        lines.append(f"  {name[:20]:20s} {'  n/a' if math.isnan(value) else f'{value:6.2f}'}")
+    return "\n".join(lines)
