@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segsynth.data import datasets, toy
+from segsynth.data import datasets, synthetic, toy
 from segsynth.data.base import Dataset
 from segsynth.io import SegsynthError
 
@@ -16,6 +16,8 @@ DATASET_KINDS = {
     "voc": lambda arg, spec: datasets.open_voc(Path(arg), spec),
     "coco-stuff": lambda arg, spec: datasets.open_coco_stuff(Path(arg), spec),
     "folder": lambda arg, spec: datasets.open_folder(Path(arg), spec),
+    "synthetic": lambda arg, spec: synthetic.open_synthetic(Path(arg), spec, filtered=True),
+    "synthetic-raw": lambda arg, spec: synthetic.open_synthetic(Path(arg), spec, filtered=False),
     "toy": lambda arg, spec: toy.open_toy(arg, spec),
 }
 

@@ -1,0 +1,210 @@
+"""`segsynth filter`: FreeMask's noise filter for synthetic masks.
+
+A segmenter trained on real data scores every synthetic pixel with its
+cross-entropy against the synthetic (conditioning) mask. With L̄_c the mean
+loss of class c over real training pixels (see `segsynth.stats`), a pixel of
+class c whose loss exceeds α·L̄_c is set to ignore (255): the generator did
+not render that class there convincingly, so it would teach the wrong thing.
+
+Outputs, inside the synthetic set: masks_filtered/<id>.png (originals kept),
+filter.rank<R>.jsonl (one line per filtered sample, appended after its file is
+in place: the resume log), filter.json (the settings, so a rerun with other
+settings is refused instead of mixed in), and finally manifest.jsonl rewritten
+with `filtered_mask`, `ignored_fraction` and per-class `ignored` per record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+from tqdm import tqdm
+
+from segsynth import IGNORE_INDEX
+from segsynth.config import field, save_config
+from segsynth.data.base import read_image, read_raw_mask
+from segsynth.data.synthetic import MANIFEST, read_manifest
+from segsynth.distributed import barrier, init_distributed, shard
+from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, atomic_write_png, atomic_write_text,
+                         read_json, read_jsonl, safe_relative_path)
+from segsynth.stats import StatsConfig, compute_class_stats, load_class_stats, pixel_losses
+
+
+@dataclass
+class FilterConfig:
+    synthetic: str = field(help="synthetic set folder (from `segsynth synthesize`)")
+    segmenter: str = field(help="segmenter checkpoint trained on the real data")
+    stats: str | None = field(None, help="class-stats JSON (default: SEGMENTER/class_stats.json, computed if missing)")
+    alpha: float = field(1.25, help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
+    batch_size: int = field(8, help="images per forward pass")
+    workers: int = field(1, help="decoding worker processes")
+    device: str = field("auto", help="auto, cpu or cuda")
+
+
+def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float) -> np.ndarray:
+    """FreeMask's rule: pixel of class c -> ignore when loss > alpha * L̄_c (classes without L̄_c are kept)."""
+    valid = label != IGNORE_INDEX
+    threshold = np.full(label.shape, np.inf, np.float64)
+    class_threshold = np.where(np.isfinite(mean_loss), alpha * mean_loss, np.inf)
+    threshold[valid] = class_threshold[label[valid]]
+    filtered = label.copy()
+    filtered[valid & (loss > threshold)] = IGNORE_INDEX
+    return filtered
+
+
+def ignored_by_class(label: np.ndarray, filtered: np.ndarray, classes) -> dict:
+    """Fraction of each present class's pixels that the filter set to ignore."""
+    result = {}
+    for class_id in np.unique(label[label != IGNORE_INDEX]):
+        pixels = label == class_id
+        result[classes[class_id]] = round(float((filtered[pixels] == IGNORE_INDEX).mean()), 4)
+    return result
+
+
+class _SyntheticPairs(TorchDataset):
+    """Decodes (image, mask) pairs in worker processes so decoding overlaps the forward pass."""
+
+    def __init__(self, root: Path, records: list[dict], num_classes: int):
+        self.root, self.records, self.num_classes = root, records, num_classes
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        image_path = safe_relative_path(self.root, record["image"], f"{MANIFEST} image of {record['id']}")
+        mask_path = safe_relative_path(self.root, record["mask"], f"{MANIFEST} mask of {record['id']}")
+        image, mask = read_image(image_path), read_raw_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise SegsynthError(f"{mask_path}: mask size {mask.shape} differs from its image {image_path} {image.shape[:2]}")
+        bad = (mask != IGNORE_INDEX) & (mask >= self.num_classes)
+        if bad.any():
+            raise SegsynthError(f"{mask_path}: label values {np.unique(mask[bad])[:5].tolist()} outside the "
+                                f"{self.num_classes} classes of {self.root / 'classes.json'}")
+        return record["id"], torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)
+
+
+def _collate(batch):
+    return [item[0] for item in batch], [item[1] for item in batch], [item[2] for item in batch]
+
+
+def filter_synthetic(config: FilterConfig) -> dict:
+    """Filter every sample of a synthetic set (resumable, sharded over torchrun ranks); returns a summary."""
+    from segsynth.models import load_segmenter
+    from segsynth.train import resolve_checkpoint
+
+    # 1. Check inputs before compute: the set, the segmenter, matching classes, the statistics.
+    info = init_distributed(config.device)
+    root = Path(config.synthetic)
+    records = read_manifest(root)
+    if not records:
+        raise SegsynthError(f"{root}: no finished samples in {MANIFEST}; run `segsynth synthesize` first")
+    classes = read_json(root / "classes.json")["classes"]
+    checkpoint = resolve_checkpoint(config.segmenter)
+    model, meta = load_segmenter(checkpoint)
+    if list(meta["classes"]) != list(classes):
+        raise SegsynthError(f"{checkpoint}: segmenter classes differ from {root / 'classes.json'}; "
+                            "filter with a segmenter trained on the set's real dataset")
+    stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
+    if not stats_path.is_file():
+        if config.stats:
+            raise SegsynthError(f"{stats_path}: class-stats file not found; make it with `segsynth stats` or omit --stats")
+        if info.is_main:
+            tqdm.write(f"computing class statistics once -> {stats_path}")
+        compute_class_stats(StatsConfig(segmenter=str(checkpoint), out=str(stats_path), device=config.device))
+        barrier()
+    mean_loss = load_class_stats(stats_path, classes)
+    model.to(info.device).eval()
+
+    # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
+    settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
+                "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
+    settings_path = root / "filter.json"
+    if settings_path.is_file() and read_json(settings_path) != settings:
+        raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
+                            "use the same settings, or delete masks_filtered/, filter.json and filter.rank*.jsonl to refilter")
+    barrier()
+    if info.is_main:
+        atomic_write_json(settings_path, settings)
+        save_config(config, root / "filter.config.yaml")
+    done = {r["id"] for path in root.glob("filter.rank*.jsonl") for r in read_jsonl(path)
+            if (root / r["filtered_mask"]).is_file()}
+    pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
+
+    # 3. Stream: workers decode, the model scores, a writer thread saves masks and log lines.
+    log_path = root / f"filter.rank{info.rank}.jsonl"
+    writes: queue.Queue = queue.Queue(maxsize=4 * config.batch_size)
+    errors: list[BaseException] = []
+
+    def writer():
+        while (job := writes.get()) is not None:
+            try:
+                sample_id, filtered, record = job
+                atomic_write_png(root / record["filtered_mask"], filtered)
+                append_jsonl(log_path, record)
+            except BaseException as error:  # surfaced in the main thread
+                errors.append(error)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    loader = DataLoader(_SyntheticPairs(root, pending, len(classes)), batch_size=config.batch_size,
+                        num_workers=config.workers, collate_fn=_collate)
+    bar = tqdm(total=len(pending), desc="filter", unit="img", disable=not info.is_main, dynamic_ncols=True)
+    started = time.time()
+    with torch.no_grad():
+        for ids, images, masks in loader:
+            groups: dict = {}
+            for item in zip(ids, images, masks):
+                groups.setdefault(tuple(item[1].shape), []).append(item)
+            for group in groups.values():
+                batch = torch.stack([g[1] for g in group]).float().to(info.device)
+                labels = torch.stack([g[2] for g in group]).to(info.device)
+                losses = pixel_losses(model, batch, labels).cpu().numpy()
+                for (sample_id, _, mask), loss in zip(group, losses):
+                    label = mask.numpy()
+                    filtered = filter_labels(label, loss, mean_loss, config.alpha)
+                    valid = label != IGNORE_INDEX
+                    record = {"id": sample_id, "filtered_mask": f"masks_filtered/{sample_id}.png",
+                              "ignored_fraction": round(float((filtered[valid] == IGNORE_INDEX).mean()) if valid.any() else 0.0, 4),
+                              "ignored": ignored_by_class(label, filtered, classes)}
+                    writes.put((sample_id, filtered, record))
+            if errors:
+                break
+            bar.update(len(ids))
+    writes.put(None)
+    thread.join()
+    bar.close()
+    if errors:
+        raise errors[0]
+    barrier()
+
+    # 4. Merge the logs into the manifest (rank 0), atomically.
+    summary = {"samples": len(records), "filtered_now": len(pending), "seconds": round(time.time() - started, 2)}
+    if info.is_main:
+        summary.update(_merge_into_manifest(root, records, classes))
+    return summary
+
+
+def _merge_into_manifest(root: Path, records: list[dict], classes) -> dict:
+    log = {r["id"]: r for path in sorted(root.glob("filter.rank*.jsonl")) for r in read_jsonl(path)}
+    merged = [{**record, **log.get(record["id"], {})} for record in records]
+    import json
+
+    atomic_write_text(root / MANIFEST, "".join(json.dumps(r) + "\n" for r in merged))
+    for path in root.glob("manifest.rank*.jsonl"):  # now folded into manifest.jsonl
+        path.unlink()
+    fractions = [r["ignored_fraction"] for r in merged if "ignored_fraction" in r]
+    per_class = {}
+    for name in classes:
+        values = [r["ignored"][name] for r in merged if name in r.get("ignored", {})]
+        per_class[name] = round(float(np.mean(values)), 4) if values else math.nan
+    return {"filtered": len(fractions), "mean_ignored_fraction": round(float(np.mean(fractions)), 4) if fractions else 0.0,
+            "mean_ignored_by_class": per_class}
