@@ -43,6 +43,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    from segsynth.stats import StatsConfig, compute_class_stats
+
+    stats = compute_class_stats(config_from_args(StatsConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name, loss, pixels in zip(stats["classes"], stats["mean_loss"], stats["pixels"]):
+            print(f"  {name[:20]:20s} mean loss {'n/a' if loss is None else f'{loss:.4f}':>8s}  pixels {pixels}")
+    return 0
+
+
+def cmd_filter(args) -> int:
+    from segsynth.filter import FilterConfig, filter_synthetic
+
+    summary = filter_synthetic(config_from_args(FilterConfig, args))
+    if "mean_ignored_fraction" in summary:
+        print(f"filtered {summary['filtered']} samples ({summary['filtered_now']} now, {summary['seconds']} s); "
+              f"mean ignored fraction {summary['mean_ignored_fraction']:.3f}")
+        for name, value in summary["mean_ignored_by_class"].items():
+            print(f"  {name[:20]:20s} {'n/a' if value != value else f'{100 * value:5.1f}%'} ignored")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from segsynth.evaluate import EvalConfig
     from segsynth.train import TrainConfig
@@ -63,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("evaluate", help="mIoU of a checkpoint on a dataset split")
     add_config_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    from segsynth.filter import FilterConfig
+    from segsynth.stats import StatsConfig
+
+    stats = verbs.add_parser("stats", help="class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)")
+    add_config_arguments(stats, StatsConfig)
+    stats.set_defaults(run=cmd_stats)
+
+    filter_ = verbs.add_parser("filter", help="set noisy synthetic pixels to ignore (loss > alpha * L̄_c)")
+    add_config_arguments(filter_, FilterConfig)
+    filter_.set_defaults(run=cmd_filter)
     return parser
 
 

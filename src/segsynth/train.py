@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from segsynth.distributed import DistInfo, barrier, init_distributed
 from segsynth.evaluate import confusion_over_split, metrics_from_confusion
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json
 from segsynth.models import create_segmenter
+from segsynth.recipes import RECIPES
 
 
 @dataclass
@@ -45,7 +46,12 @@ class TrainConfig:
     out: str = field(help="output folder: checkpoint/, metrics.jsonl, config.yaml")
     model: str = field("segformer-b0", help="segmenter name (see models.SEGMENTERS)")
     pretrained: str | None = field(None, help="hub id or local folder to initialise from")
-    recipe: str = field("real", help="which sources to train on (see train.RECIPES)")
+    recipe: str = field("real", help="real, synthetic, joint, pretrain-finetune or replace (see segsynth.recipes)")
+    synthetic: list[str] = field([], help="synthetic set folder for the synthetic recipes")
+    synthetic_masks: str = field("auto", help="auto (filtered when the set has them), filtered or raw")
+    replace_probability: float = field(0.6, help="replace recipe: chance a real draw becomes a synthetic one (SegGen)")
+    pretrain_iterations: int = field(0, help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
+    init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")
     iterations: int = field(2000, help="training iterations")
     batch_size: int = field(8, help="images per iteration per process")
     crop: list[int] = field([], help="crop H,W (default: the first training image's size)")
@@ -73,17 +79,10 @@ class Source:
     name: str
     split: Split
     repeat: float = 1.0
-
-
-# --- recipes: which sources to train on ---------------------------------------
-
-
-def real_sources(config: TrainConfig, dataset) -> list[Source]:
-    return [Source("real", dataset.split("train"), 1.0)]
-
-
-# recipe name -> builder(config, real dataset) -> sources. The FreeMask recipes add rows.
-RECIPES = {"real": real_sources}
+    # SegGen's replace: draw of item i becomes alternatives[j], j from alternative_index[i], with this probability.
+    alternatives: Split | None = None
+    alternative_index: dict[int, list[int]] | None = None
+    replace_probability: float = 0.0
 
 
 # --- the sample stream --------------------------------------------------------
@@ -127,8 +126,13 @@ class SampleStream(TorchDataset):
 
     def __getitem__(self, draw: int):
         source_index, item = self.locate(draw)
-        sample = self.sources[source_index].split[item]
+        source = self.sources[source_index]
         rng = np.random.default_rng([self.seed, 13, draw])
+        choices = source.alternative_index.get(item) if source.alternative_index else None
+        if choices and rng.random() < source.replace_probability:
+            sample = source.alternatives[choices[int(rng.integers(len(choices)))]]
+        else:
+            sample = source.split[item]
         image, label, weight = augment(sample.image, sample.label, sample.weight, self.augment_config, rng)
         weight = np.ones(label.shape, np.float32) if weight is None else weight
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label), torch.from_numpy(weight)
@@ -209,6 +213,26 @@ def load_optimizer_state(optimizer, path: Path) -> None:
 
 def train(config: TrainConfig, sources: list[Source] | None = None) -> Path:
     """Train a segmenter; returns the checkpoint folder. `sources` overrides the recipe (API use)."""
+    if config.recipe == "pretrain-finetune" and sources is None:
+        return _pretrain_finetune(config)
+    return _train_stage(config, sources)
+
+
+def _pretrain_finetune(config: TrainConfig) -> Path:
+    """Stage 1 on the synthetic sets (OUT/pretrain), stage 2 on real data from its weights (OUT)."""
+    if config.pretrain_iterations <= 0:
+        raise SegsynthError("recipe pretrain-finetune needs --pretrain-iterations N > 0 (the synthetic stage)")
+    pretrain = replace(config, recipe="synthetic", iterations=config.pretrain_iterations,
+                       out=str(Path(config.out) / "pretrain"), eval_every=0)
+    checkpoint = _train_stage(pretrain, None)
+    finetune = replace(config, recipe="real", init_checkpoint=str(checkpoint), pretrain_iterations=0)
+    result = _train_stage(finetune, None)
+    if init_distributed(config.device).is_main:
+        save_config(config, Path(config.out) / "config.yaml")  # the whole recipe, not just stage 2
+    return result
+
+
+def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     out = Path(config.out)
     info = init_distributed(config.device)
 
@@ -217,6 +241,8 @@ def train(config: TrainConfig, sources: list[Source] | None = None) -> Path:
     quick_check(dataset, ["train"] + ([config.eval_split] if config.eval_split in dataset.splits else []))
     if config.recipe not in RECIPES:
         raise SegsynthError(f"unknown recipe {config.recipe!r}; options: {', '.join(RECIPES)}")
+    if config.synthetic and config.recipe == "real":
+        raise SegsynthError("--synthetic was given but --recipe is real; choose synthetic, joint, pretrain-finetune or replace")
     sources = sources or RECIPES[config.recipe](config, dataset)
     first = sources[0].split[0]
     native = list(first.label.shape)
@@ -231,6 +257,8 @@ def train(config: TrainConfig, sources: list[Source] | None = None) -> Path:
     start = 0
     if config.resume and any((out / name / "segsynth.json").is_file() for name in ("checkpoint", "checkpoint.old")):
         start = _resume(out, model, optimizer, config, dataset)
+    elif config.init_checkpoint:
+        _load_initial_weights(model, config.init_checkpoint, dataset, config.model)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -325,7 +353,7 @@ def _resume(out: Path, model, optimizer, config: TrainConfig, dataset) -> int:
     if meta.get("model") != config.model or meta.get("classes") != list(dataset.classes):
         raise SegsynthError(f"{checkpoint}: was trained with model {meta.get('model')} on classes {meta.get('classes')}; "
                             f"cannot resume it as {config.model} on {config.data}. Use a new --out")
-    saved = {k: v for k, v in meta.get("train_config", {}).items() if k not in ("resume", "iterations", "eval_every", "save_every", "workers", "device", "log_every")}
+    saved = {k: v for k, v in meta.get("train_config", {}).items() if k not in ("out", "resume", "iterations", "eval_every", "save_every", "workers", "device", "log_every")}
     current = {k: v for k, v in to_dict(config).items() if k in saved}
     if saved != current:
         changed = sorted(k for k in saved if saved[k] != current.get(k))
@@ -337,6 +365,16 @@ def _resume(out: Path, model, optimizer, config: TrainConfig, dataset) -> int:
     model.load_state_dict(loaded.state_dict())
     load_optimizer_state(optimizer, checkpoint / "optimizer.safetensors")
     return int(meta["state"]["iteration"])
+
+
+def _load_initial_weights(model, checkpoint: str, dataset, model_name: str) -> None:
+    from segsynth.models import load_segmenter
+
+    loaded, meta = load_segmenter(resolve_checkpoint(checkpoint))
+    if meta.get("model") != model_name or list(meta["classes"]) != list(dataset.classes):
+        raise SegsynthError(f"{checkpoint}: a {meta.get('model')} for classes {meta['classes'][:4]}...; "
+                            f"it cannot initialise this run's model for {dataset.spec}")
+    model.load_state_dict(loaded.state_dict())
 
 
 def _meta(config: TrainConfig, dataset, crop, base) -> dict:

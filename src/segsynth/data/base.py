@@ -101,7 +101,7 @@ def label_table(num_classes: int, ignore_values: Sequence[int] = (IGNORE_INDEX,)
 def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise SegsynthError(f"{path}: cannot read image ({error}); replace or remove the file") from None
 
@@ -160,3 +160,21 @@ def file_split(name: str, pairs: list[Pair], table: np.ndarray, classes: Sequenc
         return Sample(pair.id, image, label)
 
     return Split(name, [pair.id for pair in pairs], load)
+
+
+def concat_splits(name: str, splits: Sequence[Split]) -> Split:
+    """One split over several (ids must stay unique across them)."""
+    offsets, ids = [], []
+    for split in splits:
+        offsets.append(len(ids))
+        ids.extend(split.ids)
+    if len(set(ids)) != len(ids):
+        raise SegsynthError(f"split {name}: the same sample id appears in more than one of the combined sets")
+
+    def load(index: int) -> Sample:
+        for split, offset in zip(reversed(splits), reversed(offsets)):
+            if index >= offset:
+                return split[index - offset]
+        raise IndexError(index)
+
+    return Split(name, ids, load)

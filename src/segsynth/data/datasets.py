@@ -26,8 +26,10 @@ def _require_dir(path: Path, what: str, fix: str) -> Path:
 
 
 def _files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
+    """Files whose name ends with one of `suffixes` (case-insensitive; multi-part ones like '_labelTrainIds.png' too)."""
     pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
+    endings = tuple(suffix.lower() for suffix in suffixes)
+    return sorted(p for p in pattern if p.is_file() and p.name.lower().endswith(endings) and not p.name.startswith("."))
 
 
 def pair_by_stem(
