@@ -65,8 +65,52 @@ def cmd_filter(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from segsynth.plan import PlanConfig, make_plan
+
+    from segsynth.plan import read_plan, summarize_plan
+
+    path = make_plan(config_from_args(PlanConfig, args))
+    print(summarize_plan(read_plan(path)))
+    print(f"written: {path}")
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from segsynth.synthesize import SynthesizeConfig, format_summary, synthesize
+
+    summary = synthesize(config_from_args(SynthesizeConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+    return 0
+
+
+def cmd_train_generator(args) -> int:
+    from segsynth.generate.builtin import TrainGeneratorConfig, train_generator
+
+    folder = train_generator(config_from_args(TrainGeneratorConfig, args))
+    print(f"generator: {folder} (use it with --generator builtin:{folder})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import dataclasses
+
+    from segsynth.config import load_yaml
+    from segsynth.run import RunConfig, resolve_run_config, run
+
+    values = load_yaml(args.config) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+                   if getattr(args, f.name, None) is not None})
+    run(resolve_run_config(values))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from segsynth.evaluate import EvalConfig
+    from segsynth.generate.builtin import TrainGeneratorConfig
+    from segsynth.plan import PlanConfig
+    from segsynth.synthesize import SynthesizeConfig
     from segsynth.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="segsynth", description=__doc__.splitlines()[0])
@@ -96,6 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     filter_ = verbs.add_parser("filter", help="set noisy synthetic pixels to ignore (loss > alpha * L̄_c)")
     add_config_arguments(filter_, FilterConfig)
     filter_.set_defaults(run=cmd_filter)
+
+    plan = verbs.add_parser("plan", help="how many synthetic images per real mask, with their seeds (plan.jsonl)")
+    add_config_arguments(plan, PlanConfig)
+    plan.set_defaults(run=cmd_plan)
+
+    synthesize = verbs.add_parser("synthesize", help="render a plan with a generator into a synthetic folder: dataset")
+    add_config_arguments(synthesize, SynthesizeConfig)
+    synthesize.set_defaults(run=cmd_synthesize)
+
+    train_generator = verbs.add_parser("train-generator", help="train the builtin mask-to-image diffusion model")
+    add_config_arguments(train_generator, TrainGeneratorConfig)
+    train_generator.set_defaults(run=cmd_train_generator)
+
+    from segsynth.run import RunConfig
+
+    run = verbs.add_parser("run", help="the whole method on a dataset (default: the built-in toy data) + ablation table")
+    add_config_arguments(run, RunConfig)
+    run.set_defaults(run=cmd_run)
     return parser
 
 

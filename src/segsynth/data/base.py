@@ -33,10 +33,12 @@ class Sample:
 class Split:
     """One split of a dataset: a sequence of samples with unique ids."""
 
-    def __init__(self, name: str, ids: Sequence[str], loader: Callable[[int], Sample]):
+    def __init__(self, name: str, ids: Sequence[str], loader: Callable[[int], Sample],
+                 label_loader: Callable[[int], np.ndarray] | None = None):
         self.name = name
         self.ids = list(ids)
         self._loader = loader
+        self._label_loader = label_loader
         self._index = {sample_id: i for i, sample_id in enumerate(self.ids)}
 
     def __len__(self) -> int:
@@ -44,6 +46,10 @@ class Split:
 
     def __getitem__(self, index: int) -> Sample:
         return self._loader(index)
+
+    def label(self, index: int) -> np.ndarray:
+        """Just the label map (file-backed splits skip decoding the image)."""
+        return self._label_loader(index) if self._label_loader else self._loader(index).label
 
     def index_of(self, sample_id: str) -> int:
         try:
@@ -159,7 +165,13 @@ def file_split(name: str, pairs: list[Pair], table: np.ndarray, classes: Sequenc
             )
         return Sample(pair.id, image, label)
 
-    return Split(name, [pair.id for pair in pairs], load)
+    def load_label(index: int) -> np.ndarray:
+        pair = pairs[index]
+        if pair.mask is None:
+            raise SegsynthError(f"{pair.image}: this split has no masks")
+        return apply_label_table(read_raw_mask(pair.mask), table, pair.mask, classes)
+
+    return Split(name, [pair.id for pair in pairs], load, load_label)
 
 
 def concat_splits(name: str, splits: Sequence[Split]) -> Split:
