@@ -82,7 +82,7 @@ class _SyntheticPairs(TorchDataset):
         record = self.records[index]
         image_path = safe_relative_path(self.root, record["image"], f"{MANIFEST} image of {record['id']}")
         mask_path = safe_relative_path(self.root, record["mask"], f"{MANIFEST} mask of {record['id']}")
-        image, mask = read_image(image_path), read_raw_mask(mask_path)
+        image, mask = read_image(image_path), np.array(read_raw_mask(mask_path))
         if mask.shape != image.shape[:2]:
             raise SegsynthError(f"{mask_path}: mask size {mask.shape} differs from its image {image_path} {image.shape[:2]}")
         bad = (mask != IGNORE_INDEX) & (mask >= self.num_classes)

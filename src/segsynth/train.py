@@ -35,7 +35,7 @@ from segsynth.data.transforms import AugmentConfig, augment
 from segsynth.data.validate import quick_check
 from segsynth.distributed import DistInfo, barrier, init_distributed
 from segsynth.evaluate import confusion_over_split, metrics_from_confusion
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json
+from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, default_mode
 from segsynth.models import create_segmenter
 from segsynth.recipes import RECIPES
 
@@ -179,6 +179,7 @@ def save_checkpoint(out: Path, model, optimizer, meta: dict) -> Path:
     """Write the whole checkpoint to a temp folder, then swap it in: never a half-written checkpoint."""
     final = out / "checkpoint"
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
+    os.chmod(staging, default_mode(directory=True))  # mkdtemp makes 0700; the checkpoint should not be owner-only
     model.save(staging)
     state = optimizer.state_dict()
     tensors = {f"state.{index}.{key}": value.detach().contiguous() for index, entry in state["state"].items()
@@ -225,7 +226,7 @@ def _pretrain_finetune(config: TrainConfig) -> Path:
     pretrain = replace(config, recipe="synthetic", iterations=config.pretrain_iterations,
                        out=str(Path(config.out) / "pretrain"), eval_every=0)
     checkpoint = _train_stage(pretrain, None)
-    finetune = replace(config, recipe="real", init_checkpoint=str(checkpoint), pretrain_iterations=0)
+    finetune = replace(config, recipe="real", synthetic=[], init_checkpoint=str(checkpoint), pretrain_iterations=0)
     result = _train_stage(finetune, None)
     if init_distributed(config.device).is_main:
         save_config(config, Path(config.out) / "config.yaml")  # the whole recipe, not just stage 2

@@ -27,8 +27,8 @@ class AugmentConfig:
 
 def resize_pair(image, label, weight, size_hw):
     height, width = size_hw
-    image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-    label = np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+    image = np.array(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    label = np.array(Image.fromarray(label).resize((width, height), Image.NEAREST))
     if weight is not None:
         weight = np.asarray(Image.fromarray(weight, mode="F").resize((width, height), Image.NEAREST))
     return image, label, weight

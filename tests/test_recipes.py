@@ -1,0 +1,123 @@
+"""Training recipes: which samples each one draws, and that filtered ignore pixels reach training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from segsynth.data import open_dataset
+from segsynth.data.transforms import AugmentConfig
+from segsynth.io import SegsynthError
+from segsynth.recipes import RECIPES
+from segsynth.train import SampleStream, TrainConfig, train
+from synthetic_sets import write_synthetic_set
+
+TOY = "toy:n=12,n_val=4,size=32x40"
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    return write_synthetic_set(tmp_path / "syn", open_dataset(TOY), copies=2)  # 24 samples
+
+
+def _config(tmp_path, **overrides):
+    values = dict(data=TOY, out=str(tmp_path / "out"), model="segformer-tiny", iterations=4, batch_size=2,
+                  workers=0, eval_split="", device="cpu", log_every=1, warmup=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _draw_sources(sources, draws=600):
+    stream = SampleStream(sources, AugmentConfig(crop=(32, 40), base=(32, 40)), seed=0)
+    counts = {}
+    for draw in range(draws):
+        source, _ = stream.locate(draw)
+        counts[sources[source].name] = counts.get(sources[source].name, 0) + 1
+    return counts
+
+
+def test_joint_repeats_real_to_match_synthetic(tmp_path, synthetic):
+    config = _config(tmp_path, recipe="joint", synthetic=[str(synthetic)])
+    sources = RECIPES["joint"](config, open_dataset(TOY))
+    assert [s.name for s in sources] == ["real", f"synthetic:{synthetic}"]
+    assert sources[0].repeat == pytest.approx(24 / 12)
+    counts = _draw_sources(sources, draws=480)  # 10 epochs of 48
+    assert counts["real"] == counts[f"synthetic:{synthetic}"] == 240
+
+
+def test_synthetic_recipe_uses_only_synthetic(tmp_path, synthetic):
+    sources = RECIPES["synthetic"](_config(tmp_path, recipe="synthetic", synthetic=[str(synthetic)]), open_dataset(TOY))
+    assert len(sources) == 1 and len(sources[0].split) == 24
+
+
+def test_replace_swaps_real_for_same_mask_synthetic_at_p(tmp_path, synthetic):
+    config = _config(tmp_path, recipe="replace", synthetic=[str(synthetic)], replace_probability=0.6)
+    (source,) = RECIPES["replace"](config, open_dataset(TOY))
+    stream = SampleStream([source], AugmentConfig(crop=(32, 40), base=(32, 40)), seed=0)
+    replaced = 0
+    draws = 400
+    for draw in range(draws):
+        _, item = stream.locate(draw)
+        rng = np.random.default_rng([0, 13, draw])
+        choices = source.alternative_index[item]
+        if rng.random() < 0.6:
+            replaced += 1
+            picked = source.alternatives.ids[choices[int(rng.integers(len(choices)))]]
+            assert picked.startswith(source.split.ids[item] + "_s")  # same real mask
+    assert abs(replaced / draws - 0.6) < 0.07
+
+
+def test_filtered_masks_reach_training_as_ignore(tmp_path, synthetic):
+    # Mark every filtered mask as all-ignore but the first row; training must see 255 there.
+    lines = []
+    for line in (synthetic / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        from segsynth.io import atomic_write_png
+
+        mask = np.full((32, 40), 255, np.uint8)
+        mask[0] = 1
+        atomic_write_png(synthetic / "masks_filtered" / f"{record['id']}.png", mask)
+        record["filtered_mask"] = f"masks_filtered/{record['id']}.png"
+        lines.append(json.dumps(record))
+    (synthetic / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (source,) = RECIPES["synthetic"](_config(tmp_path, recipe="synthetic", synthetic=[str(synthetic)]), open_dataset(TOY))
+    label = source.split[0].label
+    assert (label == 255).mean() > 0.9
+    (raw,) = RECIPES["synthetic"](_config(tmp_path, recipe="synthetic", synthetic=[str(synthetic)],
+                                          synthetic_masks="raw"), open_dataset(TOY))
+    assert (raw.split[0].label == 255).mean() == 0
+
+
+def test_filtered_required_but_missing_is_an_error(tmp_path, synthetic):
+    with pytest.raises(SegsynthError, match="not filtered yet"):
+        RECIPES["joint"](_config(tmp_path, recipe="joint", synthetic=[str(synthetic)], synthetic_masks="filtered"),
+                         open_dataset(TOY))
+
+
+def test_recipes_need_synthetic_and_unknown_recipe_lists_options(tmp_path, synthetic):
+    with pytest.raises(SegsynthError, match="needs at least one --synthetic"):
+        train(_config(tmp_path, recipe="joint"))
+    with pytest.raises(SegsynthError, match="options: real, synthetic, joint, pretrain-finetune, replace"):
+        train(_config(tmp_path, recipe="mixup"))
+
+
+def test_pretrain_finetune_runs_both_stages(tmp_path, synthetic):
+    checkpoint = train(_config(tmp_path, recipe="pretrain-finetune", synthetic=[str(synthetic)], pretrain_iterations=3))
+    out = tmp_path / "out"
+    assert checkpoint == out / "checkpoint"
+    pretrain_meta = json.loads((out / "pretrain" / "checkpoint" / "segsynth.json").read_text())
+    final_meta = json.loads((out / "checkpoint" / "segsynth.json").read_text())
+    assert pretrain_meta["train_config"]["recipe"] == "synthetic" and pretrain_meta["state"]["iteration"] == 3
+    assert final_meta["train_config"]["recipe"] == "real"
+    assert final_meta["train_config"]["init_checkpoint"].endswith("pretrain/checkpoint")
+    assert "pretrain-finetune" in (out / "config.yaml").read_text()
+
+
+def test_synthetic_set_of_other_classes_is_refused(tmp_path, synthetic):
+    info = json.loads((synthetic / "classes.json").read_text())
+    info["classes"][0] = "heaven"
+    (synthetic / "classes.json").write_text(json.dumps(info))
+    with pytest.raises(SegsynthError, match="classes differ"):
+        RECIPES["synthetic"](_config(tmp_path, recipe="synthetic", synthetic=[str(synthetic)]), open_dataset(TOY))
