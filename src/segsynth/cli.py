@@ -30,7 +30,8 @@ def cmd_train(args) -> int:
     from segsynth.train import TrainConfig, train
 
     checkpoint = train(config_from_args(TrainConfig, args))
-    print(f"checkpoint: {checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {checkpoint}")
     return 0
 
 

@@ -1,0 +1,116 @@
+"""The `segsynth` command: verbs run through main(); a SegsynthError is printed and exits with code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TOY_SPEC, stripes, write_mask
+from segsynth import __version__
+from segsynth.cli import main
+from segsynth.data import DATASET_KINDS
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"segsynth {__version__}"
+
+
+def test_no_verb_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "usage: segsynth" in capsys.readouterr().err
+
+
+def test_check_data_clean(camvid_root, capsys):
+    assert main(["check-data", f"camvid:{camvid_root}"]) == 0
+    out = capsys.readouterr().out
+    assert f"dataset camvid:{camvid_root}: 11 classes" in out
+    assert "split train: 3 samples, 3 decoded" in out and "split test: 2 samples, 2 decoded" in out
+    assert "problems: 0" in out and "<ignore>" in out
+
+
+def test_check_data_limit(camvid_root, capsys):
+    assert main(["check-data", f"camvid:{camvid_root}", "--limit", "1"]) == 0
+    assert "split train: 3 samples, 1 decoded" in capsys.readouterr().out
+
+
+def test_check_data_reports_every_problem(folder_root, capsys):
+    bad = folder_root / "masks" / "img_4.png"
+    write_mask(bad, stripes([0, 200]))
+    assert main(["check-data", f"folder:{folder_root}"]) == 1
+    out = capsys.readouterr().out
+    assert "problems: 1" in out and str(bad) in out and "[200] are outside the 3 classes" in out
+
+
+def test_check_data_unknown_kind(capsys):
+    assert main(["check-data", "kitti:/data"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("segsynth check-data: error: unknown dataset kind 'kitti'")
+    for kind in DATASET_KINDS:
+        assert kind in captured.err
+
+
+def test_check_data_unpaired_files(camvid_root, capsys):
+    (camvid_root / "trainannot" / "0001TP_train_000.png").unlink()
+    assert main(["check-data", f"camvid:{camvid_root}"]) == 2
+    err = capsys.readouterr().err
+    assert "image without mask" in err and str(camvid_root / "train" / "0001TP_train_000.png") in err
+
+
+def test_train_unknown_config_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {TOY_SPEC}\nout: {tmp_path / 'o'}\nmax_epochs: 3\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segsynth train: error: config file {config}: unknown key(s) max_epochs")
+    assert "valid keys:" in err and "iterations" in err and "batch_size" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_bad_flag_value(tmp_path, capsys):
+    assert main(["train", "--data", TOY_SPEC, "--out", str(tmp_path / "o"), "--iterations", "lots"]) == 2
+    assert "command line: key 'iterations': cannot read 'lots' as int" in capsys.readouterr().err
+
+
+def test_train_missing_required(capsys):
+    assert main(["train", "--data", TOY_SPEC]) == 2
+    assert "out" in capsys.readouterr().err
+
+
+def test_train_unknown_segmenter(tmp_path, capsys):
+    assert main(["train", "--data", TOY_SPEC, "--out", str(tmp_path / "o"), "--model", "deeplab-v9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown segmenter 'deeplab-v9'; options:" in err and "segformer-tiny" in err
+
+
+def test_train_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", TOY_SPEC, "--out", str(out), "--model", "segformer-tiny", "--iterations", "1",
+                 "--batch-size", "2", "--workers", "0", "--eval-split", "", "--device", "cpu"]) == 0
+    assert f"checkpoint: {out / 'checkpoint'}" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(out), "--data", TOY_SPEC, "--split", "val", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("mIoU ") and "sky" in printed and "sign" in printed
+    metrics = json.loads((out / "metrics_val.json").read_text())
+    assert f"mIoU {metrics['miou']:.2f}" in printed
+    assert (out / "metrics_val.config.yaml").is_file()
+
+
+def test_evaluate_checkpoint_for_other_classes(trained, folder_root, capsys):
+    out, _ = trained
+    assert main(["evaluate", "--checkpoint", str(out), "--data", f"folder:{folder_root}", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("segsynth evaluate: error: ")
+    assert "model has 9 classes but dataset" in captured.err and "has 3" in captured.err
+    assert captured.out == ""
+
+
+def test_evaluate_missing_checkpoint(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", TOY_SPEC]) == 2
+    assert "no segsynth checkpoint here" in capsys.readouterr().err
