@@ -1,0 +1,54 @@
+"""Mask-to-image generators behind one small interface (see `segsynth.generate.base`).
+
+A generator spec is 'NAME:ARGUMENT', as dataset specs are:
+
+  builtin:DIR                 a `segsynth train-generator` folder
+  controlnet:BASE             Stable Diffusion 1.x/2.x + a ControlNet (settings.controlnet), hub id or folder
+  controlnet-sdxl:BASE        SDXL + an SDXL ControlNet
+"""
+
+from __future__ import annotations
+
+from segsynth.generate.base import Generator, GeneratorSettings, Prepared
+from segsynth.io import SegsynthError
+
+
+def _builtin(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generate.builtin import BuiltinGenerator
+
+    return BuiltinGenerator(argument, settings)
+
+
+def _controlnet(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generate.controlnet import ControlNetGenerator
+
+    return ControlNetGenerator(argument, settings, sdxl=False)
+
+
+def _controlnet_sdxl(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generate.controlnet import ControlNetGenerator
+
+    return ControlNetGenerator(argument, settings, sdxl=True)
+
+
+# name -> builder(argument, settings). A new backend is one more row.
+GENERATORS = {
+    "builtin": _builtin,
+    "controlnet": _controlnet,
+    "controlnet-sdxl": _controlnet_sdxl,
+}
+
+
+def open_generator(spec: str, settings: GeneratorSettings | None = None) -> Generator:
+    """Open the generator named by `spec` ('builtin:DIR', 'controlnet:BASE', ...), checking its files first."""
+    name, _, argument = spec.partition(":")
+    name = name.strip().lower()
+    if name not in GENERATORS:
+        raise SegsynthError(f"unknown generator {name!r} in {spec!r}; options: {', '.join(GENERATORS)} "
+                            "(write NAME:ARGUMENT, e.g. builtin:runs/generator)")
+    if not argument:
+        raise SegsynthError(f"generator spec {spec!r} needs an argument: {name}:PATH_OR_HUB_ID")
+    return GENERATORS[name](argument, settings or GeneratorSettings())
+
+
+__all__ = ["GENERATORS", "Generator", "GeneratorSettings", "Prepared", "open_generator"]

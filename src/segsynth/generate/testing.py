@@ -1,0 +1,134 @@
+"""Tiny random diffusers models for tests, benchmarks and offline smoke runs.
+
+They are built from configs (nothing is downloaded) and saved with
+`save_pretrained`, so loading them goes through exactly the `from_pretrained`
+path a hub id takes. The CLIP tokenizer is byte-level: a vocab of the 256
+byte symbols, their end-of-word forms and the two special tokens, and no
+merges, which needs no download and still tokenizes any prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEXT_LENGTH = 77  # the CLIP context length SD pipelines pad prompts to
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """GPT-2/CLIP byte-to-unicode symbols: 256 byte symbols, 256 '</w>' forms, then the special tokens."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    symbols = [chr(code) for code in codes]
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    vocab.update({symbol + "</w>": index + 256 for index, symbol in enumerate(symbols)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return vocab
+
+
+def tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=TEXT_LENGTH)
+
+
+def tiny_text_encoder(with_projection: bool = False, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                            max_position_embeddings=TEXT_LENGTH, projection_dim=hidden_size)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # Two levels: a latent at 1/2 the image size (SD's VAE is 1/8), matched by the ControlNet's hint encoder.
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=32, sample_size=32)
+
+
+def _unet_and_controlnet_kwargs(sdxl: bool) -> dict:
+    common = dict(block_out_channels=(32, 64), layers_per_block=1, in_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=32)
+    if sdxl:
+        # SDXL's extra conditioning: pooled text (32) + six size/crop numbers embedded in 8 dims each.
+        common.update(cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 1))
+    else:
+        common.update(cross_attention_dim=32, attention_head_dim=8)
+    return common
+
+
+def save_tiny_controlnet_models(folder: str | Path, sdxl: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny SD (or SDXL) base pipeline and a matching ControlNet; returns (base dir, controlnet dir)."""
+    from diffusers import (
+        ControlNetModel,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    kwargs = _unet_and_controlnet_kwargs(sdxl)
+    unet = UNet2DConditionModel(sample_size=16, out_channels=4, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                **kwargs)
+    controlnet = ControlNetModel(conditioning_embedding_out_channels=(16, 32), **kwargs)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    if sdxl:
+        base = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+                                         text_encoder_2=tiny_text_encoder(with_projection=True),
+                                         tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+    else:
+        base = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    base_dir, controlnet_dir = folder / ("sdxl" if sdxl else "sd"), folder / ("controlnet-sdxl" if sdxl else "controlnet")
+    base.save_pretrained(base_dir, safe_serialization=True)
+    controlnet.save_pretrained(controlnet_dir, safe_serialization=True)
+    return base_dir, controlnet_dir
+
+
+def save_lcm_lora(base_dir: str | Path, out: str | Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random LoRA on the tiny UNet's attention projections, in the diffusers LoRA format (stands in for LCM-LoRA)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return Path(out)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    Path(path).write_text(json.dumps(obj), encoding="utf-8")
+    return Path(path)
+
+
+def save_tiny_builtin(folder: str | Path, data: str = "toy:n=12,n_val=4,size=32", iterations: int = 2,
+                      size: tuple[int, int] = (32, 32), channels: tuple[int, ...] = (32, 32), sample_steps: int = 4) -> Path:
+    """A barely trained builtin generator: the smallest real `segsynth train-generator` folder."""
+    from segsynth.generate.builtin import TrainGeneratorConfig, train_generator
+
+    config = TrainGeneratorConfig(data=data, out=str(folder), size=list(size), channels=list(channels),
+                                  layers_per_block=1, attention=False, iterations=iterations, batch_size=2,
+                                  log_every=1, sample_steps=sample_steps)
+    return train_generator(config)

@@ -1,0 +1,80 @@
+"""`segsynth plan`: the uniform plan, the plan file format and its validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from segsynth.cli import main
+from segsynth.io import SegsynthError
+from segsynth.plan import PlanConfig, assign_seeds, make_plan, read_plan
+
+TOY = "toy:n=12,n_val=4,size=32"
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_uniform_plan_gives_k_distinct_seeds_per_mask_in_split_order(tmp_path):
+    out = make_plan(PlanConfig(data=TOY, out=str(tmp_path / "plan.jsonl"), uniform=3, seed=10))
+    entries = lines(out)
+    assert [e["id"] for e in entries] == [f"toy_train_{i:05d}" for i in range(12)]
+    assert all(len(e["seeds"]) == 3 for e in entries)
+    seeds = [s for e in entries for s in e["seeds"]]
+    assert seeds == list(range(10, 10 + 36))  # distinct across the plan: no two samples share noise
+    assert (tmp_path / "plan.jsonl.config.yaml").is_file()
+
+
+def test_limit_takes_the_first_masks_and_keeps_their_seeds(tmp_path):
+    full = lines(make_plan(PlanConfig(data=TOY, out=str(tmp_path / "full.jsonl"), uniform=2)))
+    small = lines(make_plan(PlanConfig(data=TOY, out=str(tmp_path / "small.jsonl"), uniform=2, limit=4)))
+    assert small == full[:4]
+
+
+def test_plan_of_another_split(tmp_path):
+    entries = lines(make_plan(PlanConfig(data=TOY, out=str(tmp_path / "p.jsonl"), uniform=1, split="val")))
+    assert [e["id"] for e in entries] == [f"toy_val_{i:05d}" for i in range(4)]
+
+
+def test_cli_plan_writes_the_file(tmp_path):
+    out = tmp_path / "plan.jsonl"
+    assert main(["plan", "--data", TOY, "--uniform", "2", "--limit", "3", "--out", str(out)]) == 0
+    assert [e["seeds"] for e in lines(out)] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_plan_needs_a_mode(tmp_path, capsys):
+    assert main(["plan", "--data", TOY, "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert "--uniform" in capsys.readouterr().err
+
+
+def test_assign_seeds_is_cumulative_for_uneven_counts():
+    assert assign_seeds([1, 3, 0, 2], 5) == [[5], [6, 7, 8], [], [9, 10]]
+
+
+def test_read_plan_keeps_extra_keys(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "seeds": [1, 2], "hardness": 0.5}\n{"id": "b", "seeds": [3]}\n')
+    entries = read_plan(path)
+    assert [(e.id, e.seeds, e.extra) for e in entries] == [("a", [1, 2], {"hardness": 0.5}), ("b", [3], {})]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"id": "a", "seeds": [1]}\n{"id": "a", "seeds": [2]}\n', "appears twice"),
+    ('{"id": "a", "seeds": []}\n', "non-empty list"),
+    ('{"id": "a", "seeds": [1, 1]}\n', "repeated seeds"),
+    ('{"id": "a", "seeds": ["1"]}\n', "integers"),
+    ('{"seeds": [1]}\n', "\"id\""),
+    ('', "empty"),
+])
+def test_read_plan_rejects_bad_plans(tmp_path, text, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(text)
+    with pytest.raises(SegsynthError, match=message):
+        read_plan(path)
+
+
+def test_read_plan_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(SegsynthError, match="segsynth plan"):
+        read_plan(tmp_path / "nope.jsonl")
