@@ -9,7 +9,7 @@ import pytest
 from segsynth.io import SegsynthError
 from segsynth.run import ARMS, resolve_run_config, run
 
-TINY_RUN = dict(data="toy:n=24,n_val=8,size=32x40", seeds=[0], iterations=12, batch_size=4, warmup=2, workers=0,
+TINY_RUN = dict(data="toy:n=24,n_val=8,size=32x40", seeds=[0], generator="train", iterations=12, batch_size=4, warmup=2, workers=0,
                 uniform_k=1, generator_size=[32, 40], generator_channels=[32, 64], generator_iterations=30,
                 generator_minutes=0.0, generator_batch_size=8, steps=3, synth_batch_size=8, grids=3, device="cpu")
 

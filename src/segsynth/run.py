@@ -73,7 +73,8 @@ class RunConfig:
     uniform_k: int = field(2, help="uniform plan: images per mask; the hardness plan gets the same total")
     nmax: int = field(20, help="hardness plan: Nmax (k shape before scaling to the total)")
     alpha: float = field(1.25, help="filter: ignore pixels with loss > alpha * L̄_c")
-    generator: str | None = field(None, help="use this generator (e.g. builtin:DIR) instead of training one")
+    generator: str = field("auto", help="auto (the shipped toy generator on toy data, else train one), train, "
+                                        "or a generator spec such as builtin:DIR")
     generator_size: list[int] = field([64, 80], help="built-in generator working size H,W")
     generator_channels: list[int] = field([32, 64, 128], help="built-in generator UNet widths")
     generator_iterations: int = field(3000, help="built-in generator training iterations")
@@ -88,9 +89,7 @@ class RunConfig:
 # Sizes per preset; flags and --config override them. "default" on real data
 # (anything but toy) is the CamVid-sized ablation, documented in README.
 PRESETS = {
-    "quick": dict(data="toy:n=120,n_val=40,size=48x64", arms=list(ARMS), seeds=[0], iterations=250, uniform_k=1,
-                  generator_size=[48, 64], generator_channels=[32, 64], generator_minutes=0.75,
-                  generator_iterations=1200, steps=8, grids=4),
+    "quick": dict(data="toy:n=120,n_val=40,size=64x80", seeds=[0], iterations=200, uniform_k=1, steps=8, grids=4),
     "default": dict(),
 }
 REAL_DATA_PRESETS = {
@@ -159,9 +158,13 @@ def run(config: RunConfig) -> dict:
                              budget=total, seed=10_000_000))),
         done=all(p.is_file() for p in plans.values()))
 
-    # 4. The generator: given, or the built-in one trained here.
+    # 4. The generator: given, shipped (toy), or the built-in one trained here.
     generator = config.generator
-    if generator is None:
+    if generator == "auto":
+        generator = shipped_toy_generator(dataset) or "train"
+        if generator != "train":
+            _say(f"[skip] train generator: using the one shipped for toy data ({generator})")
+    if generator == "train":
         generator_dir = out / "generator"
         _stage(seconds, out, "train generator", lambda: train_generator(TrainGeneratorConfig(
             data=config.data, out=str(generator_dir), size=config.generator_size, channels=config.generator_channels,
@@ -197,6 +200,19 @@ def run(config: RunConfig) -> dict:
 
 
 # --- stages -------------------------------------------------------------------------
+
+
+TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
+
+
+def shipped_toy_generator(dataset) -> str | None:
+    """The generator shipped for the toy classes (configs/toy_generator.yaml), if installed."""
+    from segsynth.data.toy import TOY_CLASSES
+
+    meta = TOY_GENERATOR / "segsynth_generator.json"
+    if tuple(dataset.classes) == TOY_CLASSES and meta.is_file():
+        return f"builtin:{TOY_GENERATOR}"
+    return None
 
 
 def _arm_dir(out: Path, arm: str, seed: int) -> Path:
