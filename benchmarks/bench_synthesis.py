@@ -6,8 +6,9 @@ no dataset reads, no PNGs, no manifest. `synthesize` adds all of that plus
 mask resizing and conditioning; the target is a ratio >= 0.90, i.e. the
 pipeline's own work hides behind the model (loader and writer threads).
 
-The bare loop is timed before and after the synthesize run and averaged, so
-drift in machine load shows up as a spread instead of biasing the ratio.
+Bare and synthesize runs alternate (bare, synth, bare, synth, ..., bare) and
+the medians are compared, so drift in machine load shows up as spread in the
+per-run figures (all in the JSON) instead of biasing the ratio.
 Synthesize images/s is its render phase (as its summary reports: first batch
 to last manifest line); the one-off start-up (opening the model, checks,
 recovery) is reported separately.
@@ -37,7 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="working size (square), pixels")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--images", type=int, default=96, help="images per timed run")
+    parser.add_argument("--images", type=int, default=48, help="images per timed run")
+    parser.add_argument("--rounds", type=int, default=3, help="bare/synthesize rounds (medians are reported)")
     parser.add_argument("--channels", default="32,64,128", help="builtin UNet widths")
     parser.add_argument("--out", default="results/bench_synthesis.json")
     return parser.parse_args()
@@ -116,6 +118,18 @@ def bare_controlnet_loop(generator, masks: list[np.ndarray], prompts: list[str],
     return len(masks) / (time.perf_counter() - started)
 
 
+def write_folder_dataset(toy, folder: Path) -> str:
+    from segsynth.io import atomic_write_json, atomic_write_png
+
+    split = toy.split("train")
+    for index in range(len(split)):
+        sample = split[index]
+        atomic_write_png(folder / "images" / f"{sample.id}.png", sample.image)
+        atomic_write_png(folder / "masks" / f"{sample.id}.png", sample.label, toy.palette)
+    atomic_write_json(folder / "classes.json", {"classes": list(toy.classes), "palette": [list(c) for c in toy.palette]})
+    return f"folder:{folder}"
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 
@@ -130,11 +144,12 @@ def main() -> int:
     import diffusers
 
     size = args.size if args.generator == "builtin" else 32
-    data = f"toy:n={args.images},n_val=4,size={size}"
-    dataset = open_dataset(data)
-    split = dataset.split("train")
     with tempfile.TemporaryDirectory(prefix="bench-synthesis-") as tmp:
         tmp = Path(tmp)
+        # 0. Masks on disk, as real datasets keep them (the toy scenes, written once as a folder: dataset).
+        data = write_folder_dataset(open_dataset(f"toy:n={args.images},n_val=4,size={size}"), tmp / "data")
+        dataset = open_dataset(data)
+        split = dataset.split("train")
         # 1. The model, opened once for the bare loop (synthesize opens its own copy from the same folder).
         extra = {}
         if args.generator == "builtin":
@@ -157,25 +172,30 @@ def main() -> int:
                 return bare_builtin_loop(generator, masks[:count], seeds[:count], args.batch)
             return bare_controlnet_loop(generator, masks[:count], prompts[:count], seeds[:count], args.batch)
 
-        # 3. Warm up (first calls pay one-off allocation costs), then bare / synthesize / bare.
+        # 3. Warm up (first calls pay one-off allocation costs), then alternate bare / synthesize rounds and
+        #    end with a bare run: load drift from other processes shows as spread, and medians resist it.
         bare(args.batch)
-        bare_before = bare()
+        bare_runs, synth_runs, walls = [], [], []
         plan = make_plan(PlanConfig(data=data, out=str(tmp / "plan.jsonl"), uniform=1))
-        started = time.perf_counter()
-        summary = synthesize(SynthesizeConfig(data=data, plan=str(plan), generator=spec, out=str(tmp / "set"),
-                                              batch_size=args.batch, steps=args.steps, progress=False, **extra))
-        wall = time.perf_counter() - started
-        bare_after = bare()
+        for round_index in range(args.rounds):
+            bare_runs.append(bare())
+            started = time.perf_counter()
+            summary = synthesize(SynthesizeConfig(data=data, plan=str(plan), generator=spec, out=str(tmp / f"set{round_index}"),
+                                                  batch_size=args.batch, steps=args.steps, progress=False, **extra))
+            walls.append(time.perf_counter() - started)
+            synth_runs.append(summary["images_per_s"])
+        bare_runs.append(bare())
 
-    bare_ips = (bare_before + bare_after) / 2
-    synth_ips = summary["images_per_s"]
+    bare_ips, synth_ips = float(np.median(bare_runs)), float(np.median(synth_runs))
     result = {
         "benchmark": "synthesize vs bare denoising loop",
         "generator": args.generator, "size": [size, size], "batch": args.batch, "steps": args.steps,
-        "images": args.images,
-        "bare_images_per_s": round(bare_ips, 3), "bare_runs_images_per_s": [round(bare_before, 3), round(bare_after, 3)],
-        "synthesize_images_per_s": synth_ips, "ratio": round(synth_ips / bare_ips, 3),
-        "synthesize_wall_s_including_startup": round(wall, 2), "synthesize_render_s": summary["seconds"],
+        "images_per_run": args.images, "rounds": args.rounds, "masks": "toy scenes written as a folder: dataset (PNG on disk)",
+        "bare_images_per_s": round(bare_ips, 3), "synthesize_images_per_s": round(synth_ips, 3),
+        "ratio": round(synth_ips / bare_ips, 3),
+        "bare_runs_images_per_s": [round(v, 3) for v in bare_runs],
+        "synthesize_runs_images_per_s": [round(v, 3) for v in synth_runs],
+        "synthesize_wall_s_including_startup": [round(v, 2) for v in walls],
         "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
         "machine": platform.machine(),
@@ -183,8 +203,9 @@ def main() -> int:
     print(f"{'generator':12s} {'size':>7s} {'batch':>5s} {'steps':>5s} {'bare img/s':>10s} {'synth img/s':>11s} {'ratio':>6s}")
     print(f"{args.generator:12s} {size:>3d}x{size:<3d} {args.batch:>5d} {args.steps:>5d} {bare_ips:>10.2f} {synth_ips:>11.2f} "
           f"{result['ratio']:>6.3f}")
-    print(f"(bare runs {bare_before:.2f} and {bare_after:.2f} img/s; synthesize wall incl. start-up {wall:.1f}s for {args.images} images; "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, diffusers {diffusers.__version__})")
+    print(f"(medians of {len(bare_runs)} bare runs {result['bare_runs_images_per_s']} and {len(synth_runs)} synthesize runs "
+          f"{result['synthesize_runs_images_per_s']} img/s, {args.images} images each; load average "
+          f"{os.getloadavg()[0]:.2f}; {os.cpu_count()} cores, torch {torch.__version__}, diffusers {diffusers.__version__})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -197,7 +197,7 @@ def test_sigkill_loses_at_most_the_batches_in_flight_and_resume_completes(tmp_pa
     assert summary["already_done"] >= 7 and summary["generated"] > 0  # the kills landed mid-run
     assert summary["already_done"] + summary["generated"] == 18
     assert_consistent(out, 18)
-    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temp files left
+    assert not [p for d in ("images", "masks") for p in (out / d).glob(".*")]  # no temp files left
     assert_same_pixels(images(reference), images(out))
 
 
@@ -301,3 +301,15 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     code = main(["synthesize", *_synthesize_command(plan, tmp_path / "missing", tmp_path / "set")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, generator_dir):
+    import fcntl
+
+    plan = make_test_plan(tmp_path / "plan.jsonl", limit=1)
+    (tmp_path / "set").mkdir()
+    with open(tmp_path / "set" / ".synthesize.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running synthesize holds it
+        with pytest.raises(SegsynthError, match="another `segsynth synthesize` is writing"):
+            run(plan, generator_dir, tmp_path / "set")
+    assert run(plan, generator_dir, tmp_path / "set")["generated"] == 2  # free again once released

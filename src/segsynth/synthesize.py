@@ -36,6 +36,7 @@ Guarantees, and how:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -124,40 +125,42 @@ def synthesize(config: SynthesizeConfig) -> dict:
     identity = generator.identity()
     check_same_generator(out, state, finished, identity, dataset.classes, config.split)
 
-    # 3. Rank 0 makes the folder consistent (one manifest, no orphans) and records what makes this set.
-    if info.is_main:
-        recover_output(out, samples)
-        atomic_write_json(out / "classes.json", {"classes": list(dataset.classes),
-                                                 "palette": [list(c) for c in dataset.palette], "ignore_index": 255})
-        atomic_write_json(out / STATE, {"format": FORMAT, "segsynth_version": __version__, "data": config.data,
-                                        "split": config.split, "classes": list(dataset.classes), "generator": identity,
-                                        "plan": str(config.plan), "plan_sha256": _sha256(config.plan),
-                                        "samples": len(samples)})
-        save_config(config, out / "synthesize.config.yaml")
-    barrier()
+    # 3. Rank 0 locks the folder against a second run, makes it consistent (one manifest, no orphans)
+    #    and records what makes this set.
+    with lock_output(out) if info.is_main else contextlib.nullcontext():  # released however this exits
+        if info.is_main:
+            recover_output(out, samples)
+            atomic_write_json(out / "classes.json", {"classes": list(dataset.classes),
+                                                     "palette": [list(c) for c in dataset.palette], "ignore_index": 255})
+            atomic_write_json(out / STATE, {"format": FORMAT, "segsynth_version": __version__, "data": config.data,
+                                            "split": config.split, "classes": list(dataset.classes), "generator": identity,
+                                            "plan": str(config.plan), "plan_sha256": _sha256(config.plan),
+                                            "samples": len(samples)})
+            save_config(config, out / "synthesize.config.yaml")
+        barrier()
 
-    # 4. This rank's share of the unfinished samples.
-    done_ids = set(read_manifests(out))
-    pending = [sample for sample in samples if sample.id not in done_ids]
-    mine = shard(pending, info.rank, info.world_size)
+        # 4. This rank's share of the unfinished samples.
+        done_ids = set(read_manifests(out))
+        pending = [sample for sample in samples if sample.id not in done_ids]
+        mine = shard(pending, info.rank, info.world_size)
 
-    # 5. Loader thread -> model (here) -> writer thread.
-    manifest = out / (MANIFEST if info.world_size == 1 else f"manifest.rank{info.rank}.jsonl")
-    started = time.time()
-    generated = render(generator, split, dataset, mine, config, identity, out, manifest, show=info.is_main and config.progress)
-    seconds = time.time() - started
+        # 5. Loader thread -> model (here) -> writer thread.
+        manifest = out / (MANIFEST if info.world_size == 1 else f"manifest.rank{info.rank}.jsonl")
+        started = time.time()
+        generated = render(generator, split, dataset, mine, config, identity, out, manifest, show=info.is_main and config.progress)
+        seconds = time.time() - started
 
-    # 6. Merge the rank manifests, then summarise over all ranks.
-    barrier()
-    if info.is_main and info.world_size > 1:
-        recover_output(out, samples)
-    total = int(all_reduce_sum(torch.tensor([generated], dtype=torch.int64))[0])
-    summary = {"planned": len(samples), "already_done": len(samples) - len(pending), "generated": total,
-               "processes": info.world_size, "seconds": round(seconds, 2),
-               "images_per_s": round(total / seconds, 3) if seconds > 0 and total else 0.0}
-    if info.is_main:
-        atomic_write_json(out / "summary.json", summary)
-    return summary
+        # 6. Merge the rank manifests, then summarise over all ranks.
+        barrier()
+        if info.is_main and info.world_size > 1:
+            recover_output(out, samples)
+        total = int(all_reduce_sum(torch.tensor([generated], dtype=torch.int64))[0])
+        summary = {"planned": len(samples), "already_done": len(samples) - len(pending), "generated": total,
+                   "processes": info.world_size, "seconds": round(seconds, 2),
+                   "images_per_s": round(total / seconds, 3) if seconds > 0 and total else 0.0}
+        if info.is_main:
+            atomic_write_json(out / "summary.json", summary)
+        return summary
 
 
 def generator_settings(config: SynthesizeConfig, device: torch.device) -> GeneratorSettings:
@@ -258,6 +261,21 @@ def _sha256(path: str | os.PathLike) -> str:
 
 
 # --- recovery ------------------------------------------------------------------------------------
+
+
+def lock_output(out: Path):
+    """An exclusive lock on OUT/.synthesize.lock: a second run into the same folder would delete our in-flight files."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".synthesize.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SegsynthError(f"{out}: another `segsynth synthesize` is writing to this folder; wait for it or use "
+                            "torchrun to run several processes on one folder") from None
+    return handle
 
 
 def recover_output(out: Path, samples: list[PlannedSample]) -> None:

@@ -9,7 +9,6 @@ merges, which needs no download and still tokenizes any prompt.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -116,11 +115,6 @@ def save_lcm_lora(base_dir: str | Path, out: str | Path, rank: int = 4, seed: in
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
                                               safe_serialization=True)
     return Path(out)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    Path(path).write_text(json.dumps(obj), encoding="utf-8")
-    return Path(path)
 
 
 def save_tiny_builtin(folder: str | Path, data: str = "toy:n=12,n_val=4,size=32", iterations: int = 2,
