@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import TOY_SPEC, stripes, write_mask
+from fakes import TOY_SPEC, stripes, write_mask
 from segsynth import __version__
 from segsynth.cli import main
 from segsynth.data import DATASET_KINDS

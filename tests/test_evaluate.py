@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOY_SPEC
+from fakes import TOY_SPEC
 from segsynth.data.base import Sample, Split
 from segsynth.evaluate import (
     EvalConfig, confusion_matrix, confusion_over_split, evaluate, format_metrics, metrics_from_confusion,

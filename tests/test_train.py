@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, REPO, TINY_TRAIN, TOY_SPEC
+from fakes import PYTHON, REPO, TINY_TRAIN, TOY_SPEC
 from segsynth.config import build_config, load_yaml
 from segsynth.data import open_dataset
 from segsynth.io import SegsynthError, default_mode, read_jsonl
@@ -281,7 +281,7 @@ def test_train_config_errors(tmp_path, change, message):
 
 
 def test_train_refuses_bad_data_before_compute(tmp_path):
-    from conftest import build_folder, stripes, write_mask
+    from fakes import build_folder, stripes, write_mask
 
     root = build_folder(tmp_path / "f", n=3)
     write_mask(root / "masks" / "img_1.png", stripes([0, 9]))

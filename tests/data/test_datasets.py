@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (
+from fakes import (
     ADE_COUNTS, ADE_RAW, CAMVID_COUNTS, CAMVID_RAW, CITYSCAPES_FILES, CITYSCAPES_RAW, COCO_COUNTS, COCO_RAW, FOLDER_CLASSES,
     FOLDER_RAW, FOLDER_SPLITS, H, VOC_IDS, W, build_folder, stripes, voc_mask, write_json, write_mask,
 )

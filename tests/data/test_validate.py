@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FOLDER_RAW, H, W, build_folder, stripes, write_mask
+from fakes import FOLDER_RAW, H, W, build_folder, stripes, write_mask
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_split, format_report, quick_check
 from segsynth.io import SegsynthError
