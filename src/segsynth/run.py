@@ -89,7 +89,8 @@ class RunConfig:
 # Sizes per preset; flags and --config override them. "default" on real data
 # (anything but toy) is the CamVid-sized ablation, documented in README.
 PRESETS = {
-    "quick": dict(data="toy:n=120,n_val=40,size=64x80", seeds=[0], iterations=200, uniform_k=1, steps=8, grids=4),
+    "quick": dict(data="toy:n=120,n_val=40,size=64x80", seeds=[0], iterations=200, uniform_k=1, steps=8, grids=4,
+                  generator_minutes=0.75),
     "default": dict(),
 }
 REAL_DATA_PRESETS = {
