@@ -109,10 +109,25 @@ def cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from segsynth.evaluate import EvalConfig
+    from segsynth.filter import FilterConfig
     from segsynth.generate.builtin import TrainGeneratorConfig
     from segsynth.plan import PlanConfig
+    from segsynth.run import RunConfig
+    from segsynth.stats import StatsConfig
     from segsynth.synthesize import SynthesizeConfig
     from segsynth.train import TrainConfig
+
+    # verb -> (help, config dataclass whose fields become the flags, shim), in pipeline order.
+    verbs_table = {
+        "train": ("train a segmenter (recipes: real, synthetic, joint, pretrain-finetune, replace)", TrainConfig, cmd_train),
+        "evaluate": ("mIoU of a checkpoint on a dataset split", EvalConfig, cmd_evaluate),
+        "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
+        "plan": ("how many synthetic images per real mask, with their seeds (plan.jsonl)", PlanConfig, cmd_plan),
+        "train-generator": ("train the builtin mask-to-image diffusion model", TrainGeneratorConfig, cmd_train_generator),
+        "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
+        "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
+        "run": ("the whole method on a dataset (default: the built-in toy data) + ablation table", RunConfig, cmd_run),
+    }
 
     parser = argparse.ArgumentParser(prog="segsynth", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
@@ -123,42 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, default=0, help="decode at most N samples per split (0: all)")
     check.set_defaults(run=cmd_check_data)
 
-    train = verbs.add_parser("train", help="train a segmenter (recipes: real, ...)")
-    add_config_arguments(train, TrainConfig)
-    train.set_defaults(run=cmd_train)
-
-    evaluate = verbs.add_parser("evaluate", help="mIoU of a checkpoint on a dataset split")
-    add_config_arguments(evaluate, EvalConfig)
-    evaluate.set_defaults(run=cmd_evaluate)
-
-    from segsynth.filter import FilterConfig
-    from segsynth.stats import StatsConfig
-
-    stats = verbs.add_parser("stats", help="class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)")
-    add_config_arguments(stats, StatsConfig)
-    stats.set_defaults(run=cmd_stats)
-
-    filter_ = verbs.add_parser("filter", help="set noisy synthetic pixels to ignore (loss > alpha * L̄_c)")
-    add_config_arguments(filter_, FilterConfig)
-    filter_.set_defaults(run=cmd_filter)
-
-    plan = verbs.add_parser("plan", help="how many synthetic images per real mask, with their seeds (plan.jsonl)")
-    add_config_arguments(plan, PlanConfig)
-    plan.set_defaults(run=cmd_plan)
-
-    synthesize = verbs.add_parser("synthesize", help="render a plan with a generator into a synthetic folder: dataset")
-    add_config_arguments(synthesize, SynthesizeConfig)
-    synthesize.set_defaults(run=cmd_synthesize)
-
-    train_generator = verbs.add_parser("train-generator", help="train the builtin mask-to-image diffusion model")
-    add_config_arguments(train_generator, TrainGeneratorConfig)
-    train_generator.set_defaults(run=cmd_train_generator)
-
-    from segsynth.run import RunConfig
-
-    run = verbs.add_parser("run", help="the whole method on a dataset (default: the built-in toy data) + ablation table")
-    add_config_arguments(run, RunConfig)
-    run.set_defaults(run=cmd_run)
+    for verb, (help_text, config_class, shim) in verbs_table.items():
+        sub = verbs.add_parser(verb, help=help_text)
+        add_config_arguments(sub, config_class)
+        sub.set_defaults(run=shim)
     return parser
 
 
