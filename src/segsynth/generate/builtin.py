@@ -362,7 +362,8 @@ class BuiltinGenerator(Generator):
         self.dtype = torch.float32 if settings.dtype in ("auto", "fp32", "float32") else None
         if self.dtype is None:
             raise SegsynthError(f"the builtin generator runs in fp32 only (got dtype {settings.dtype!r})")
-        self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet").to(self.device).eval()
+        # fp32 always: the shipped toy model is stored in fp16 to keep the package small
+        self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32).to(self.device).eval()
         self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
         self.fingerprint = file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
 
