@@ -60,29 +60,33 @@ def metrics_from_confusion(confusion: np.ndarray, classes) -> dict:
     }
 
 
+def batches_by_size(split, indices, batch_size: int, device, desc: str, progress: bool):
+    """Yield (samples, images tensor B x 3 x H x W) with images of one size per batch, with a progress bar."""
+    indices = list(range(len(split))) if indices is None else list(indices)
+    bar = tqdm(total=len(indices), desc=desc, disable=not progress, leave=False, unit="img")
+    for start in range(0, len(indices), batch_size):
+        samples = [split[i] for i in indices[start: start + batch_size]]
+        groups: dict = {}  # stack only images of equal size
+        for sample in samples:
+            groups.setdefault(sample.image.shape, []).append(sample)
+        for group in groups.values():
+            yield group, torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)
+        bar.update(len(samples))
+    bar.close()
+
+
 @torch.no_grad()
 def confusion_over_split(model, split, num_classes: int, device, size=None, batch_size: int = 8,
                          indices=None, progress: bool = True) -> np.ndarray:
     """Whole-image inference (optionally at `size`), logits resized back to each label's size."""
     model.eval()
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    indices = list(range(len(split))) if indices is None else list(indices)
-    bar = tqdm(total=len(indices), desc=f"evaluate {split.name}", disable=not progress, leave=False, unit="img")
-    for start in range(0, len(indices), batch_size):
-        samples = [split[i] for i in indices[start: start + batch_size]]
-        groups: dict = {}  # batch images of equal size together
-        for sample in samples:
-            groups.setdefault(sample.image.shape, []).append(sample)
-        for group in groups.values():
-            images = torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)
-            label_size = group[0].label.shape
-            if size:
-                images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
-            prediction = model.predict(images, size=label_size).argmax(1).cpu().numpy()
-            for sample, predicted in zip(group, prediction):
-                confusion += confusion_matrix(predicted, sample.label, num_classes)
-        bar.update(len(samples))
-    bar.close()
+    for group, images in batches_by_size(split, indices, batch_size, device, f"evaluate {split.name}", progress):
+        if size:
+            images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+        prediction = model.predict(images, size=group[0].label.shape).argmax(1).cpu().numpy()
+        for sample, predicted in zip(group, prediction):
+            confusion += confusion_matrix(predicted, sample.label, num_classes)
     return confusion
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import field, save_config
 from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
+from segsynth.evaluate import batches_by_size
 from segsynth.io import SegsynthError, atomic_write_json, read_json
 
 
@@ -52,22 +52,13 @@ def class_loss_sums(model, split, num_classes: int, device, indices, batch_size:
     loss_sum = np.zeros(num_classes, np.float64)
     pixels = np.zeros(num_classes, np.int64)
     model.eval()
-    bar = tqdm(total=len(indices), desc="class stats", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(indices), batch_size):
-        samples = [split[i] for i in indices[start: start + batch_size]]
-        groups: dict = {}
-        for sample in samples:
-            groups.setdefault(sample.image.shape, []).append(sample)
-        for group in groups.values():
-            images = torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)
-            labels = torch.from_numpy(np.stack([s.label for s in group])).to(device)
-            losses = pixel_losses(model, images, labels).cpu().numpy().ravel()
-            flat = labels.cpu().numpy().ravel()
-            valid = flat != IGNORE_INDEX
-            loss_sum += np.bincount(flat[valid], weights=losses[valid], minlength=num_classes)[:num_classes]
-            pixels += np.bincount(flat[valid], minlength=num_classes)[:num_classes]
-        bar.update(len(samples))
-    bar.close()
+    for group, images in batches_by_size(split, indices, batch_size, device, "class stats", progress):
+        labels = torch.from_numpy(np.stack([s.label for s in group])).to(device)
+        losses = pixel_losses(model, images, labels).cpu().numpy().ravel()
+        flat = labels.cpu().numpy().ravel()
+        valid = flat != IGNORE_INDEX
+        loss_sum += np.bincount(flat[valid], weights=losses[valid], minlength=num_classes)[:num_classes]
+        pixels += np.bincount(flat[valid], minlength=num_classes)[:num_classes]
     return loss_sum, pixels
 
 
