@@ -135,7 +135,7 @@ def main() -> int:
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        f"# Builtin generator on CamVid: mask alignment", "",
+        "# Builtin generator on CamVid: mask alignment", "",
         f"Generator `{args.generator}`: {meta.get('parameters', 0) / 1e6:.2f} M parameters, working size "
         f"{size[0]}x{size[1]} (H x W), trained {training.get('iterations')} iterations in {training.get('minutes')} min "
         f"on {os.cpu_count()} CPU cores; sampling {report['sampling']['steps']} steps {report['sampling']['scheduler']}, "

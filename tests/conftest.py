@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakes import *  # noqa: F401,F403  (builders and constants for the fixtures below)
-from fakes import (TINY_TRAIN, TOY_SPEC, build_ade20k, build_camvid, build_cityscapes, build_coco_stuff,
-                   build_folder, build_voc)
+from fakes import (FOLDER_SPLITS, TINY_TRAIN, TOY_SPEC, build_ade20k, build_camvid, build_cityscapes,
+                   build_coco_stuff, build_folder, build_voc)
 
 # --- fixtures ------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from segsynth.config import field, save_config
 from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
-from segsynth.io import atomic_write_json
+from segsynth.io import SegsynthError, atomic_write_json
 
 
 @dataclass
@@ -103,8 +103,6 @@ def evaluate(config: EvalConfig) -> dict:
     quick_check(dataset, [config.split])
     model, meta = load_segmenter(checkpoint)
     if model.num_classes != dataset.num_classes:
-        from segsynth.io import SegsynthError
-
         raise SegsynthError(
             f"{checkpoint}: model has {model.num_classes} classes but dataset {config.data} has {dataset.num_classes}; "
             "evaluate on the dataset the model was trained for"

@@ -16,6 +16,7 @@ with `filtered_mask`, `ignored_fraction` and per-class `ignored` per record.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import queue
 import threading
@@ -196,8 +197,6 @@ def filter_synthetic(config: FilterConfig) -> dict:
 def _merge_into_manifest(root: Path, records: list[dict], classes) -> dict:
     log = {r["id"]: r for path in sorted(root.glob("filter.rank*.jsonl")) for r in read_jsonl(path)}
     merged = [{**record, **log.get(record["id"], {})} for record in records]
-    import json
-
     atomic_write_text(root / MANIFEST, "".join(json.dumps(r) + "\n" for r in merged))
     for path in root.glob("manifest.rank*.jsonl"):  # now folded into manifest.jsonl
         path.unlink()

@@ -16,10 +16,8 @@ checkpoints of every arm stay, for `segsynth evaluate` on any split later.
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +194,7 @@ def run(config: RunConfig) -> dict:
                    lambda a=ARMS[arm_name], s=seed: _train_arm(config, a, s, out))
 
     # 8. Tables and grids.
-    _stage(seconds, out, "grids", lambda: write_grids(out, dataset, config.grids), done=False)
+    _stage(seconds, out, "grids", lambda: write_grids(out, dataset, config.grids))
     return _finish(config, out, dataset, seconds)
 
 
@@ -300,7 +298,7 @@ def collect_results(config: RunConfig, out: Path, dataset, seconds: dict) -> dic
 
 def format_table(results: dict) -> str:
     real = results["arms"].get("real", {}).get("mean")
-    lines = [f"| arm | mIoU mean | spread | per seed | vs real |", "|---|---|---|---|---|"]
+    lines = ["| arm | mIoU mean | spread | per seed | vs real |", "|---|---|---|---|---|"]
     for name, arm in results["arms"].items():
         mean = arm["mean"]
         delta = "" if mean is None or real is None or name == "real" else f"{mean - real:+.2f}"

@@ -14,7 +14,6 @@ run resumed from a checkpoint ends where an uninterrupted run ends.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -33,7 +32,7 @@ from segsynth.config import field, save_config, to_dict
 from segsynth.data import Split, open_dataset
 from segsynth.data.transforms import AugmentConfig, augment
 from segsynth.data.validate import quick_check
-from segsynth.distributed import DistInfo, barrier, init_distributed
+from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
 from segsynth.evaluate import confusion_over_split, metrics_from_confusion
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, default_mode
 from segsynth.models import create_segmenter
@@ -330,8 +329,6 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
 
 
 def _evaluate_during_training(model, dataset, config: TrainConfig, info: DistInfo, out: Path, iteration: int) -> dict:
-    from segsynth.distributed import all_reduce_sum, shard
-
     split = dataset.split(config.eval_split)
     indices = shard(list(range(len(split))), info.rank, info.world_size)
     confusion = confusion_over_split(model, split, dataset.num_classes, info.device, config.eval_size or None,
