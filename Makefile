@@ -23,7 +23,7 @@ $(VENV)/.setup-done: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(BIN)/segsynth demo --out runs/demo
+	$(BIN)/segsynth run --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest tests
