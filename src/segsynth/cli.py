@@ -12,7 +12,7 @@ import sys
 
 from segsynth import __version__
 from segsynth.config import add_config_arguments, config_from_args
-from segsynth.io import SegsynthError
+from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
 def cmd_check_data(args) -> int:
@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except SegsynthError as error:
         print(f"segsynth {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        print(f"segsynth {args.verb}: error: {disk_full_error(None, error)}", file=sys.stderr)
         return 2
     finally:
         from segsynth.distributed import cleanup

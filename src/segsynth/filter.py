@@ -32,10 +32,10 @@ from tqdm import tqdm
 from segsynth import IGNORE_INDEX
 from segsynth.config import field, save_config
 from segsynth.data.base import read_image, read_raw_mask
-from segsynth.data.synthetic import MANIFEST, read_manifest
+from segsynth.data.synthetic import MANIFEST, read_manifest, read_set_info
 from segsynth.distributed import barrier, init_distributed, shard
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, atomic_write_png, atomic_write_text,
-                         read_json, read_jsonl, safe_relative_path)
+                         read_json, read_jsonl, rewind_jsonl, safe_relative_path)
 from segsynth.stats import StatsConfig, compute_class_stats, load_class_stats, pixel_losses
 
 
@@ -108,7 +108,11 @@ def filter_synthetic(config: FilterConfig) -> dict:
     records = read_manifest(root)
     if not records:
         raise SegsynthError(f"{root}: no finished samples in {MANIFEST}; run `segsynth synthesize` first")
-    classes = read_json(root / "classes.json")["classes"]
+    classes = read_set_info(root)["classes"]
+    for record in records:  # every path stays inside the set: checked before anything is loaded or written
+        safe_relative_path(root, record["image"], f"{root / MANIFEST} image of {record['id']}")
+        safe_relative_path(root, record["mask"], f"{root / MANIFEST} mask of {record['id']}")
+        safe_relative_path(root / "masks_filtered", f"{record['id']}.png", f"{root / MANIFEST} id")
     checkpoint = resolve_checkpoint(config.segmenter)
     model, meta = load_segmenter(checkpoint)
     if list(meta["classes"]) != list(classes):
@@ -136,12 +140,16 @@ def filter_synthetic(config: FilterConfig) -> dict:
     if info.is_main:
         atomic_write_json(settings_path, settings)
         save_config(config, root / "filter.config.yaml")
+        for temp in (root / "masks_filtered").glob(".*.tmp"):  # a killed run's half-written masks
+            temp.unlink(missing_ok=True)
+    log_path = root / f"filter.rank{info.rank}.jsonl"
+    rewind_jsonl(log_path)  # a kill mid-append leaves a torn last line; appending after it would bury it
+    barrier()
     done = {r["id"] for path in root.glob("filter.rank*.jsonl") for r in read_jsonl(path)
             if (root / r["filtered_mask"]).is_file()}
     pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
 
     # 3. Stream: workers decode, the model scores, a writer thread saves masks and log lines.
-    log_path = root / f"filter.rank{info.rank}.jsonl"
     writes: queue.Queue = queue.Queue(maxsize=4 * config.batch_size)
     errors: list[BaseException] = []
 

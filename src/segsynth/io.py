@@ -6,6 +6,7 @@ into place, so a kill at any moment leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -20,6 +21,22 @@ class SegsynthError(Exception):
     """An error a user can fix: the message names the file or key and the fix."""
 
 
+# errno values that mean "the disk (or the quota, or the file-size limit) is full".
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_error(path: str | os.PathLike | None, error: OSError) -> SegsynthError:
+    """The message for a full disk: which file, and that a rerun resumes (finished work is kept)."""
+    where = path if path is not None else (error.filename or "output")
+    reason = error.strerror or os.strerror(error.errno)
+    return SegsynthError(f"{where}: {reason} while writing; free space on that disk (or give --out on a bigger "
+                         "one) and rerun the same command: finished work is kept and the stage resumes")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +48,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         _remove_quietly(tmp)
+        if is_disk_full(error):
+            raise disk_full_error(path, error) from error
         raise
 
 
@@ -97,13 +116,45 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and fsync it, so a finished record survives a kill."""
+    append_text(path, json.dumps(record, default=_json_default) + "\n")
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append whole lines and fsync; a failed append (disk full) is cut back, so no torn line is left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = text.encode("utf-8")
+    # Unbuffered, so that nothing is left in a buffer to be flushed after the cut-back.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, default_mode())
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as error:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the rerun's reader skips a torn last line anyway
+            if is_disk_full(error):
+                raise disk_full_error(path, error) from error
+            raise
+    finally:
+        os.close(fd)
+
+
+def rewind_jsonl(path: str | os.PathLike, keep=lambda record: True) -> None:
+    """Before appending again after a kill: drop a torn last line and the records `keep` rejects (atomically)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    records = list(read_jsonl(path))
+    kept = [r for r in records if keep(r)]
+    if len(kept) != len(records) or (text and not text.endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

@@ -13,7 +13,6 @@ another class with the same methods and one more `SEGMENTERS` row.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segsynth import IGNORE_INDEX
-from segsynth.io import SegsynthError
+from segsynth.io import SegsynthError, read_json
 
 try:  # transformers' own bars ("Loading weights") would interleave with ours
     from transformers.utils import logging as _hf_logging
@@ -133,11 +132,24 @@ def load_segmenter(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     meta_path = checkpoint / "segsynth.json"
     if not meta_path.is_file():
         raise SegsynthError(f"{checkpoint}: not a segsynth checkpoint (no segsynth.json); give a `segsynth train --out` folder or its final/ folder")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise SegsynthError(f"{meta_path}: not a segsynth checkpoint description (no \"model\"); "
+                            "give a `segsynth train --out` folder, or retrain")
     name = meta["model"]
     if name not in SEGMENTERS:
         raise SegsynthError(f"{meta_path}: unknown segmenter {name!r}; options: {', '.join(SEGMENTERS)}")
+    if not isinstance(meta.get("classes"), list):
+        raise SegsynthError(f"{meta_path}: no \"classes\" list; give a `segsynth train --out` folder, or retrain")
+    if not any((checkpoint / weights).is_file() for weights in ("model.safetensors", "model.safetensors.index.json")):
+        raise SegsynthError(f"{checkpoint}: no model.safetensors; segsynth loads weights from safetensors only, never "
+                            "from pickle files such as pytorch_model.bin. Give a `segsynth train --out` folder, or retrain")
+    from safetensors import SafetensorError
     from transformers import SegformerForSemanticSegmentation
 
-    model = SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True)
+    try:
+        model = SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as error:  # a damaged config.json or weights file
+        raise SegsynthError(f"{checkpoint}: cannot load the segmenter ({str(error).splitlines()[0]}); the checkpoint "
+                            "is damaged: restore it or retrain") from None
     return SegFormerSegmenter(model), meta

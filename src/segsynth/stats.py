@@ -36,6 +36,8 @@ class StatsConfig:
     data: str | None = field(None, help="real dataset spec (default: the one the segmenter was trained on)")
     split: str = field("train", help="split whose pixels define L̄_c")
     batch_size: int = field(8, help="images per forward pass")
+    size: list[int] = field([], help="inference size H,W (default: each image's own); use the size the segmenter "
+                                     "sees synthetic images at, so real and synthetic losses compare")
     device: str = field("auto", help="auto, cpu or cuda")
 
 
@@ -47,13 +49,15 @@ def pixel_losses(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def class_loss_sums(model, split, num_classes: int, device, indices, batch_size: int, progress: bool):
-    """Sum of per-pixel loss and pixel count per class over the given samples."""
+def class_loss_sums(model, split, num_classes: int, device, indices, batch_size: int, progress: bool, size=None):
+    """Sum of per-pixel loss and pixel count per class over the given samples (images resized to `size`)."""
     loss_sum = np.zeros(num_classes, np.float64)
     pixels = np.zeros(num_classes, np.int64)
     model.eval()
     for group, images in batches_by_size(split, indices, batch_size, device, "class stats", progress):
         labels = torch.from_numpy(np.stack([s.label for s in group])).to(device)
+        if size:
+            images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
         losses = pixel_losses(model, images, labels).cpu().numpy().ravel()
         flat = labels.cpu().numpy().ravel()
         valid = flat != IGNORE_INDEX
@@ -83,7 +87,7 @@ def compute_class_stats(config: StatsConfig) -> dict:
     split = dataset.split(config.split)
     indices = shard(list(range(len(split))), info.rank, info.world_size)
     loss_sum, pixels = class_loss_sums(model, split, dataset.num_classes, info.device, indices,
-                                       config.batch_size, progress=info.is_main)
+                                       config.batch_size, progress=info.is_main, size=config.size or None)
     loss_sum = all_reduce_sum(torch.from_numpy(loss_sum)).numpy()
     pixels = all_reduce_sum(torch.from_numpy(pixels)).numpy()
 
@@ -99,9 +103,12 @@ def compute_class_stats(config: StatsConfig) -> dict:
 
 def load_class_stats(path: str | Path, classes) -> np.ndarray:
     """Read a class-stats JSON and return mean_loss as an array (NaN where a class had no pixels)."""
+    if not Path(path).is_file():
+        raise SegsynthError(f"{path}: class-stats file not found; make it with "
+                            f"`segsynth stats --segmenter CHECKPOINT --out {path}`")
     stats = read_json(path)
     for key in ("classes", "mean_loss", "pixels"):
-        if key not in stats:
+        if not isinstance(stats, dict) or key not in stats:
             raise SegsynthError(f"{path}: not a class-stats file (no {key!r}); make one with `segsynth stats`")
     if list(stats["classes"]) != list(classes):
         raise SegsynthError(f"{path}: statistics are for classes {stats['classes'][:4]}..., not this dataset's "

@@ -57,7 +57,7 @@ from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
 from segsynth.generate import Generator, GeneratorSettings, open_generator
 from segsynth.generate.base import resize_mask
-from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, read_json, read_jsonl
+from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text, read_json, read_jsonl
 from segsynth.plan import PlanEntry, read_plan
 
 MANIFEST = "manifest.jsonl"
@@ -437,10 +437,7 @@ def _write_batch(batch: dict, out: Path, manifest: Path, palette) -> None:
                   "generator": batch["identity"], "steps": batch["steps"], "guidance": batch["guidance"],
                   "size": list(image.shape[:2]), "seconds": round(batch["seconds"], 4)}
         lines.append(json.dumps(record) + "\n")
-    with open(manifest, "a", encoding="utf-8") as handle:
-        handle.write("".join(lines))
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_text(manifest, "".join(lines))
 
 
 def format_summary(summary: dict) -> str:

@@ -34,7 +34,8 @@ from segsynth.data.transforms import AugmentConfig, augment
 from segsynth.data.validate import quick_check
 from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
 from segsynth.evaluate import confusion_over_split, metrics_from_confusion
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, default_mode
+from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
+                         read_json, rewind_jsonl)
 from segsynth.models import create_segmenter
 from segsynth.recipes import RECIPES
 
@@ -179,13 +180,19 @@ def save_checkpoint(out: Path, model, optimizer, meta: dict) -> Path:
     final = out / "checkpoint"
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     os.chmod(staging, default_mode(directory=True))  # mkdtemp makes 0700; the checkpoint should not be owner-only
-    model.save(staging)
-    state = optimizer.state_dict()
-    tensors = {f"state.{index}.{key}": value.detach().contiguous() for index, entry in state["state"].items()
-               for key, value in entry.items()}
-    groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
-    save_file(tensors, staging / "optimizer.safetensors", metadata={"param_groups": json.dumps(groups)})
-    atomic_write_json(staging / "segsynth.json", meta)
+    try:
+        model.save(staging)
+        state = optimizer.state_dict()
+        tensors = {f"state.{index}.{key}": value.detach().contiguous() for index, entry in state["state"].items()
+                   for key, value in entry.items()}
+        groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
+        save_file(tensors, staging / "optimizer.safetensors", metadata={"param_groups": json.dumps(groups)})
+        atomic_write_json(staging / "segsynth.json", meta)
+    except BaseException as error:  # the previous checkpoint stays; the staging folder goes
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            raise disk_full_error(final, error) from error
+        raise
     old = out / "checkpoint.old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -257,6 +264,8 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     start = 0
     if config.resume and any((out / name / "segsynth.json").is_file() for name in ("checkpoint", "checkpoint.old")):
         start = _resume(out, model, optimizer, config, dataset)
+        if info.is_main:  # lines logged after that checkpoint, before the kill, are logged again from here
+            rewind_jsonl(out / "metrics.jsonl", keep=lambda record: record.get("iteration", 0) <= start)
     elif config.init_checkpoint:
         _load_initial_weights(model, config.init_checkpoint, dataset, config.model)
     if info.is_main:
@@ -293,8 +302,8 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         weights = weights.to(info.device, non_blocking=True)
         loss = train_model(images, labels, weights)
         if not torch.isfinite(loss):
-            raise SegsynthError(f"non-finite loss ({loss.item()}) at iteration {iteration}; lower --lr or check "
-                                f"the data; the last good checkpoint is in {out / 'checkpoint'}")
+            bar.close()  # so the error starts on a line of its own
+            raise SegsynthError(non_finite_loss_message(loss.item(), iteration + 1, config, out))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -328,6 +337,21 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     return out / "checkpoint"
 
 
+def non_finite_loss_message(value: float, iteration: int, config: TrainConfig, out: Path) -> str:
+    """What to do when the loss turns NaN/inf: the iteration (1-based, as metrics.jsonl counts), a lower
+    learning rate, and where the last good checkpoint is (nothing is written after the bad step)."""
+    message = (f"non-finite loss ({value}) at iteration {iteration} of {config.iterations}: training diverged; "
+               f"lower the learning rate (--lr {config.lr:g} now; try {config.lr / 10:g}) or lengthen --warmup, "
+               f"and run `segsynth check-data {config.data}`")
+    saved = out / "checkpoint" / "segsynth.json"
+    if saved.is_file():
+        state = read_json(saved).get("state", {})
+        message += f"; the last good checkpoint (iteration {state.get('iteration')}) is intact in {saved.parent}"
+    else:
+        message += f"; no checkpoint was saved in {out}"
+    return message
+
+
 def _evaluate_during_training(model, dataset, config: TrainConfig, info: DistInfo, out: Path, iteration: int) -> dict:
     split = dataset.split(config.eval_split)
     indices = shard(list(range(len(split))), info.rank, info.world_size)
@@ -347,7 +371,7 @@ def _evaluate_during_training(model, dataset, config: TrainConfig, info: DistInf
 
 def _resume(out: Path, model, optimizer, config: TrainConfig, dataset) -> int:
     checkpoint = resolve_checkpoint(out)
-    meta = json.loads((checkpoint / "segsynth.json").read_text())
+    meta = read_json(checkpoint / "segsynth.json")
     if meta.get("model") != config.model or meta.get("classes") != list(dataset.classes):
         raise SegsynthError(f"{checkpoint}: was trained with model {meta.get('model')} on classes {meta.get('classes')}; "
                             f"cannot resume it as {config.model} on {config.data}. Use a new --out")
@@ -371,7 +395,9 @@ def _load_initial_weights(model, checkpoint: str, dataset, model_name: str) -> N
     loaded, meta = load_segmenter(resolve_checkpoint(checkpoint))
     if meta.get("model") != model_name or list(meta["classes"]) != list(dataset.classes):
         raise SegsynthError(f"{checkpoint}: a {meta.get('model')} for classes {meta['classes'][:4]}...; "
-                            f"it cannot initialise this run's model for {dataset.spec}")
+                            f"it cannot initialise this run's {model_name} for {dataset.spec} "
+                            f"({dataset.num_classes} classes); give a checkpoint trained on this dataset with this "
+                            "model, or leave --init-checkpoint out")
     model.load_state_dict(loaded.state_dict())
 
 

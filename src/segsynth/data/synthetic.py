@@ -37,15 +37,26 @@ def read_manifest(root: str | Path) -> list[dict]:
     return sorted(records.values(), key=lambda r: r["id"])
 
 
+def read_set_info(root: str | Path) -> dict:
+    """A synthetic set's classes.json, checked: a dict with "classes", a non-empty list of names."""
+    path = Path(root) / "classes.json"
+    if not path.is_file():
+        raise SegsynthError(f"{path}: missing; {root} is not a synthetic set (make one with `segsynth synthesize --out DIR`)")
+    info = read_json(path)
+    classes = info.get("classes") if isinstance(info, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise SegsynthError(f"{path}: needs \"classes\": a non-empty list of class names; "
+                            "restore the file `segsynth synthesize` wrote, or regenerate the set")
+    return info
+
+
 def open_synthetic(root: Path, spec: str, filtered: bool = True) -> Dataset:
     root = Path(root)
     if not (root / "classes.json").is_file() or not manifest_paths(root):
         raise SegsynthError(f"{root}: not a synthetic set (needs classes.json and {MANIFEST}); "
                             "make one with `segsynth synthesize --out DIR`")
-    info = read_json(root / "classes.json")
-    classes = info.get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise SegsynthError(f"{root / 'classes.json'}: needs \"classes\": a non-empty list of class names")
+    info = read_set_info(root)
+    classes = info["classes"]
     palette = info.get("palette") or palettes.default_palette(len(classes))
     pairs = []
     for record in read_manifest(root):

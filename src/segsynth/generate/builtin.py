@@ -54,7 +54,8 @@ from segsynth.generate.base import (
     resolve_device,
 )
 from segsynth.generate.schedulers import make_scheduler, scheduler_name
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, default_mode, read_json
+from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
+                         read_json)
 
 GENERATOR_FILE = "segsynth_generator.json"
 FORMAT = "segsynth-builtin-generator/1"
@@ -206,7 +207,11 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
         per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * _loss_weights(alphas_cumprod, timesteps, config.min_snr_gamma)).mean()
         if not torch.isfinite(loss):
-            raise SegsynthError(f"non-finite loss at iteration {iteration}; lower --lr")
+            bar.close()  # so the error starts on a line of its own
+            raise SegsynthError(f"non-finite loss at iteration {iteration + 1} of {config.iterations}: training "
+                                f"diverged; lower the learning rate (--lr {config.lr:g} now; try {config.lr / 10:g})"
+                                + (f"; the model saved earlier in {out} is intact" if (out / GENERATOR_FILE).is_file()
+                                   else f"; no model was saved in {out}"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -301,10 +306,15 @@ def _save(out: Path, unet: UNet2DModel, ema: EMAModel, noise_schedule: DDPMSched
     ema.copy_to(unet.parameters())
     try:
         unet.save_pretrained(staging / "unet", safe_serialization=True)
+        noise_schedule.save_pretrained(staging / "scheduler")
+        atomic_write_json(staging / GENERATOR_FILE, meta)
+    except BaseException as error:  # the previous weights stay; the staging folder goes
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            raise disk_full_error(out, error) from error
+        raise
     finally:
         ema.restore(unet.parameters())
-    noise_schedule.save_pretrained(staging / "scheduler")
-    atomic_write_json(staging / GENERATOR_FILE, meta)
     for name in ("unet", "scheduler", GENERATOR_FILE):
         old = out / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
@@ -363,7 +373,8 @@ class BuiltinGenerator(Generator):
         if self.dtype is None:
             raise SegsynthError(f"the builtin generator runs in fp32 only (got dtype {settings.dtype!r})")
         # fp32 always: the shipped toy model is stored in fp16 to keep the package small
-        self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32).to(self.device).eval()
+        self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
+                                                use_safetensors=True).to(self.device).eval()
         self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
         self.fingerprint = file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
 

@@ -1,0 +1,569 @@
+"""Bad input, one test per row of docs/bad_input.md.
+
+Every test goes through `segsynth.cli.main`, as a user would, and checks the three promises:
+the exit code is not 0 (2 for an error, 1 for a `check-data` report with problems), the message
+names the file or key and says what to do, and nothing half-written is left behind (the output
+is not created, or is left exactly as it was).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakes import H, TOY_SPEC, W, build_folder, stripes, write_image, write_json, write_mask
+from segsynth.cli import main
+from segsynth.data import open_dataset
+from synthetic_sets import write_synthetic_set
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "segsynth"
+TINY_TRAIN = ["--model", "segformer-tiny", "--iterations", "1", "--batch-size", "2", "--workers", "0",
+              "--eval-split", "", "--device", "cpu"]
+
+
+def fails(capsys, argv, code: int = 2) -> str:
+    """Run the command; assert its exit code; return what it printed (stderr for errors, stdout for reports)."""
+    assert main([str(a) for a in argv]) == code
+    captured = capsys.readouterr()
+    if code == 2:
+        assert re.search(rf"(^|\n)segsynth {argv[0]}: error: ", captured.err), captured.err  # on a line of its own
+        return captured.err
+    return captured.out
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: 'left exactly as it was' is listing(before) == listing(after)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Payload:
+    """A pickle that creates `path` when it is unpickled: proof that a loader never unpickles it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    """A barely trained builtin generator for the toy classes."""
+    from segsynth.generate.testing import save_tiny_builtin
+
+    return save_tiny_builtin(tmp_path_factory.mktemp("bad-input-generator") / "generator", data=TOY_SPEC)
+
+
+def toy_plan(path: Path, seed: int = 0, limit: int = 1) -> Path:
+    assert main(["plan", "--data", TOY_SPEC, "--uniform", "1", "--limit", str(limit), "--seed", str(seed),
+                 "--out", str(path)]) == 0
+    return path
+
+
+# --- the dataset: every verb that reads one --------------------------------------------------------
+
+
+def verb_argv(verb: str, spec: str, tmp_path: Path, checkpoint: Path) -> list:
+    """The verb run on `spec`, writing under tmp_path/out (which must not appear)."""
+    out = tmp_path / "out"
+    if verb == "check-data":
+        return ["check-data", spec]
+    if verb == "train":
+        return ["train", "--data", spec, "--out", out, *TINY_TRAIN]
+    if verb == "evaluate":
+        return ["evaluate", "--checkpoint", checkpoint, "--data", spec, "--split", "train", "--out",
+                out / "metrics.json", "--device", "cpu"]
+    if verb == "plan":
+        return ["plan", "--data", spec, "--uniform", "1", "--out", out / "plan.jsonl"]
+    if verb == "train-generator":
+        return ["train-generator", "--data", spec, "--out", out, "--size", "32,32", "--channels", "32,32",
+                "--iterations", "1", "--batch-size", "2", "--device", "cpu"]
+    if verb == "synthesize":  # the data is checked before the generator (which does not exist) is opened
+        plan = tmp_path / "plan.jsonl"
+        plan.write_text('{"id": "img_0", "seeds": [0]}\n')
+        return ["synthesize", "--data", spec, "--plan", plan, "--generator", f"builtin:{tmp_path / 'no-generator'}",
+                "--out", out, "--no-progress", "--device", "cpu"]
+    raise AssertionError(verb)
+
+
+def _image_without_mask(root):
+    (root / "masks" / "img_1.png").unlink()
+    return [str(root / "images" / "img_1.png"), "image without mask", "add the missing files or remove the unpaired ones"]
+
+
+def _mask_without_image(root):
+    (root / "images" / "img_1.png").unlink()
+    return [str(root / "masks" / "img_1.png"), "mask without image", "add the missing files or remove the unpaired ones"]
+
+
+def _empty_split(root):
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("img_0\nimg_1\n")
+    (root / "splits" / "val.txt").write_text("\n")
+    return [f"folder:{root}", "split 'val' is empty", "add samples or remove its folder/list"]
+
+
+def _classes_json_without_classes(root):
+    write_json(root / "classes.json", {"names": ["background", "cat", "dog"]})
+    return [str(root / "classes.json"), 'needs "classes": a non-empty list of class names']
+
+
+def _classes_json_missing(root):
+    (root / "classes.json").unlink()
+    return [str(root / "classes.json"), 'missing; write {"classes": ["name", ...]}']
+
+
+OPENING = {
+    "image-without-mask": _image_without_mask,
+    "mask-without-image": _mask_without_image,
+    "empty-split": _empty_split,
+    "classes-json-without-classes": _classes_json_without_classes,
+    "classes-json-missing": _classes_json_missing,
+}
+ALL_DATA_VERBS = ["check-data", "train", "evaluate", "plan", "train-generator", "synthesize"]
+
+
+@pytest.mark.parametrize("verb", ALL_DATA_VERBS)
+@pytest.mark.parametrize("breakage", list(OPENING))
+def test_dataset_that_cannot_be_opened(tmp_path, capsys, trained, breakage, verb):
+    root = build_folder(tmp_path / "data", n=5)
+    needles = OPENING[breakage](root)
+    err = fails(capsys, verb_argv(verb, f"folder:{root}", tmp_path, trained[0]))
+    for needle in needles:
+        assert needle in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("verb", ALL_DATA_VERBS)
+def test_unknown_dataset_kind(tmp_path, capsys, trained, verb):
+    err = fails(capsys, verb_argv(verb, "kitti:/data/kitti", tmp_path, trained[0]))
+    assert "unknown dataset kind 'kitti' in spec 'kitti:/data/kitti'" in err
+    assert "kinds: camvid, ade20k, cityscapes, voc, coco-stuff, folder" in err and "(write KIND:PATH)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _size_mismatch(root):
+    write_mask(root / "masks" / "img_2.png", stripes([1, 2], size=(H, W + 8)))
+    return [str(root / "masks" / "img_2.png"), str(root / "images" / "img_2.png"), f"mask is {W + 8}x{H}",
+            "masks must match their images"]
+
+
+def _label_out_of_range(root):
+    write_mask(root / "masks" / "img_2.png", stripes([0, 1, 7, 9]))
+    return [str(root / "masks" / "img_2.png"), "[7, 9] are outside the 3 classes", "valid: 0..2",
+            "fix the mask or the dataset's classes.json"]
+
+
+def _rgb_mask(root):
+    colours = np.zeros((H, W, 3), np.uint8)
+    colours[:, : W // 2] = (128, 64, 128)
+    colours[:, W // 2:] = (0, 128, 0)
+    Image.fromarray(colours, mode="RGB").save(root / "masks" / "img_2.png")
+    return [str(root / "masks" / "img_2.png"), "mask is an RGB colour image, but class indices are expected",
+            "convert colour masks to index masks"]
+
+
+def _corrupt_png_image(root):
+    (root / "images" / "img_2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return [str(root / "images" / "img_2.png"), "cannot read image", "replace or remove the file"]
+
+
+def _corrupt_png_mask(root):
+    (root / "masks" / "img_2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return [str(root / "masks" / "img_2.png"), "cannot read mask", "replace or remove the file"]
+
+
+def _truncated_jpeg(root):
+    (root / "images" / "img_2.png").unlink()
+    jpeg = root / "images" / "img_2.jpg"
+    write_image(jpeg, seed=2)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    return [str(jpeg), "cannot read image", "replace or remove the file"]
+
+
+def _not_an_image(root):
+    (root / "images" / "img_2.png").write_text("<html><body>404 Not Found</body></html>\n")
+    return [str(root / "images" / "img_2.png"), "cannot read image (cannot identify image file",
+            "replace or remove the file"]
+
+
+DECODING = {
+    "size-mismatch": _size_mismatch,
+    "label-out-of-class-range": _label_out_of_range,
+    "rgb-mask": _rgb_mask,
+    "corrupt-png-image": _corrupt_png_image,
+    "corrupt-png-mask": _corrupt_png_mask,
+    "truncated-jpeg": _truncated_jpeg,
+    "not-an-image": _not_an_image,
+}
+
+
+@pytest.mark.parametrize("verb", ["check-data", "train", "evaluate", "train-generator", "synthesize"])
+@pytest.mark.parametrize("breakage", list(DECODING))
+def test_sample_that_cannot_be_used(tmp_path, capsys, trained, breakage, verb):
+    """check-data lists every such sample and exits 1; the other verbs stop before compute with exit 2."""
+    root = build_folder(tmp_path / "data", n=5)
+    needles = DECODING[breakage](root)
+    spec = f"folder:{root}"
+    if verb == "check-data":
+        report = fails(capsys, verb_argv(verb, spec, tmp_path, trained[0]), code=1)
+        assert "problems: 1" in report and "split train: 5 samples, 4 decoded" in report
+        for needle in needles:
+            assert needle in report
+        return
+    err = fails(capsys, verb_argv(verb, spec, tmp_path, trained[0]))
+    for needle in needles:
+        assert needle in err
+    assert f"run `segsynth check-data {spec}` for the full list" in err
+    assert not (tmp_path / "out").exists()
+
+
+# --- plans, statistics, synthetic sets ---------------------------------------------------------------
+
+
+def test_plan_for_another_dataset(tmp_path, capsys):
+    root = build_folder(tmp_path / "data", n=3)
+    plan = tmp_path / "plan.jsonl"
+    assert main(["plan", "--data", f"folder:{root}", "--uniform", "1", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", plan, "--generator",
+                         f"builtin:{tmp_path / 'no-generator'}", "--out", tmp_path / "set", "--no-progress"])
+    assert f"{plan}: 3 mask id(s) are not in split 'train'" in err and "img_0" in err
+    assert "make the plan from this dataset and split (segsynth plan --split)" in err
+    assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"classes": ["a", "b"], "mean_loss": [1.0, 2.0], "pixels": [1, 1]},
+     "statistics are for classes ['a', 'b']..., not this dataset's"),
+    ({"mean_loss": [1.0]}, "not a class-stats file (no 'classes'); make one with `segsynth stats`"),
+    (None, "class-stats file not found; make it with `segsynth stats --segmenter CHECKPOINT --out"),
+], ids=["other-dataset", "not-stats", "missing"])
+def test_stats_json_for_another_dataset(tmp_path, capsys, content, needle):
+    stats = tmp_path / "stats.json"
+    if content is not None:
+        write_json(stats, content)
+    err = fails(capsys, ["plan", "--data", TOY_SPEC, "--stats", stats, "--out", tmp_path / "plan.jsonl"])
+    assert str(stats) in err and needle in err
+    if content is not None and "classes" in content:
+        assert "compute them with a segmenter trained on this dataset" in err
+    assert not (tmp_path / "plan.jsonl").exists()
+
+
+def test_synthetic_dir_from_another_plan(tmp_path, capsys, generator):
+    out = tmp_path / "set"
+    assert main(["synthesize", "--data", TOY_SPEC, "--plan", str(toy_plan(tmp_path / "a.jsonl")), "--generator",
+                 f"builtin:{generator}", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    before = listing(out)
+    other = toy_plan(tmp_path / "b.jsonl", seed=100)
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", other, "--generator", f"builtin:{generator}",
+                         "--out", out, "--no-progress", "--device", "cpu"])
+    assert f"{out}: holds 1 sample(s) of a different plan" in err and str(other) in err
+    assert "use a new --out, or the plan that made this folder" in err
+    assert listing(out) == before
+
+
+def test_synthetic_set_for_another_dataset(tmp_path, capsys):
+    folder = build_folder(tmp_path / "data", n=3)
+    synthetic = write_synthetic_set(tmp_path / "syn", open_dataset(f"folder:{folder}"))
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--recipe", "synthetic", "--synthetic", synthetic,
+                         "--out", tmp_path / "out", *TINY_TRAIN])
+    assert f"{synthetic}/classes.json: classes differ from {TOY_SPEC}'s" in err
+    assert "use a synthetic set made from this dataset" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generator_for_other_classes(tmp_path, capsys, generator):
+    root = build_folder(tmp_path / "data", n=3)
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"id": "img_0", "seeds": [0]}\n')
+    err = fails(capsys, ["synthesize", "--data", f"folder:{root}", "--plan", plan, "--generator", f"builtin:{generator}",
+                         "--out", tmp_path / "set", "--no-progress", "--device", "cpu"])
+    assert f"{generator} was trained on classes" in err and "train a generator on this dataset's classes" in err
+    assert not (tmp_path / "set").exists()
+
+
+def _generator_without_weights(folder: Path, marker: Path) -> str:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    write_json(folder / "segsynth_generator.json", {"format": "segsynth-builtin-generator/1"})
+    # A pickle in place of the safetensors file: loading it would run code (here: create `marker`).
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    return "missing unet/diffusion_pytorch_model.safetensors"
+
+
+def _generator_without_metadata(folder: Path, marker: Path) -> str:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    return "missing segsynth_generator.json, unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json"
+
+
+@pytest.mark.parametrize("breakage", [_generator_without_weights, _generator_without_metadata],
+                         ids=["pickle-instead-of-safetensors", "no-metadata"])
+def test_generator_dir_missing_files(tmp_path, capsys, breakage):
+    folder, marker = tmp_path / "generator", tmp_path / "unpickled"
+    needle = breakage(folder, marker)
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
+                         "--generator", f"builtin:{folder}", "--out", tmp_path / "set", "--no-progress", "--device", "cpu"])
+    assert f"{folder}: not a builtin generator, {needle}" in err
+    assert "give a `segsynth train-generator --out` folder (or rerun that training)" in err
+    assert not marker.exists()
+    assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("../../etc/passwd", "leaves its folder"),
+    ("images/../../outside.png", "leaves its folder"),
+    ("/etc/passwd", "is absolute; manifest paths must be relative to"),
+])
+@pytest.mark.parametrize("verb", ["check-data", "train", "filter"])
+def test_manifest_path_leaving_its_folder(tmp_path, capsys, trained, verb, path, needle):
+    root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["image"] = path
+    (root / "manifest.jsonl").write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+    before = listing(root)
+    argv = {"check-data": ["check-data", f"synthetic:{root}"],
+            "train": ["train", "--data", TOY_SPEC, "--recipe", "synthetic", "--synthetic", root,
+                      "--out", tmp_path / "out", *TINY_TRAIN],
+            "filter": ["filter", "--synthetic", root, "--segmenter", trained[0], "--workers", "0", "--device", "cpu"]}[verb]
+    err = fails(capsys, argv)
+    assert f"image of {record['id']} {path!r} {needle}" in err and str(root) in err
+    if needle == "leaves its folder":
+        assert "manifest paths may not contain '..'" in err
+    assert listing(root) == before  # filter wrote nothing into the set (no filter.json, no masks_filtered/)
+    assert not (tmp_path / "out").exists()
+
+
+def test_torn_manifest_line_that_is_not_the_last(tmp_path, capsys):
+    root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+    manifest = root / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines[:-1], lines[-1][:20]]))  # torn last line: a kill mid-append
+    assert main(["check-data", f"synthetic:{root}"]) == 0  # skipped: that record never counted
+    assert "split train: 3 samples" in capsys.readouterr().out
+    manifest.write_text("\n".join([lines[0], lines[1][:20], *lines[2:]]) + "\n")
+    err = fails(capsys, ["check-data", f"synthetic:{root}"])
+    assert f"{manifest}:2: not valid JSON; remove the line or regenerate the file" in err
+
+
+@pytest.mark.parametrize("info, needle", [
+    ({"names": ["a"]}, 'needs "classes": a non-empty list of class names'),
+    (None, "missing;"),
+], ids=["without-classes", "missing"])
+def test_synthetic_set_classes_json(tmp_path, capsys, trained, info, needle):
+    root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+    if info is None:
+        (root / "classes.json").unlink()
+    else:
+        write_json(root / "classes.json", info)
+    before = listing(root)
+    err = fails(capsys, ["filter", "--synthetic", root, "--segmenter", trained[0], "--workers", "0", "--device", "cpu"])
+    assert str(root / "classes.json") in err and needle in err
+    assert listing(root) == before
+
+
+def test_busy_output_folder(tmp_path, capsys, generator):
+    import fcntl
+
+    out = tmp_path / "set"
+    out.mkdir()
+    with open(out / ".synthesize.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running synthesize holds it
+        err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
+                             "--generator", f"builtin:{generator}", "--out", out, "--no-progress", "--device", "cpu"])
+    assert f"{out}: another `segsynth synthesize` is writing to this folder" in err
+    assert "wait for it or use torchrun" in err
+    assert [p.name for p in out.iterdir()] == [".synthesize.lock"]
+
+
+def test_output_folder_that_is_not_a_synthetic_set(tmp_path, capsys):
+    out = tmp_path / "holiday_photos"
+    write_image(out / "beach.png")
+    before = listing(out)
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
+                         "--generator", f"builtin:{tmp_path / 'no-generator'}", "--out", out, "--no-progress"])
+    assert f"{out}: exists and is not a segsynth synthetic set" in err and "choose a new or empty --out folder" in err
+    assert listing(out) == before
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "stats", "train", "filter"])
+def test_checkpoint_for_a_different_number_of_classes(tmp_path, capsys, trained, verb):
+    out, _ = trained  # a toy checkpoint: 9 classes; the folder dataset has 3
+    root = build_folder(tmp_path / "data", n=3)
+    spec = f"folder:{root}"
+    if verb == "evaluate":
+        err = fails(capsys, ["evaluate", "--checkpoint", out, "--data", spec, "--split", "train",
+                             "--out", tmp_path / "m.json", "--device", "cpu"])
+        assert "model has 9 classes but dataset" in err and "has 3" in err
+        assert "evaluate on the dataset the model was trained for" in err
+        assert not (tmp_path / "m.json").exists()
+    elif verb == "stats":
+        err = fails(capsys, ["stats", "--segmenter", out, "--data", spec, "--out", tmp_path / "s.json", "--device", "cpu"])
+        assert f"{out / 'checkpoint'}: segmenter classes" in err and f"differ from dataset {spec}'s" in err
+        assert "use a segmenter trained on this dataset" in err
+        assert not (tmp_path / "s.json").exists()
+    elif verb == "train":
+        err = fails(capsys, ["train", "--data", spec, "--init-checkpoint", out, "--out", tmp_path / "out", *TINY_TRAIN])
+        assert f"{out}: a segformer-tiny for classes" in err and "(3 classes)" in err
+        assert "give a checkpoint trained on this dataset with this model, or leave --init-checkpoint out" in err
+        assert not (tmp_path / "out").exists()
+    else:
+        synthetic = write_synthetic_set(tmp_path / "syn", open_dataset(spec))
+        before = listing(synthetic)
+        err = fails(capsys, ["filter", "--synthetic", synthetic, "--segmenter", out, "--workers", "0", "--device", "cpu"])
+        assert f"segmenter classes differ from {synthetic / 'classes.json'}" in err
+        assert "filter with a segmenter trained on the set's real dataset" in err
+        assert listing(synthetic) == before
+
+
+def test_checkpoint_weights_load_through_safetensors_only(tmp_path, capsys, trained):
+    """A checkpoint whose weights are a pickle (pytorch_model.bin) is refused, never unpickled."""
+    checkpoint = tmp_path / "run" / "checkpoint"
+    shutil.copytree(trained[0] / "checkpoint", checkpoint)
+    (checkpoint / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (checkpoint / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    err = fails(capsys, ["evaluate", "--checkpoint", checkpoint.parent, "--data", TOY_SPEC, "--out",
+                         tmp_path / "m.json", "--device", "cpu"])
+    assert f"{checkpoint}: no model.safetensors; segsynth loads weights from safetensors only" in err
+    assert "pytorch_model.bin" in err and "Give a `segsynth train --out` folder, or retrain" in err
+    assert not marker.exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("weights", "cannot load the segmenter"),
+    ("segsynth.json", "segsynth.json: not valid JSON"),
+])
+def test_damaged_checkpoint(tmp_path, capsys, trained, damage, needle):
+    checkpoint = tmp_path / "run" / "checkpoint"
+    shutil.copytree(trained[0] / "checkpoint", checkpoint)
+    if damage == "weights":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (checkpoint / "segsynth.json").write_text('{"model": "segformer-tiny", ')
+    err = fails(capsys, ["evaluate", "--checkpoint", checkpoint.parent, "--data", TOY_SPEC, "--out",
+                         tmp_path / "m.json", "--device", "cpu"])
+    assert str(checkpoint) in err and needle in err
+    assert ("restore it or retrain" if damage == "weights" else "fix or regenerate the file") in err
+    assert not (tmp_path / "m.json").exists()
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save_every", [1, 500])
+def test_non_finite_loss_during_training(tmp_path, capsys, save_every):
+    """A learning rate of 1e30 blows the weights up after one step: iteration 2's loss is NaN."""
+    out = tmp_path / "run"
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--out", out, "--model", "segformer-tiny", "--iterations", "4",
+                         "--batch-size", "2", "--workers", "0", "--eval-split", "", "--device", "cpu",
+                         "--lr", "1e30", "--warmup", "1", "--save-every", save_every])
+    assert "non-finite loss (nan) at iteration 2 of 4: training diverged" in err
+    assert "lower the learning rate (--lr 1e+30 now; try 1e+29)" in err
+    assert f"run `segsynth check-data {TOY_SPEC}`" in err
+    leftovers = sorted(p.name for p in out.iterdir())
+    if save_every == 1:  # the checkpoint of iteration 1 is whole and untouched by the bad step
+        assert f"the last good checkpoint (iteration 1) is intact in {out / 'checkpoint'}" in err
+        assert leftovers == ["checkpoint", "config.yaml"]
+        assert json.loads((out / "checkpoint" / "segsynth.json").read_text())["state"]["iteration"] == 1
+    else:
+        assert f"no checkpoint was saved in {out}" in err
+        assert leftovers == ["config.yaml"]
+
+
+def test_non_finite_loss_while_training_the_generator(tmp_path, capsys):
+    out = tmp_path / "generator"
+    err = fails(capsys, ["train-generator", "--data", TOY_SPEC, "--out", out, "--size", "32,32", "--channels", "32,32",
+                         "--layers-per-block", "1", "--no-attention", "--iterations", "3", "--batch-size", "2",
+                         "--lr", "1e30", "--warmup", "1", "--device", "cpu"])
+    assert re.search(r"non-finite loss at iteration \d of 3: training diverged", err)
+    assert "lower the learning rate (--lr 1e+30 now; try 1e+29)" in err and f"no model was saved in {out}" in err
+    assert not (out / "unet").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+# --- configs and names --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb, config_class", [
+    ("train", "TrainConfig"), ("evaluate", "EvalConfig"), ("stats", "StatsConfig"), ("plan", "PlanConfig"),
+    ("train-generator", "TrainGeneratorConfig"), ("synthesize", "SynthesizeConfig"), ("filter", "FilterConfig"),
+])
+def test_config_key_that_does_not_exist(tmp_path, capsys, verb, config_class):
+    config = tmp_path / "config.yaml"
+    config.write_text("learning_rate: 0.1\n")
+    err = fails(capsys, [verb, "--config", config])
+    assert f"config file {config}: unknown key(s) learning_rate for {config_class}; valid keys: " in err
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_flag_that_does_not_exist(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", TOY_SPEC, "--out", "o", "--learning-rate", "0.1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --learning-rate 0.1" in capsys.readouterr().err
+
+
+def test_unsafe_yaml_tag_in_a_config(tmp_path, capsys):
+    """Configs go through yaml.safe_load: a python/* tag is refused, never constructed."""
+    marker = tmp_path / "constructed"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data: {TOY_SPEC}\nout: {tmp_path / 'out'}\n"
+                      f"seed: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    err = fails(capsys, ["train", "--config", config])
+    assert f"config file {config} is not valid YAML" in err
+    assert "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:builtins.open'" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "deeplab-v9"], "unknown segmenter 'deeplab-v9'; options: segformer-b0"),
+    (["--recipe", "magic"], "unknown recipe 'magic'; options: real, synthetic, joint, pretrain-finetune, replace"),
+    (["--crop", "4"], "--crop takes H,W (or one number for a square), each >= 8"),
+    (["--iterations", "lots"], "command line: key 'iterations': cannot read 'lots' as int"),
+], ids=["segmenter", "recipe", "crop", "not-a-number"])
+def test_unknown_name_or_bad_value(tmp_path, capsys, flags, needle):
+    out = tmp_path / "out"
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--out", out, *TINY_TRAIN, *flags])
+    assert needle in err
+    assert not out.exists()
+
+
+def test_unknown_generator_name(tmp_path, capsys):
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
+                         "--generator", "magic:x", "--out", tmp_path / "set", "--no-progress"])
+    assert "unknown generator 'magic' in 'magic:x'; options: builtin, controlnet, controlnet-sdxl" in err
+    assert not (tmp_path / "set").exists()
+
+
+# --- safe loading, for the whole package ----------------------------------------------------------------
+
+
+def test_no_unsafe_loader_anywhere_in_the_package():
+    """Weights load through safetensors (or torch.load(weights_only=True)), configs through yaml.safe_load."""
+    unsafe = re.compile(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|joblib)\b|pickle\.loads?\(|torch\.load\(|"
+                        r"yaml\.(load|unsafe_load|full_load|load_all)\(|yaml\.(Unsafe|Full)?Loader\b|"
+                        r"weights_only\s*=\s*False|use_safetensors\s*=\s*False")
+    found = [f"{path.relative_to(SRC)}:{number}: {line.strip()}"
+             for path in sorted(SRC.rglob("*.py")) for number, line in enumerate(path.read_text().splitlines(), 1)
+             if unsafe.search(line)]
+    assert found == []
+    loaders = {"models.py": "SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True)",
+               "generate/builtin.py": "use_safetensors=True", "config.py": "yaml.safe_load("}
+    for name, call in loaders.items():
+        assert call in (SRC / name).read_text(), name
