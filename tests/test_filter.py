@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segsynth.data import open_dataset
 from segsynth.data.toy import BUILDING, ROAD
-from segsynth.filter import FilterConfig, filter_labels, filter_synthetic, ignored_by_class
+from segsynth.filter import FilterConfig, _record, filter_batch, filter_labels, filter_synthetic, ignored_by_class
 from segsynth.io import SegsynthError
 from segsynth.train import TrainConfig, train
 from synthetic_sets import write_synthetic_set
@@ -32,6 +33,24 @@ def test_class_without_statistics_is_kept():
     label = np.array([[0, 1]], np.uint8)
     filtered = filter_labels(label, np.array([[50.0, 50.0]]), np.array([1.0, np.nan]), alpha=1.25)
     assert filtered.tolist() == [[255, 1]]
+
+
+def test_batched_filter_matches_the_per_sample_rule():
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d"]
+    labels = rng.integers(0, 4, (3, 16, 20)).astype(np.uint8)
+    labels[rng.random(labels.shape) < 0.1] = 255
+    losses = rng.exponential(1.0, labels.shape).astype(np.float32)
+    mean_loss = np.array([0.5, 1.0, np.nan, 2.0])
+    threshold = torch.tensor(np.where(np.isfinite(mean_loss), 1.25 * mean_loss, np.inf), dtype=torch.float32)
+    filtered, labelled, ignored = filter_batch(torch.from_numpy(labels), torch.from_numpy(losses), threshold, 4)
+    for i in range(3):
+        expected = filter_labels(labels[i], losses[i], mean_loss, 1.25)
+        assert np.array_equal(filtered[i].numpy(), expected)
+        record = _record("x", labelled[i].numpy(), ignored[i].numpy(), classes)
+        assert record["ignored"] == ignored_by_class(labels[i], expected, classes)
+        valid = labels[i] != 255
+        assert record["ignored_fraction"] == round(float((expected[valid] == 255).mean()), 4)
 
 
 @pytest.fixture(scope="module")

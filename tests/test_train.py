@@ -288,3 +288,31 @@ def test_train_refuses_bad_data_before_compute(tmp_path):
     with pytest.raises(SegsynthError, match="img_1.png: label value"):
         train(TrainConfig(data=f"folder:{root}", out=str(tmp_path / "o"), **TINY_TRAIN))
     assert not (tmp_path / "o").exists()
+
+
+def test_decoded_cache_loads_once_within_its_budget_and_freezes_what_it_keeps():
+    from segsynth.data.base import Sample
+    from segsynth.train import DecodedCache
+
+    loads = []
+
+    def load(i):
+        loads.append(i)
+        return Sample(f"s{i}", np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))
+
+    cache = DecodedCache(budget_bytes=2 * (48 + 16))  # room for two samples
+    for i in (0, 1, 2, 0, 1, 2):
+        sample = cache.get(i, lambda i=i: load(i))
+    assert loads == [0, 1, 2, 2]  # the third does not fit: decoded each time
+    assert not cache.get(0, lambda: load(0)).image.flags.writeable
+    assert sample.image.flags.writeable  # an uncached sample is left alone
+
+
+def test_sample_stream_draws_are_the_same_with_and_without_the_cache():
+    split = open_dataset(TOY_SPEC).split("train")
+    config = AugmentConfig(crop=(24, 24), base=split[0].label.shape)
+    cold = SampleStream([Source("real", split)], config, seed=3, cache_bytes=0)
+    warm = SampleStream([Source("real", split)], config, seed=3, cache_bytes=2**30)
+    for draw in list(range(len(split))) * 2:
+        for a, b in zip(cold[draw], warm[draw]):
+            assert torch.equal(a, b)

@@ -34,7 +34,7 @@ from segsynth.config import field, save_config
 from segsynth.data.base import read_image, read_raw_mask
 from segsynth.data.synthetic import MANIFEST, read_manifest, read_set_info
 from segsynth.distributed import barrier, init_distributed, shard
-from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, atomic_write_png, atomic_write_text,
+from segsynth.io import (SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text,
                          read_json, read_jsonl, rewind_jsonl, safe_relative_path)
 from segsynth.stats import StatsConfig, compute_class_stats, load_class_stats, pixel_losses
 
@@ -68,6 +68,29 @@ def ignored_by_class(label: np.ndarray, filtered: np.ndarray, classes) -> dict:
         pixels = label == class_id
         result[classes[class_id]] = round(float((filtered[pixels] == IGNORE_INDEX).mean()), 4)
     return result
+
+
+def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: torch.Tensor, num_classes: int):
+    """`filter_labels` and `ignored_by_class` for a whole batch in a few tensor ops (B x H x W).
+
+    Returns the filtered labels, and per sample and class the labelled and the newly ignored pixel
+    counts (B x C each). Same rule: a pixel of class c with loss > class_threshold[c] becomes ignore."""
+    valid = labels != IGNORE_INDEX
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    dropped = valid & (losses > class_threshold[safe])
+    filtered = torch.where(dropped, torch.full_like(labels, IGNORE_INDEX), labels)
+    index = (torch.arange(labels.shape[0], device=labels.device).view(-1, 1, 1) * num_classes + safe)
+    size = labels.shape[0] * num_classes
+    labelled = torch.bincount(index[valid], minlength=size).view(-1, num_classes)
+    ignored = torch.bincount(index[dropped], minlength=size).view(-1, num_classes)
+    return filtered, labelled, ignored
+
+
+def _record(sample_id: str, labelled: np.ndarray, ignored: np.ndarray, classes) -> dict:
+    total = int(labelled.sum())
+    return {"id": sample_id, "filtered_mask": f"masks_filtered/{sample_id}.png",
+            "ignored_fraction": round(float(ignored.sum() / total) if total else 0.0, 4),
+            "ignored": {classes[c]: round(float(ignored[c] / labelled[c]), 4) for c in np.flatnonzero(labelled)}}
 
 
 class _SyntheticPairs(TorchDataset):
@@ -150,15 +173,17 @@ def filter_synthetic(config: FilterConfig) -> dict:
     pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
 
     # 3. Stream: workers decode, the model scores, a writer thread saves masks and log lines.
-    writes: queue.Queue = queue.Queue(maxsize=4 * config.batch_size)
+    writes: queue.Queue = queue.Queue(maxsize=4)
     errors: list[BaseException] = []
 
     def writer():
+        # A batch's masks first (temp + rename), then its log lines in one fsync'd append: a line
+        # in the log always means its file is in place.
         while (job := writes.get()) is not None:
             try:
-                sample_id, filtered, record = job
-                atomic_write_png(root / record["filtered_mask"], filtered)
-                append_jsonl(log_path, record)
+                for filtered, record in job:
+                    atomic_write_png(root / record["filtered_mask"], filtered)
+                append_text(log_path, "".join(json.dumps(record) + "\n" for _, record in job))
             except BaseException as error:  # surfaced in the main thread
                 errors.append(error)
 
@@ -167,6 +192,8 @@ def filter_synthetic(config: FilterConfig) -> dict:
     loader = DataLoader(_SyntheticPairs(root, pending, len(classes)), batch_size=config.batch_size,
                         num_workers=config.workers, collate_fn=_collate)
     bar = tqdm(total=len(pending), desc="filter", unit="img", disable=not info.is_main, dynamic_ncols=True)
+    class_threshold = torch.as_tensor(np.where(np.isfinite(mean_loss), config.alpha * mean_loss, np.inf),
+                                      dtype=torch.float32, device=info.device)
     started = time.time()
     with torch.no_grad():
         for ids, images, masks in loader:
@@ -176,15 +203,10 @@ def filter_synthetic(config: FilterConfig) -> dict:
             for group in groups.values():
                 batch = torch.stack([g[1] for g in group]).float().to(info.device)
                 labels = torch.stack([g[2] for g in group]).to(info.device)
-                losses = pixel_losses(model, batch, labels).cpu().numpy()
-                for (sample_id, _, mask), loss in zip(group, losses):
-                    label = mask.numpy()
-                    filtered = filter_labels(label, loss, mean_loss, config.alpha)
-                    valid = label != IGNORE_INDEX
-                    record = {"id": sample_id, "filtered_mask": f"masks_filtered/{sample_id}.png",
-                              "ignored_fraction": round(float((filtered[valid] == IGNORE_INDEX).mean()) if valid.any() else 0.0, 4),
-                              "ignored": ignored_by_class(label, filtered, classes)}
-                    writes.put((sample_id, filtered, record))
+                losses = pixel_losses(model, batch, labels)
+                filtered, labelled, ignored = filter_batch(labels, losses, class_threshold, len(classes))
+                filtered, labelled, ignored = filtered.cpu().numpy(), labelled.cpu().numpy(), ignored.cpu().numpy()
+                writes.put([(filtered[i], _record(g[0], labelled[i], ignored[i], classes)) for i, g in enumerate(group)])
             if errors:
                 break
             bar.update(len(ids))

@@ -62,6 +62,7 @@ class TrainConfig:
     warmup: int = field(100, help="linear warm-up iterations")
     poly_power: float = field(1.0, help="poly decay power after warm-up")
     seed: int = field(0, help="run seed")
+    cache_gb: float = field(2.0, help="GiB of decoded training samples kept in memory across epochs (0: none)")
     workers: int = field(1, help="data loader worker processes per training process")
     save_every: int = field(500, help="save a resumable checkpoint every N iterations")
     eval_every: int = field(0, help="evaluate on --eval-split every N iterations (0: only at the end)")
@@ -95,8 +96,9 @@ class SampleStream(TorchDataset):
     so sources mix in one stream (FreeMask's repeated-real-plus-synthetic concatenation).
     """
 
-    def __init__(self, sources: list[Source], augment_config: AugmentConfig, seed: int):
+    def __init__(self, sources: list[Source], augment_config: AugmentConfig, seed: int, cache_bytes: int = 0):
         self.sources, self.augment_config, self.seed = sources, augment_config, seed
+        self.cache = DecodedCache(cache_bytes)
         self.epoch_items = self._epoch_template()
         if len(self.epoch_items) == 0:
             raise SegsynthError("the training sources hold no samples")
@@ -130,12 +132,35 @@ class SampleStream(TorchDataset):
         rng = np.random.default_rng([self.seed, 13, draw])
         choices = source.alternative_index.get(item) if source.alternative_index else None
         if choices and rng.random() < source.replace_probability:
-            sample = source.alternatives[choices[int(rng.integers(len(choices)))]]
+            alternative = choices[int(rng.integers(len(choices)))]
+            sample = self.cache.get((source_index, 1, alternative), lambda: source.alternatives[alternative])
         else:
-            sample = source.split[item]
+            sample = self.cache.get((source_index, 0, item), lambda: source.split[item])
         image, label, weight = augment(sample.image, sample.label, sample.weight, self.augment_config, rng)
         weight = np.ones(label.shape, np.float32) if weight is None else weight
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label), torch.from_numpy(weight)
+
+
+class DecodedCache:
+    """Decoded samples kept in this (worker) process up to a byte budget, so epochs after the first skip
+    reading and decoding files: on 2 cores, decoding competes with the model for the same CPU."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used, self.items = budget_bytes, 0, {}
+
+    def get(self, key, load) -> Sample:
+        sample = self.items.get(key)
+        if sample is not None:
+            return sample
+        sample = load()
+        arrays = [a for a in (sample.image, sample.label, sample.weight) if a is not None]
+        size = sum(a.nbytes for a in arrays)
+        if self.used + size <= self.budget:
+            for array in arrays:
+                array.flags.writeable = False  # augmentation must copy, never edit, a cached sample
+            self.items[key] = sample
+            self.used += size
+        return sample
 
 
 class DrawSampler(torch.utils.data.Sampler):
@@ -277,7 +302,8 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
     # 3. The stream of samples this rank draws, from the resumed iteration on.
-    stream = SampleStream(sources, augment_config, config.seed)
+    cache_bytes = int(config.cache_gb * 2**30 / max(config.workers, 1))  # each worker keeps its own
+    stream = SampleStream(sources, augment_config, config.seed, cache_bytes)
     loader = DataLoader(
         stream, batch_sampler=DrawSampler(start, config.iterations, config.batch_size, info),
         num_workers=config.workers, persistent_workers=False, pin_memory=info.device.type == "cuda",
@@ -375,7 +401,7 @@ def _resume(out: Path, model, optimizer, config: TrainConfig, dataset) -> int:
     if meta.get("model") != config.model or meta.get("classes") != list(dataset.classes):
         raise SegsynthError(f"{checkpoint}: was trained with model {meta.get('model')} on classes {meta.get('classes')}; "
                             f"cannot resume it as {config.model} on {config.data}. Use a new --out")
-    saved = {k: v for k, v in meta.get("train_config", {}).items() if k not in ("out", "resume", "iterations", "eval_every", "save_every", "workers", "device", "log_every")}
+    saved = {k: v for k, v in meta.get("train_config", {}).items() if k not in ("out", "resume", "iterations", "eval_every", "save_every", "workers", "cache_gb", "device", "log_every")}
     current = {k: v for k, v in to_dict(config).items() if k in saved}
     if saved != current:
         changed = sorted(k for k in saved if saved[k] != current.get(k))
