@@ -9,7 +9,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-fault test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# The fault-injection tier: 20 seeded SIGKILLs per stage, a real full tmpfs (root), a killed rank.
+test-fault: setup
+	$(BIN)/python -m pytest tests -m fault -s
 
 test-all: setup
 	$(BIN)/python -m pytest tests -m "slow or fault or not slow"
