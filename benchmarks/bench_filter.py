@@ -5,7 +5,7 @@ and stacked as tensors. `filter` adds PNG decoding (in worker processes), the
 per-pixel loss, the threshold, per-class statistics and writing the filtered
 masks (in a writer thread). Target ratio >= 0.85.
 
-    python benchmarks/bench_filter.py [--images 96 --size 96x128 --batch 8 --model segformer-small]
+    python benchmarks/bench_filter.py [--images 512 --size 96x128 --batch 8 --model segformer-small]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", default="96x128")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default="segformer-small")
