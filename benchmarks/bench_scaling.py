@@ -72,7 +72,8 @@ def main() -> int:
                                      "--eval-split=", "--save-every", "100000", "--device", "cpu"])
                 seconds[iterations] = time.time() - started
             extra = args.iterations - args.iterations // 3
-            training[n] = 8 * extra / max(seconds[args.iterations] - seconds[args.iterations // 3], 1e-9)
+            # --batch-size is per process: an iteration of N processes trains on 8 * N images.
+            training[n] = 8 * n * extra / max(seconds[args.iterations] - seconds[args.iterations // 3], 1e-9)
 
     result = {
         "benchmark": "scaling",

@@ -344,7 +344,12 @@ def test_disk_full_during_synthesis_is_a_clear_error_and_a_rerun_completes(tmp_p
     assert_same_images(synthetic_state(tmp_path / "reference"), synthetic_state(out))
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("full_disk_error", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    # safetensors' Rust writer reports ENOSPC as its own exception type, not OSError
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+], ids=["oserror", "safetensors"])
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, full_disk_error):
     out = tmp_path / "run"
     config = dict(data=TOY, out=str(out), model="segformer-tiny", iterations=4, batch_size=2, warmup=1, workers=0,
                   eval_split="", device="cpu", save_every=2, resume=True)
@@ -354,7 +359,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     import segsynth.train as train_module
 
     def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise full_disk_error
 
     monkeypatch.setattr(train_module, "save_file", full_disk)
     code = main(["train", "--data", TOY, "--out", str(out), "--model", "segformer-tiny", "--iterations", "4",

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except SegsynthError as error:
         print(f"segsynth {args.verb}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
+    except Exception as error:  # a full disk reported by any writer (OSError, SafetensorError, ...)
         if not is_disk_full(error):
             raise
         print(f"segsynth {args.verb}: error: {disk_full_error(None, error)}", file=sys.stderr)

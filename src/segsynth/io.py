@@ -25,14 +25,23 @@ class SegsynthError(Exception):
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+# How writers that are not Python's own (safetensors' Rust serializer) report the same errors.
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
 def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL_ERRNOS
+    return any(text in str(error) for text in DISK_FULL_TEXTS)  # e.g. SafetensorError "... (os error 28)"
 
 
-def disk_full_error(path: str | os.PathLike | None, error: OSError) -> SegsynthError:
+def disk_full_error(path: str | os.PathLike | None, error: BaseException) -> SegsynthError:
     """The message for a full disk: which file, and that a rerun resumes (finished work is kept)."""
-    where = path if path is not None else (error.filename or "output")
-    reason = error.strerror or os.strerror(error.errno)
+    where = path if path is not None else (getattr(error, "filename", None) or "output")
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = error.strerror or os.strerror(error.errno)
+    else:
+        reason = next((text for text in DISK_FULL_TEXTS if text in str(error)), "No space left on device")
     return SegsynthError(f"{where}: {reason} while writing; free space on that disk (or give --out on a bigger "
                          "one) and rerun the same command: finished work is kept and the stage resumes")
 
