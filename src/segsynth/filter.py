@@ -50,31 +50,18 @@ class FilterConfig:
     device: str = field("auto", help="auto, cpu or cuda")
 
 
-def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float) -> np.ndarray:
-    """FreeMask's rule: pixel of class c -> ignore when loss > alpha * L̄_c (classes without L̄_c are kept)."""
-    valid = label != IGNORE_INDEX
-    threshold = np.full(label.shape, np.inf, np.float64)
-    class_threshold = np.where(np.isfinite(mean_loss), alpha * mean_loss, np.inf)
-    threshold[valid] = class_threshold[label[valid]]
-    filtered = label.copy()
-    filtered[valid & (loss > threshold)] = IGNORE_INDEX
-    return filtered
-
-
-def ignored_by_class(label: np.ndarray, filtered: np.ndarray, classes) -> dict:
-    """Fraction of each present class's pixels that the filter set to ignore."""
-    result = {}
-    for class_id in np.unique(label[label != IGNORE_INDEX]):
-        pixels = label == class_id
-        result[classes[class_id]] = round(float((filtered[pixels] == IGNORE_INDEX).mean()), 4)
-    return result
+def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None) -> torch.Tensor:
+    """alpha * L̄_c per class; classes without L̄_c (no real pixels) get inf, so they are never ignored."""
+    return torch.as_tensor(np.where(np.isfinite(mean_loss), alpha * mean_loss, np.inf), dtype=torch.float32,
+                           device=device)
 
 
 def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: torch.Tensor, num_classes: int):
-    """`filter_labels` and `ignored_by_class` for a whole batch in a few tensor ops (B x H x W).
+    """FreeMask's rule for a whole batch (B x H x W) in a few tensor ops: a pixel of class c whose loss
+    exceeds class_threshold[c] becomes ignore.
 
     Returns the filtered labels, and per sample and class the labelled and the newly ignored pixel
-    counts (B x C each). Same rule: a pixel of class c with loss > class_threshold[c] becomes ignore."""
+    counts (B x C each)."""
     valid = labels != IGNORE_INDEX
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     dropped = valid & (losses > class_threshold[safe])
@@ -86,7 +73,23 @@ def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: to
     return filtered, labelled, ignored
 
 
+def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float) -> np.ndarray:
+    """`filter_batch` for one H x W label map: pixel of class c -> ignore when loss > alpha * L̄_c."""
+    filtered, _, _ = filter_batch(torch.from_numpy(label)[None], torch.from_numpy(loss)[None],
+                                  class_thresholds(mean_loss, alpha), len(mean_loss))
+    return filtered[0].numpy()
+
+
+def ignored_by_class(label: np.ndarray, filtered: np.ndarray, classes) -> dict:
+    """Fraction of each present class's pixels that the filter set to ignore (as the manifest records it)."""
+    valid = label != IGNORE_INDEX
+    labelled = np.bincount(label[valid], minlength=len(classes))
+    ignored = np.bincount(label[valid & (filtered == IGNORE_INDEX)], minlength=len(classes))
+    return _record("", labelled, ignored, classes)["ignored"]
+
+
 def _record(sample_id: str, labelled: np.ndarray, ignored: np.ndarray, classes) -> dict:
+    """The manifest fields of one filtered sample, from its per-class labelled and ignored pixel counts."""
     total = int(labelled.sum())
     return {"id": sample_id, "filtered_mask": f"masks_filtered/{sample_id}.png",
             "ignored_fraction": round(float(ignored.sum() / total) if total else 0.0, 4),
@@ -104,8 +107,7 @@ class _SyntheticPairs(TorchDataset):
 
     def __getitem__(self, index):
         record = self.records[index]
-        image_path = safe_relative_path(self.root, record["image"], f"{MANIFEST} image of {record['id']}")
-        mask_path = safe_relative_path(self.root, record["mask"], f"{MANIFEST} mask of {record['id']}")
+        image_path, mask_path = self.root / record["image"], self.root / record["mask"]  # checked up front
         image, mask = read_image(image_path), np.array(read_raw_mask(mask_path))
         if mask.shape != image.shape[:2]:
             raise SegsynthError(f"{mask_path}: mask size {mask.shape} differs from its image {image_path} {image.shape[:2]}")
@@ -192,8 +194,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
     loader = DataLoader(_SyntheticPairs(root, pending, len(classes)), batch_size=config.batch_size,
                         num_workers=config.workers, collate_fn=_collate)
     bar = tqdm(total=len(pending), desc="filter", unit="img", disable=not info.is_main, dynamic_ncols=True)
-    class_threshold = torch.as_tensor(np.where(np.isfinite(mean_loss), config.alpha * mean_loss, np.inf),
-                                      dtype=torch.float32, device=info.device)
+    class_threshold = class_thresholds(mean_loss, config.alpha, info.device)
     started = time.time()
     with torch.no_grad():
         for ids, images, masks in loader:
