@@ -180,3 +180,10 @@ FOLDER_SPLITS = {"train": ["img_0", "img_1", "img_2"], "val": ["img_3", "img_4"]
 TINY_TRAIN = dict(model="segformer-tiny", iterations=4, batch_size=2, workers=0, save_every=2, warmup=2,
                   log_every=1, device="cpu")
 TOY_SPEC = "toy:n=8,n_val=4,size=32"
+
+
+def subprocess_env() -> dict:
+    """For tests that start the CLI: one thread per process (identical arithmetic across runs, gentle on a
+    shared 2-core machine), no progress bars, and this checkout's sources."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+            "PYTHONPATH": str(REPO / "src")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from segsynth.io import append_jsonl, atomic_write_json, atomic_write_png
 
@@ -32,3 +33,15 @@ def write_synthetic_set(root: Path, dataset, split: str = "train", copies: int =
             append_jsonl(root / "manifest.jsonl", {"id": sample_id, "source": sample.id, "seed": seed,
                                                    "image": f"images/{sample_id}.png", "mask": f"masks/{sample_id}.png"})
     return root
+
+
+def images(out) -> dict[str, np.ndarray]:
+    """A synthetic set's images by id, as int16 RGB arrays (for pixel comparisons)."""
+    return {p.stem: np.asarray(Image.open(p).convert("RGB"), np.int16) for p in sorted((Path(out) / "images").glob("*.png"))}
+
+
+def assert_same_pixels(a: dict, b: dict) -> None:
+    """Every image agrees within 1/255 mean absolute difference (1 grey level on the 0..255 scale)."""
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k] - b[k]).mean()) for k in a)
+    assert worst <= 1.0, f"images differ by {worst:.3f} grey levels on average"

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import segsynth.io
-from fakes import PYTHON, REPO
+from fakes import PYTHON, REPO, subprocess_env
 from segsynth.cli import main
 from segsynth.data import open_dataset
 from segsynth.filter import FilterConfig, filter_synthetic
@@ -36,18 +36,12 @@ from segsynth.plan import PlanConfig, make_plan
 from segsynth.stats import StatsConfig, compute_class_stats
 from segsynth.synthesize import SynthesizeConfig, synthesize
 from segsynth.train import TrainConfig, train
-from synthetic_sets import write_synthetic_set
+from synthetic_sets import assert_same_pixels, images, write_synthetic_set
 
 TOY = "toy:n=20,n_val=4,size=32"
 KILL_SEED = 20261122
 
 QUICK_OR_TIER = [pytest.param(2, id="2-kills"), pytest.param(20, marks=pytest.mark.fault, id="20-kills")]
-
-
-def env() -> dict:
-    # One thread per process: identical arithmetic across runs, and gentle on a shared 2-core machine.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-            "PYTHONPATH": str(REPO / "src")}
 
 
 # --- the kill harness ------------------------------------------------------------------------------
@@ -70,7 +64,7 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
         in_startup = rng.random() < 0.2
         moment = float(rng.uniform(0.3 * first, first) if in_startup else first + rng.uniform(0, 1.5 * share))
         before = progress()
-        process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if _wait(process, moment):
             assert process.returncode == 0, process.stderr.read().decode()[-3000:]
             process.stderr.close()
@@ -88,7 +82,7 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
 def run_timed(command: list[str], progress) -> tuple[float, float]:
     """Run `command` uninterrupted; returns (seconds until progress() first rose, seconds in all)."""
     start = progress()
-    process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     began, first = time.time(), None
     while process.poll() is None:
         if first is None and progress() > start:
@@ -173,13 +167,7 @@ def synthetic_state(out: Path) -> dict:
     for folder in ("images", "masks"):
         assert {p.name for p in (out / folder).iterdir()} == {f"{i}.png" for i in ids}, f"{folder}/ has strays"
     assert not list(out.glob("manifest.rank*.jsonl"))
-    return {i: np.asarray(Image.open(out / "images" / f"{i}.png").convert("RGB"), np.int16) for i in ids}
-
-
-def assert_same_images(reference: dict, other: dict) -> None:
-    assert sorted(reference) == sorted(other)
-    worst = max(float(np.abs(reference[k] - other[k]).mean()) for k in reference)
-    assert worst <= 1.0, f"images differ by {worst:.3f} grey levels on average"
+    return images(out)
 
 
 @pytest.mark.parametrize("kills", QUICK_OR_TIER)
@@ -199,7 +187,7 @@ def test_synthesis_survives_random_sigkills(tmp_path, generator_dir, kills):
     done_before_rerun = len({r["id"] for r in assert_manifest_parses(out / "manifest.jsonl")})
     summary = synthesize_in_process(plan, generator_dir, out)
     assert summary["already_done"] + summary["generated"] == summary["planned"] == planned
-    assert_same_images(synthetic_state(reference), synthetic_state(out))
+    assert_same_pixels(synthetic_state(reference), synthetic_state(out))
     report("synthesis", {**figures, "planned": planned, "done_before_final_rerun": done_before_rerun})
     assert figures["kills"] == kills
 
@@ -291,7 +279,7 @@ def test_training_survives_random_sigkills(tmp_path, kills):
     pace = run_timed(train_command(whole, iterations), lambda: checkpoint_iteration(whole))
     figures = kill_repeatedly(train_command(out, iterations), kills, pace=pace,
                               progress=lambda: checkpoint_iteration(out), check_after_kill=check)
-    result = subprocess.run(train_command(out, iterations), cwd=REPO, env=env(), capture_output=True, text=True,
+    result = subprocess.run(train_command(out, iterations), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((out / "metrics_val.json").read_text())
@@ -341,7 +329,7 @@ def test_disk_full_during_synthesis_is_a_clear_error_and_a_rerun_completes(tmp_p
     summary = synthesize_in_process(plan, generator_dir, out)
     assert summary["already_done"] == len(records) and summary["generated"] == 10 - len(records)
     synthesize_in_process(plan, generator_dir, tmp_path / "reference")
-    assert_same_images(synthetic_state(tmp_path / "reference"), synthetic_state(out))
+    assert_same_pixels(synthetic_state(tmp_path / "reference"), synthetic_state(out))
 
 
 @pytest.mark.parametrize("full_disk_error", [
@@ -403,7 +391,7 @@ def test_a_real_full_tmpfs_during_synthesis_and_training(tmp_path, generator_dir
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
     try:
         out = disk / "set"
-        failed = subprocess.run(synthesize_command(plan, generator_dir, out), cwd=REPO, env=env(), capture_output=True,
+        failed = subprocess.run(synthesize_command(plan, generator_dir, out), cwd=REPO, env=subprocess_env(), capture_output=True,
                                 text=True, timeout=300)
         assert failed.returncode == 2, failed.stderr[-3000:]
         assert "No space left on device" in failed.stderr and "free space" in failed.stderr
@@ -411,20 +399,20 @@ def test_a_real_full_tmpfs_during_synthesis_and_training(tmp_path, generator_dir
         assert_pngs_decode(out / "images", out / "masks")
         done = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # space freed
-        rerun = subprocess.run(synthesize_command(plan, generator_dir, out), cwd=REPO, env=env(), capture_output=True,
+        rerun = subprocess.run(synthesize_command(plan, generator_dir, out), cwd=REPO, env=subprocess_env(), capture_output=True,
                                text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         synthesize_in_process(plan, generator_dir, tmp_path / "reference")
-        assert_same_images(synthetic_state(tmp_path / "reference"), synthetic_state(out))
+        assert_same_pixels(synthetic_state(tmp_path / "reference"), synthetic_state(out))
 
         subprocess.run(["mount", "-o", "remount,size=" + str(_used_kib(disk) + 600) + "k", str(disk)], check=True)
         run = disk / "run"
-        failed = subprocess.run(train_command(run, 8), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        failed = subprocess.run(train_command(run, 8), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert failed.returncode == 2, failed.stderr[-3000:]
         assert "No space left on device" in failed.stderr
         assert_no_temp_files(run)
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        rerun = subprocess.run(train_command(run, 8), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(train_command(run, 8), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         report("disk full (tmpfs)", {"synthesis_done_before_full": len(done), "training": "resumed to the end"})
     finally:
@@ -471,7 +459,7 @@ def test_two_rank_synthesis_with_one_rank_killed_reruns_only_the_missing_work(tm
     out = tmp_path / "set"
     command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "segsynth",
                "synthesize", *synthesize_command(plan, generator_dir, out)[4:]]
-    process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while lines_of(out / "manifest.rank1.jsonl") < 2:
@@ -498,5 +486,5 @@ def test_two_rank_synthesis_with_one_rank_killed_reruns_only_the_missing_work(tm
     assert summary["generated"] == 20 - len(done)  # only the missing work
     assert {i: (out / "images" / f"{i}.png").stat().st_mtime_ns for i in done} == kept  # finished files untouched
     synthesize_in_process(plan, generator_dir, tmp_path / "reference")
-    assert_same_images(synthetic_state(tmp_path / "reference"), synthetic_state(out))
+    assert_same_pixels(synthetic_state(tmp_path / "reference"), synthetic_state(out))
     report("killed rank", {"done_when_rank1_died": len(done), "rerun_generated": summary["generated"]})

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fakes import subprocess_env
 from segsynth.data import open_dataset
 from segsynth.distributed import shard
 from segsynth.generate.base import resize_mask
@@ -24,6 +25,7 @@ from segsynth.generate.testing import save_tiny_builtin
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
 from segsynth.synthesize import SynthesizeConfig, synthesize
+from synthetic_sets import assert_same_pixels, images
 
 TOY = "toy:n=12,n_val=4,size=32"
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +50,6 @@ def manifest(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "manifest.jsonl").read_text().splitlines() if line.strip()]
 
 
-def images(out) -> dict[str, np.ndarray]:
-    return {p.stem: np.asarray(Image.open(p).convert("RGB"), np.int16) for p in sorted((Path(out) / "images").glob("*.png"))}
-
-
 def visible_files(out) -> dict[str, set]:
     return {folder: {p.name for p in (Path(out) / folder).iterdir()} for folder in ("images", "masks")}
 
@@ -67,13 +65,6 @@ def assert_consistent(out, planned: int) -> None:
         Image.open(Path(out) / "images" / name).load()
         Image.open(Path(out) / "masks" / name).load()
     assert not list(Path(out).glob("manifest.rank*.jsonl"))
-
-
-def assert_same_pixels(a: dict, b: dict) -> None:
-    """Every image agrees within 1/255 mean absolute difference (1 grey level on the 0..255 scale)."""
-    assert a.keys() == b.keys()
-    worst = max(float(np.abs(a[k] - b[k]).mean()) for k in a)
-    assert worst <= 1.0, f"images differ by {worst:.3f} grey levels on average"
 
 
 # --- the output -------------------------------------------------------------------------------
@@ -148,17 +139,12 @@ def _synthesize_command(plan, generator_dir, out, *extra) -> list[str]:
             "--no-progress", *extra]
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    return env
-
-
 def test_two_torchrun_processes_match_one_process(tmp_path, generator_dir):
     plan = make_test_plan(tmp_path / "plan.jsonl", uniform=2, limit=5)
     run(plan, generator_dir, tmp_path / "one", batch_size=2)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "segsynth", "synthesize", *_synthesize_command(plan, generator_dir, tmp_path / "two", "--batch-size", "3")]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_consistent(tmp_path / "two", 10)
     assert [r["id"] for r in manifest(tmp_path / "two")] == [r["id"] for r in manifest(tmp_path / "one")]  # plan order
@@ -177,7 +163,7 @@ def test_sigkill_loses_at_most_the_batches_in_flight_and_resume_completes(tmp_pa
     command = [sys.executable, "-m", "segsynth", "synthesize",
                *_synthesize_command(plan, generator_dir, out, "--batch-size", "2", "--steps", "40")]
     for kill_after_lines in (1, 7):
-        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 90
         while time.time() < deadline and process.poll() is None:
             path = out / "manifest.jsonl"

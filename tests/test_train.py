@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fakes import PYTHON, REPO, TINY_TRAIN, TOY_SPEC
+from fakes import PYTHON, REPO, TINY_TRAIN, TOY_SPEC, subprocess_env
 from segsynth.config import build_config, load_yaml
 from segsynth.data import open_dataset
 from segsynth.io import SegsynthError, default_mode, read_jsonl
@@ -158,11 +158,6 @@ def cli_train_command(out: Path, *extra: str) -> list[str]:
     return [PYTHON, "-m", "segsynth", "train", "--data", "toy:n=8,n_val=2,size=32", "--out", str(out),
             "--model", "segformer-tiny", "--iterations", "24", "--batch-size", "2", "--workers", "0",
             "--save-every", "2", "--warmup", "2", "--eval-split=", "--device", "cpu", *extra]
-
-
-def subprocess_env() -> dict:
-    # One thread per process: identical arithmetic across runs, and gentle on a shared 2-core machine.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
