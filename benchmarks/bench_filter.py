@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--size", default="96x128")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default="segformer-small")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--lanes", type=int, default=0, help="filter lanes (0: auto)")
     parser.add_argument("--out", default="results/bench_filter.json")
     args = parser.parse_args()
 
@@ -72,7 +72,7 @@ def main() -> int:
                 leftover.unlink(missing_ok=True)
             summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(tmp / "seg"),
                                                     stats=str(tmp / "stats.json"), batch_size=args.batch,
-                                                    workers=args.workers, device="cpu"))
+                                                    lanes=args.lanes, device="cpu"))
             return summary["filtered_now"] / summary["seconds"]
 
         # 2. Warm up both, then alternate bare / filter / bare so drift shows as spread, not bias.

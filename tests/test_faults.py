@@ -172,8 +172,10 @@ def synthetic_state(out: Path) -> dict:
 
 @pytest.mark.parametrize("kills", QUICK_OR_TIER)
 def test_synthesis_survives_random_sigkills(tmp_path, generator_dir, kills):
-    plan = synthesis_plan(tmp_path / "plan.jsonl", uniform=6 if kills > 2 else 3, limit=20 if kills > 2 else 6)
-    planned = 6 * 20 if kills > 2 else 3 * 6
+    plan = synthesis_plan(tmp_path / "plan.jsonl", uniform=10 if kills > 2 else 3, limit=20 if kills > 2 else 6)
+    # 100 batches of 2 for 20 kills: each resumed run finishes at least one batch before its kill can land
+    # mid-work, so fewer batches (60 at uniform 6) let the job complete before the 20th kill.
+    planned = 10 * 20 if kills > 2 else 3 * 6
     out = tmp_path / "set"
 
     def check():

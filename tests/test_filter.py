@@ -11,7 +11,8 @@ from PIL import Image
 
 from segsynth.data import open_dataset
 from segsynth.data.toy import BUILDING, ROAD
-from segsynth.filter import FilterConfig, _record, filter_batch, filter_labels, filter_synthetic, ignored_by_class
+from segsynth.filter import (FilterConfig, _record, class_thresholds, filter_batch, filter_labels, filter_synthetic,
+                             ignored_by_class)
 from segsynth.io import SegsynthError
 from segsynth.train import TrainConfig, train
 from synthetic_sets import write_synthetic_set
@@ -42,14 +43,21 @@ def test_batched_filter_matches_the_per_sample_rule():
     labels[rng.random(labels.shape) < 0.1] = 255
     losses = rng.exponential(1.0, labels.shape).astype(np.float32)
     mean_loss = np.array([0.5, 1.0, np.nan, 2.0])
-    threshold = torch.tensor(np.where(np.isfinite(mean_loss), 1.25 * mean_loss, np.inf), dtype=torch.float32)
-    filtered, labelled, ignored = filter_batch(torch.from_numpy(labels), torch.from_numpy(losses), threshold, 4)
+    filtered, labelled, ignored = filter_batch(torch.from_numpy(labels), torch.from_numpy(losses),
+                                               class_thresholds(mean_loss, 1.25), 4)
     for i in range(3):
-        expected = filter_labels(labels[i], losses[i], mean_loss, 1.25)
+        # the rule written out pixel by pixel, independently of the tensor code
+        expected = labels[i].copy()
+        for (y, x), value in np.ndenumerate(labels[i]):
+            if value != 255 and np.isfinite(mean_loss[value]) and losses[i, y, x] > 1.25 * mean_loss[value]:
+                expected[y, x] = 255
         assert np.array_equal(filtered[i].numpy(), expected)
+        assert np.array_equal(filter_labels(labels[i], losses[i], mean_loss, 1.25), expected)
+        valid = labels[i] != 255
+        assert labelled[i].tolist() == [int((labels[i] == c).sum()) for c in range(4)]
+        assert ignored[i].tolist() == [int(((labels[i] == c) & (expected == 255)).sum()) for c in range(4)]
         record = _record("x", labelled[i].numpy(), ignored[i].numpy(), classes)
         assert record["ignored"] == ignored_by_class(labels[i], expected, classes)
-        valid = labels[i] != 255
         assert record["ignored_fraction"] == round(float((expected[valid] == 255).mean()), 4)
 
 
@@ -77,7 +85,7 @@ def _road_looks_like_building(index, image, label, other):
 def test_filter_finds_planted_wrong_regions(tmp_path, toy_segmenter):
     dataset = open_dataset(TOY)
     root = write_synthetic_set(tmp_path / "syn", dataset, split="val", corrupt=_road_looks_like_building)
-    summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), workers=0, device="cpu"))
+    summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
     assert summary["filtered"] == 24
 
     wrong_ignored = wrong_total = right_ignored = right_total = 0
@@ -105,7 +113,7 @@ def test_filter_finds_planted_wrong_regions(tmp_path, toy_segmenter):
 def test_filter_resumes_and_refuses_other_settings(tmp_path, toy_segmenter):
     dataset = open_dataset(TOY)
     root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
-    config = FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), workers=0, device="cpu")
+    config = FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu")
     first = filter_synthetic(config)
     assert first["filtered_now"] == 24
     masks = {p.name: p.read_bytes() for p in (root / "masks_filtered").iterdir()}
@@ -114,7 +122,7 @@ def test_filter_resumes_and_refuses_other_settings(tmp_path, toy_segmenter):
     assert masks == {p.name: p.read_bytes() for p in (root / "masks_filtered").iterdir()}
     assert (root / "masks" / next(iter(masks))).is_file()  # originals kept
     with pytest.raises(SegsynthError, match="other settings"):
-        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), alpha=2.0, workers=0, device="cpu"))
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), alpha=2.0, device="cpu"))
 
 
 def test_filter_refuses_manifest_path_leaving_the_set(tmp_path, toy_segmenter):
@@ -125,7 +133,7 @@ def test_filter_refuses_manifest_path_leaving_the_set(tmp_path, toy_segmenter):
     record["image"] = "../../etc/passwd"
     (root / "manifest.jsonl").write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
     with pytest.raises(SegsynthError, match="leaves its folder"):
-        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), workers=0, device="cpu"))
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
     assert not (root / "masks_filtered").exists() or not any((root / "masks_filtered").iterdir())
 
 
@@ -136,4 +144,4 @@ def test_filter_refuses_segmenter_of_other_classes(tmp_path, toy_segmenter):
     info["classes"] = info["classes"][:-1]
     (root / "classes.json").write_text(json.dumps(info))
     with pytest.raises(SegsynthError, match="classes differ"):
-        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), workers=0, device="cpu"))
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
