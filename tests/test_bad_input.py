@@ -337,7 +337,7 @@ def test_manifest_path_leaving_its_folder(tmp_path, capsys, trained, verb, path,
     argv = {"check-data": ["check-data", f"synthetic:{root}"],
             "train": ["train", "--data", TOY_SPEC, "--recipe", "synthetic", "--synthetic", root,
                       "--out", tmp_path / "out", *TINY_TRAIN],
-            "filter": ["filter", "--synthetic", root, "--segmenter", trained[0], "--workers", "0", "--device", "cpu"]}[verb]
+            "filter": ["filter", "--synthetic", root, "--segmenter", trained[0], "--lanes", "1", "--device", "cpu"]}[verb]
     err = fails(capsys, argv)
     assert f"image of {record['id']} {path!r} {needle}" in err and str(root) in err
     if needle == "leaves its folder":
@@ -369,7 +369,7 @@ def test_synthetic_set_classes_json(tmp_path, capsys, trained, info, needle):
     else:
         write_json(root / "classes.json", info)
     before = listing(root)
-    err = fails(capsys, ["filter", "--synthetic", root, "--segmenter", trained[0], "--workers", "0", "--device", "cpu"])
+    err = fails(capsys, ["filter", "--synthetic", root, "--segmenter", trained[0], "--lanes", "1", "--device", "cpu"])
     assert str(root / "classes.json") in err and needle in err
     assert listing(root) == before
 
@@ -425,7 +425,7 @@ def test_checkpoint_for_a_different_number_of_classes(tmp_path, capsys, trained,
     else:
         synthetic = write_synthetic_set(tmp_path / "syn", open_dataset(spec))
         before = listing(synthetic)
-        err = fails(capsys, ["filter", "--synthetic", synthetic, "--segmenter", out, "--workers", "0", "--device", "cpu"])
+        err = fails(capsys, ["filter", "--synthetic", synthetic, "--segmenter", out, "--lanes", "1", "--device", "cpu"])
         assert f"segmenter classes differ from {synthetic / 'classes.json'}" in err
         assert "filter with a segmenter trained on the set's real dataset" in err
         assert listing(synthetic) == before

@@ -207,7 +207,7 @@ def toy_segmenter(tmp_path_factory):
 
 def filter_command(root: Path, segmenter: Path) -> list[str]:
     return [PYTHON, "-m", "segsynth", "filter", "--synthetic", str(root), "--segmenter", str(segmenter),
-            "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+            "--batch-size", "2", "--lanes", "2", "--device", "cpu"]
 
 
 def filter_state(root: Path) -> dict:
@@ -238,7 +238,7 @@ def test_filter_survives_random_sigkills(tmp_path, toy_segmenter, kills):
     figures = kill_repeatedly(filter_command(root, toy_segmenter), kills, pace=pace,
                               progress=lambda: lines_of(root / "filter.rank0.jsonl"), check_after_kill=check)
     summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), batch_size=2,
-                                            workers=0, device="cpu"))
+                                            lanes=2, device="cpu"))
     assert summary["filtered"] == 20 * copies
     assert filter_state(reference) == filter_state(root)
     report("filter", {**figures, "samples": 20 * copies, "filtered_in_final_rerun": summary["filtered_now"]})

@@ -9,7 +9,8 @@ not render that class there convincingly, so it would teach the wrong thing.
 Outputs, inside the synthetic set: masks_filtered/<id>.png (originals kept),
 filter.rank<R>.jsonl (one line per filtered sample, appended after its file is
 in place: the resume log), filter.json (the settings, so a rerun with other
-settings is refused instead of mixed in), and finally manifest.jsonl rewritten
+settings is refused instead of mixed in), filter.lanes.rank<R>.json (how the
+CPU threads were split, timed once and kept), and finally manifest.jsonl rewritten
 with `filtered_mask`, `ignored_fraction` and per-class `ignored` per record.
 """
 
@@ -45,8 +46,8 @@ class FilterConfig:
     stats: str | None = field(None, help="class-stats JSON (default: SEGMENTER/class_stats.json, computed if missing)")
     alpha: float = field(1.25, help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
     batch_size: int = field(8, help="images per forward pass")
-    lanes: int = field(0, help="parallel decode+score threads (0: auto, one single-threaded lane per core up to 8 "
-                               "on a CPU, 2 on a GPU)")
+    lanes: int = field(0, help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "
+                               "lane per core up to 8, each single-threaded, or one lane using every core; 2 on a GPU)")
     device: str = field("auto", help="auto, cpu or cuda")
 
 
@@ -109,17 +110,67 @@ def _read_pair(root: Path, record: dict, num_classes: int) -> tuple[np.ndarray, 
     return image, mask
 
 
-def scoring_lanes(requested: int, device: torch.device) -> tuple[int, int]:
-    """(lanes, torch threads per lane). On a CPU, `lanes` single-threaded pipelines beat one pipeline
-    with a multi-threaded forward: a lane's decoding, loss and hand-off then run while the other lanes
-    compute, instead of stalling every thread of an OpenMP team at its barriers (on 2 cores the
-    multi-threaded forward plus a decoding process reached only 0.55 of the bare forward's speed).
-    On a GPU, two lanes: one decodes while the other's batch is on the device."""
+def scoring_lanes(requested: int, device: torch.device, probe=None) -> tuple[int, int, dict]:
+    """(lanes, torch threads per lane, probe figures).
+
+    Two ways to use a CPU's T threads: one lane whose forward uses all T (an OpenMP team), or T lanes
+    of one thread each. Lanes let one lane's decoding, loss and hand-off run while the others compute,
+    instead of stalling a whole team at its barriers; a team runs a large model's big ops faster.
+    Measured on 2 cores: a tiny segmenter at 96x128 filtered at 0.55 of its bare forward with a team
+    plus a decoding process and 0.75-0.83 with lanes, while segformer-b0 at 192x256 reached 0.96
+    with one team and 0.74 with lanes. So with `requested` 0 (auto) `probe(lanes, threads)` times
+    both on the first batch and returns the figures, with `use_lanes`. On a GPU: two lanes (one
+    decodes while the other's batch is on the device)."""
     threads = torch.get_num_threads()
     if device.type != "cpu":
-        return requested or 2, threads
-    lanes = requested or min(threads, MAX_AUTO_LANES)
-    return lanes, max(1, threads // lanes)
+        return requested or 2, threads, {}
+    if requested:
+        return requested, max(1, threads // requested), {}
+    lanes = min(threads, MAX_AUTO_LANES)
+    if lanes == 1 or probe is None:
+        return 1, threads, {}
+    figures = probe(lanes, threads)
+    return (lanes, max(1, threads // lanes), figures) if figures["use_lanes"] else (1, threads, figures)
+
+
+def probe_lanes(model, batch: list[tuple[np.ndarray, np.ndarray]], decode_seconds: float, lanes: int,
+                threads: int) -> dict:
+    """Time a few images both ways (after a warm-up of each, best of two) and pick the faster
+    pipeline: lanes hide most of the per-image side work (decode, loss, write: about twice the
+    decode time) behind each other, a team pays it in series."""
+    images = torch.from_numpy(np.stack([image for image, _ in batch])).permute(0, 3, 1, 2).float()
+
+    def team() -> float:
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model(images)
+        return (time.perf_counter() - started) / len(images)
+
+    def in_lanes() -> float:
+        torch.set_num_threads(max(1, threads // lanes))
+
+        def one():
+            with torch.inference_mode():
+                model(images)
+
+        workers = [threading.Thread(target=one) for _ in range(lanes)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return (time.perf_counter() - started) / (lanes * len(images))
+
+    try:
+        team(), in_lanes()  # warm-up: the first call at a new size or thread count builds kernels
+        rounds = [(team(), in_lanes()) for _ in range(2)]  # alternating; the best of each resists a noisy machine
+        team_s, lanes_s = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    finally:
+        torch.set_num_threads(threads)
+    side = 2 * decode_seconds / len(batch)
+    return {"use_lanes": lanes_s + side / lanes <= team_s + side, "team_ms_per_image": round(team_s * 1e3, 3),
+            "lanes_ms_per_image": round(lanes_s * 1e3, 3), "side_work_ms_per_image": round(side * 1e3, 3)}
 
 
 MAX_AUTO_LANES = 8  # beyond this, activations x lanes costs memory and the GIL costs more than it gains
@@ -178,9 +229,25 @@ def filter_synthetic(config: FilterConfig) -> dict:
     pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
 
     # 3. Stream: each lane decodes a batch, scores it and hands it to one writer thread.
-    lanes, threads_per_lane = scoring_lanes(config.lanes, info.device)
-    summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes}
-    started = time.time()
+    started = time.time()  # the probe counts: it is part of what filtering costs
+
+    def probe(lanes: int, threads: int) -> dict:
+        # The choice is kept in the set, so a resumed run scores with the same thread count (it
+        # changes float rounding, ~1e-7) and does not pay for the probe again.
+        choice_path, key = root / f"filter.lanes.rank{info.rank}.json", {"device": str(info.device), "threads": threads}
+        if choice_path.is_file() and (kept := read_json(choice_path)).get("key") == key:
+            return kept["figures"]
+        sample = pending[: config.batch_size]  # smaller batches misjudge: a tiny model's team looked 25 % faster at 2
+        started = time.perf_counter()
+        batch = [_read_pair(root, record, len(classes)) for record in sample]
+        figures = probe_lanes(model, batch, time.perf_counter() - started, lanes, threads)
+        atomic_write_json(choice_path, {"key": key, "figures": figures})
+        return figures
+
+    lanes, threads_per_lane, probed = scoring_lanes(config.lanes, info.device, probe if pending else None)
+    summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
+               "threads_per_lane": threads_per_lane, "lane_probe": probed,
+               "lane_probe_seconds": round(time.time() - started, 3)}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads_per_lane)  # process-wide; threads started below pick it up
     try:
