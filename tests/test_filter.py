@@ -12,7 +12,7 @@ from PIL import Image
 from segsynth.data import open_dataset
 from segsynth.data.toy import BUILDING, ROAD
 from segsynth.filter import (FilterConfig, _record, class_thresholds, filter_batch, filter_labels, filter_synthetic,
-                             ignored_by_class)
+                             ignored_by_class, probe_lanes, scoring_lanes)
 from segsynth.io import SegsynthError
 from segsynth.train import TrainConfig, train
 from synthetic_sets import write_synthetic_set
@@ -145,3 +145,74 @@ def test_filter_refuses_segmenter_of_other_classes(tmp_path, toy_segmenter):
     (root / "classes.json").write_text(json.dumps(info))
     with pytest.raises(SegsynthError, match="classes differ"):
         filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
+
+
+def test_scoring_lanes_split_the_threads(monkeypatch):
+    import segsynth.filter as filter_module
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    cpu = torch.device("cpu")
+    assert scoring_lanes(2, cpu)[:2] == (2, 4)  # asked for: no probe
+    assert scoring_lanes(3, cpu)[:2] == (3, 2)
+    assert scoring_lanes(0, torch.device("cuda"))[:2] == (2, 8)  # a GPU: two lanes, no probe
+    assert scoring_lanes(0, cpu, lambda lanes, threads: {"use_lanes": True})[:2] == (8, 1)
+    assert scoring_lanes(0, cpu, lambda lanes, threads: {"use_lanes": False})[:2] == (1, 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 32)
+    assert scoring_lanes(0, cpu, lambda lanes, threads: {"use_lanes": True})[:2] == (filter_module.MAX_AUTO_LANES, 4)
+
+
+def test_probe_weighs_side_work_that_lanes_overlap(monkeypatch):
+    """Lanes pay side work / lanes, a team pays it whole: a team 10 % faster at the bare forward
+    still loses when the side work is large."""
+    import segsynth.filter as filter_module
+
+    # seconds per model call: the warm-up (team, 2 lanes), then twice (team, 2 lanes); lanes share the clock
+    rounds = [0, 0, 0] + [0.010 * 8, 0.011 * 8, 0.011 * 8] * 2
+    timings = iter(rounds)
+
+    class FakeClock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            return cls.now
+
+    monkeypatch.setattr(filter_module.time, "perf_counter", FakeClock.perf_counter)
+
+    class Model(torch.nn.Module):
+        def forward(self, images):
+            FakeClock.now += next(timings)
+
+    batch = [(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))] * 8
+    heavy = probe_lanes(Model(), batch, decode_seconds=8 * 0.004, lanes=2, threads=2)
+    assert heavy["use_lanes"] and heavy["team_ms_per_image"] == 10.0 and heavy["lanes_ms_per_image"] == 11.0
+    timings = iter(rounds)
+    before = torch.get_num_threads()
+    light = probe_lanes(Model(), batch, decode_seconds=8 * 0.0005, lanes=2, threads=before + 1)
+    assert not light["use_lanes"]
+    assert torch.get_num_threads() == before  # the process's thread count is left as it was
+
+
+def test_filter_keeps_its_lane_choice_and_lanes_agree(tmp_path, toy_segmenter, monkeypatch):
+    import segsynth.filter as filter_module
+
+    dataset = open_dataset(TOY)
+    roots = {lanes: write_synthetic_set(tmp_path / f"syn{lanes}", dataset, split="val") for lanes in (0, 1, 2)}
+    summaries = {lanes: filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), lanes=lanes,
+                                                      batch_size=4, device="cpu")) for lanes, root in roots.items()}
+    assert summaries[1]["lanes"] == 1 and summaries[2]["lanes"] == 2
+    if torch.get_num_threads() > 1:  # auto: probed once, kept, and not probed again on resume
+        choice = json.loads((roots[0] / "filter.lanes.rank0.json").read_text())
+        assert summaries[0]["lane_probe"] == choice["figures"]
+        assert summaries[0]["lanes"] == (2 if choice["figures"]["use_lanes"] else 1)
+        for path in (roots[0] / "masks_filtered").iterdir():
+            path.unlink()
+        monkeypatch.setattr(filter_module, "probe_lanes", lambda *args: pytest.fail("probed again"))
+        resumed = filter_synthetic(FilterConfig(synthetic=str(roots[0]), segmenter=str(toy_segmenter), batch_size=4,
+                                                device="cpu"))
+        assert resumed["filtered_now"] == 24 and resumed["lane_probe"] == choice["figures"]
+    # Thread counts change float rounding (~1e-7), not decisions: the sets agree but for rare ties.
+    one, two = ({p.stem: np.asarray(Image.open(p)) for p in (roots[n] / "masks_filtered").glob("*.png")} for n in (1, 2))
+    assert one.keys() == two.keys()
+    differing = sum(int((one[k] != two[k]).sum()) for k in one)
+    assert differing <= 1e-4 * sum(v.size for v in one.values())

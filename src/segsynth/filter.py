@@ -162,12 +162,13 @@ def probe_lanes(model, batch: list[tuple[np.ndarray, np.ndarray]], decode_second
             worker.join()
         return (time.perf_counter() - started) / (lanes * len(images))
 
+    previous = torch.get_num_threads()
     try:
         team(), in_lanes()  # warm-up: the first call at a new size or thread count builds kernels
         rounds = [(team(), in_lanes()) for _ in range(2)]  # alternating; the best of each resists a noisy machine
         team_s, lanes_s = min(r[0] for r in rounds), min(r[1] for r in rounds)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     side = 2 * decode_seconds / len(batch)
     return {"use_lanes": lanes_s + side / lanes <= team_s + side, "team_ms_per_image": round(team_s * 1e3, 3),
             "lanes_ms_per_image": round(lanes_s * 1e3, 3), "side_work_ms_per_image": round(side * 1e3, 3)}
