@@ -15,7 +15,6 @@ segment: two runs of different length, the difference timed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess

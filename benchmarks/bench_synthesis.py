@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_filter import machine_info  # noqa: E402  (one machine record for every benchmark)
 
 
 def parse_args() -> argparse.Namespace:
@@ -188,7 +190,7 @@ def main() -> int:
 
     bare_ips, synth_ips = float(np.median(bare_runs)), float(np.median(synth_runs))
     result = {
-        "benchmark": "synthesize vs bare denoising loop",
+        "benchmark": "synthesis", "comparison": "synthesize vs bare denoising loop",
         "generator": args.generator, "size": [size, size], "batch": args.batch, "steps": args.steps,
         "images_per_run": args.images, "rounds": args.rounds, "masks": "toy scenes written as a folder: dataset (PNG on disk)",
         "bare_images_per_s": round(bare_ips, 3), "synthesize_images_per_s": round(synth_ips, 3),
@@ -196,9 +198,7 @@ def main() -> int:
         "bare_runs_images_per_s": [round(v, 3) for v in bare_runs],
         "synthesize_runs_images_per_s": [round(v, 3) for v in synth_runs],
         "synthesize_wall_s_including_startup": [round(v, 2) for v in walls],
-        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-        "machine": platform.machine(),
+        "settings": vars(args), "machine": machine_info(),
     }
     print(f"{'generator':12s} {'size':>7s} {'batch':>5s} {'steps':>5s} {'bare img/s':>10s} {'synth img/s':>11s} {'ratio':>6s}")
     print(f"{args.generator:12s} {size:>3d}x{size:<3d} {args.batch:>5d} {args.steps:>5d} {bare_ips:>10.2f} {synth_ips:>11.2f} "

@@ -1,0 +1,42 @@
+"""The benchmark scripts run and write their JSON (smoke runs at tiny sizes; no time is asserted).
+
+A renamed option or a moved function breaks `make bench` silently otherwise: these run each
+script as `make bench` does, as a subprocess, and check the figures are there and finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from fakes import PYTHON, REPO, subprocess_env
+
+SMOKE = {
+    "filter": (["--images", "16", "--size", "32x32", "--model", "segformer-tiny", "--batch", "4"],
+               ["filter_images_per_s", "bare_forward_images_per_s", "ratio", "lane_probe_seconds"]),
+    "train_input": (["--data", "toy:n=16,n_val=4,size=32x32", "--model", "segformer-tiny", "--iterations", "6",
+                     "--batch", "4", "--workers", "0"],
+                    ["pipeline_images_per_s", "bare_images_per_s", "ratio", "after_first_epoch_ratio"]),
+    "planning": (["--data", "toy:n=40,size=32"], []),
+    "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
+                   "--channels", "8,16,32"], ["ratio"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_benchmark_script_writes_its_figures(tmp_path, name):
+    arguments, figures = SMOKE[name]
+    out = tmp_path / f"bench_{name}.json"
+    done = subprocess.run([PYTHON, f"benchmarks/bench_{name}.py", *arguments, "--out", str(out)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    for key in figures:
+        assert isinstance(result[key], (int, float)) and math.isfinite(result[key]) and result[key] >= 0, key
+    if "ratio" in result:
+        assert result["ratio"] > 0
+    assert str(out) in done.stdout  # the table is printed, ending with where the JSON went
