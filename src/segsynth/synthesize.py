@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import field, save_config
+from segsynth.cpu import lower_this_thread_priority
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
 from segsynth.data.validate import quick_check
@@ -321,6 +322,7 @@ def render(generator: Generator, split: Split, dataset, samples: list[PlannedSam
     written = [0]
 
     def load() -> None:
+        lower_this_thread_priority()
         try:
             for batch in _batches(generator, split, dataset, samples, config.batch_size):
                 if not _put(prepared_batches, batch, stop):
@@ -332,6 +334,7 @@ def render(generator: Generator, split: Split, dataset, samples: list[PlannedSam
             _put(prepared_batches, _Stop(), stop)
 
     def write() -> None:
+        lower_this_thread_priority()
         try:
             while True:
                 item = finished_batches.get()
