@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--size", default="96x128")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default="segformer-small")
+    parser.add_argument("--rounds", type=int, default=4, help="filter runs, each followed by a bare run (medians)")
     parser.add_argument("--lanes", type=int, default=0, help="filter lanes (0: auto)")
     parser.add_argument("--out", default="results/bench_filter.json")
     args = parser.parse_args()
@@ -85,7 +86,7 @@ def main() -> int:
         # 2. Warm up both, then alternate bare / filter / bare so drift shows as spread, not bias.
         bare(), filtered()
         bare_runs, filter_runs = [bare()], []
-        for _ in range(2):
+        for _ in range(args.rounds):
             filter_runs.append(filtered())
             bare_runs.append(bare())
 
