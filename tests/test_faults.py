@@ -52,9 +52,10 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
     """Start `command`, SIGKILL it at a seeded random moment, check the output, repeat `kills` times.
 
     `pace` is (seconds to first progress, seconds in all) of an uninterrupted run. One kill in five
-    lands in start-up (0.3-1x the time to first progress); the others land mid-work, a uniform
-    0-1.5x of one kill's share of the work after the first progress, so that together the kills
-    walk through about 60 % of the run: mid-write, between writes, mid-checkpoint. Returns counts.
+    lands in start-up (0.3-1x the time to first progress); the others land mid-work: after this
+    run's own first progress, plus a uniform 0-1x of one kill's share of the remaining work, so
+    that together the kills walk through about half of the run (mid-write, between writes,
+    mid-checkpoint) however fast a resumed run starts. Returns counts.
     """
     rng = np.random.default_rng(seed)
     first, whole = pace
@@ -62,9 +63,11 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
     for _ in range(kills):
         share = max(whole - first, 0.1) / kills
         in_startup = rng.random() < 0.2
-        moment = float(rng.uniform(0.3 * first, first) if in_startup else first + rng.uniform(0, 1.5 * share))
+        moment = float(rng.uniform(0.3 * first, first) if in_startup else rng.uniform(0, share))
         before = progress()
         process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not in_startup and _wait(process, 10 * whole, until=lambda: progress() > before):
+            moment = 0.0  # it finished before making progress we could see
         if _wait(process, moment):
             assert process.returncode == 0, process.stderr.read().decode()[-3000:]
             process.stderr.close()
@@ -94,9 +97,10 @@ def run_timed(command: list[str], progress) -> tuple[float, float]:
     return (first if first is not None else whole), whole
 
 
-def _wait(process: subprocess.Popen, seconds: float) -> bool:
+def _wait(process: subprocess.Popen, seconds: float, until=lambda: False) -> bool:
+    """Wait `seconds`, or less when `until()` turns true; returns whether the process has exited."""
     deadline = time.time() + seconds
-    while time.time() < deadline:
+    while time.time() < deadline and not until():
         if process.poll() is not None:
             return True
         time.sleep(0.005)
