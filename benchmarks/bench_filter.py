@@ -7,7 +7,7 @@ and writing the filtered masks (in a writer thread). Target ratio >= 0.85.
 
     python benchmarks/bench_filter.py [--images 512 --size 96x128 --batch 8 --model segformer-small]
     python benchmarks/bench_filter.py --model segformer-b0 --size 192x256 --images 512 \
-        --out results/bench_filter_b0.json
+        --out results/bench_filter_b0_192x256.json
 """
 
 from __future__ import annotations

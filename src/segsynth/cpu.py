@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
+
+import torch
 
 
 def lower_this_thread_priority() -> None:
@@ -17,3 +20,15 @@ def lower_this_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
         pass
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run the block with `count` torch intra-op threads (process-wide: threads started inside
+    pick it up), then restore the caller's count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

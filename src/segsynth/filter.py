@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import field, save_config
+from segsynth.cpu import torch_threads
 from segsynth.data.base import read_image, read_raw_mask
 from segsynth.data.synthetic import MANIFEST, read_manifest, read_set_info
 from segsynth.distributed import barrier, init_distributed, shard
@@ -110,6 +111,9 @@ def _read_pair(root: Path, record: dict, num_classes: int) -> tuple[np.ndarray, 
     return image, mask
 
 
+MAX_AUTO_LANES = 8  # beyond this, activations x lanes costs memory and the GIL costs more than it gains
+
+
 def scoring_lanes(requested: int, device: torch.device, probe=None) -> tuple[int, int, dict]:
     """(lanes, torch threads per lane, probe figures).
 
@@ -140,41 +144,32 @@ def probe_lanes(model, batch: list[tuple[np.ndarray, np.ndarray]], decode_second
     decode time) behind each other, a team pays it in series."""
     images = torch.from_numpy(np.stack([image for image, _ in batch])).permute(0, 3, 1, 2).float()
 
-    def team() -> float:
-        torch.set_num_threads(threads)
-        started = time.perf_counter()
+    def forward():
         with torch.inference_mode():
             model(images)
-        return (time.perf_counter() - started) / len(images)
+
+    def team() -> float:
+        with torch_threads(threads):
+            started = time.perf_counter()
+            forward()
+            return (time.perf_counter() - started) / len(images)
 
     def in_lanes() -> float:
-        torch.set_num_threads(max(1, threads // lanes))
+        with torch_threads(max(1, threads // lanes)):
+            workers = [threading.Thread(target=forward) for _ in range(lanes)]
+            started = time.perf_counter()
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            return (time.perf_counter() - started) / (lanes * len(images))
 
-        def one():
-            with torch.inference_mode():
-                model(images)
-
-        workers = [threading.Thread(target=one) for _ in range(lanes)]
-        started = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        return (time.perf_counter() - started) / (lanes * len(images))
-
-    previous = torch.get_num_threads()
-    try:
-        team(), in_lanes()  # warm-up: the first call at a new size or thread count builds kernels
-        rounds = [(team(), in_lanes()) for _ in range(2)]  # alternating; the best of each resists a noisy machine
-        team_s, lanes_s = min(r[0] for r in rounds), min(r[1] for r in rounds)
-    finally:
-        torch.set_num_threads(previous)
+    team(), in_lanes()  # warm-up: the first call at a new size or thread count builds kernels
+    rounds = [(team(), in_lanes()) for _ in range(2)]  # alternating; the best of each resists a noisy machine
+    team_s, lanes_s = min(r[0] for r in rounds), min(r[1] for r in rounds)
     side = 2 * decode_seconds / len(batch)
     return {"use_lanes": lanes_s + side / lanes <= team_s + side, "team_ms_per_image": round(team_s * 1e3, 3),
             "lanes_ms_per_image": round(lanes_s * 1e3, 3), "side_work_ms_per_image": round(side * 1e3, 3)}
-
-
-MAX_AUTO_LANES = 8  # beyond this, activations x lanes costs memory and the GIL costs more than it gains
 
 
 def filter_synthetic(config: FilterConfig) -> dict:
@@ -249,12 +244,8 @@ def filter_synthetic(config: FilterConfig) -> dict:
     summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
                "threads_per_lane": threads_per_lane, "lane_probe": probed,
                "lane_probe_seconds": round(time.time() - started, 3)}
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads_per_lane)  # process-wide; threads started below pick it up
-    try:
+    with torch_threads(threads_per_lane):  # the lanes started inside pick it up
         _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path)
-    finally:
-        torch.set_num_threads(previous_threads)
     summary["seconds"] = round(time.time() - started, 2)
     barrier()
 
