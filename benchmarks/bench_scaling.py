@@ -46,7 +46,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # 1. Shared inputs: a tiny generator at the data's size and a plan with one image per mask.
-        from segsynth.generate.testing import save_tiny_builtin
+        from segsynth.generators.testing import save_tiny_builtin
         from segsynth.plan import PlanConfig, make_plan
 
         height, width = (int(v) for v in args.size.split("x"))

@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_builtin(folder: Path, data: str, args) -> str:
-    from segsynth.generate.testing import save_tiny_builtin
+    from segsynth.generators.testing import save_tiny_builtin
 
     channels = tuple(int(c) for c in args.channels.split(","))
     save_tiny_builtin(folder, data=data, iterations=1, size=(args.size, args.size), channels=channels,
@@ -60,7 +60,7 @@ def build_builtin(folder: Path, data: str, args) -> str:
 
 
 def build_controlnet(folder: Path) -> tuple[str, str]:
-    from segsynth.generate.testing import save_tiny_controlnet_models
+    from segsynth.generators.testing import save_tiny_controlnet_models
 
     base, controlnet = save_tiny_controlnet_models(folder)
     return f"controlnet:{base}", str(controlnet)
@@ -72,8 +72,8 @@ def build_controlnet(folder: Path) -> tuple[str, str]:
 @torch.no_grad()
 def bare_builtin_loop(generator, masks: list[np.ndarray], seeds: list[int], batch: int) -> float:
     """UNet2DModel + scheduler on prepared conditioning and noise; returns images/s."""
-    from segsynth.generate.builtin import encode_masks, PATCH
-    from segsynth.generate.base import initial_noise
+    from segsynth.generators.builtin import encode_masks, PATCH
+    from segsynth.generators.base import initial_noise
 
     height, width = generator.size
     conditions = [encode_masks(np.stack(masks[i: i + batch]), len(generator.classes)) for i in range(0, len(masks), batch)]
@@ -139,8 +139,8 @@ def main() -> int:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from segsynth.data import open_dataset
-    from segsynth.generate import GeneratorSettings, open_generator
-    from segsynth.generate.base import resize_mask
+    from segsynth.generators import GeneratorSettings, open_generator
+    from segsynth.generators.base import resize_mask
     from segsynth.plan import PlanConfig, make_plan
     from segsynth.synthesize import SynthesizeConfig, synthesize
     import diffusers

@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
 
 def resized_real_set(dataset, split_name: str, size, folder: Path) -> str:
     """The real split at the generator's working size (images: area/bicubic, masks: nearest) as a folder: dataset."""
-    from segsynth.generate.base import resize_mask
+    from segsynth.generators.base import resize_mask
     from segsynth.io import atomic_write_json, atomic_write_png
 
     split = dataset.split(split_name)
@@ -82,7 +82,7 @@ def main() -> int:
     args = parse_args()
     from segsynth.data import open_dataset
     from segsynth.evaluate import EvalConfig, evaluate
-    from segsynth.generate.builtin import GENERATOR_FILE
+    from segsynth.generators.builtin import GENERATOR_FILE
     from segsynth.plan import PlanConfig, make_plan
     from segsynth.synthesize import SynthesizeConfig, synthesize
 

@@ -56,7 +56,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     """A barely trained builtin generator for the toy classes."""
-    from segsynth.generate.testing import save_tiny_builtin
+    from segsynth.generators.testing import save_tiny_builtin
 
     return save_tiny_builtin(tmp_path_factory.mktemp("bad-input-generator") / "generator", data=TOY_SPEC)
 
@@ -564,6 +564,6 @@ def test_no_unsafe_loader_anywhere_in_the_package():
              if unsafe.search(line)]
     assert found == []
     loaders = {"models.py": "SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True)",
-               "generate/builtin.py": "use_safetensors=True", "config.py": "yaml.safe_load("}
+               "generators/builtin.py": "use_safetensors=True", "config.py": "yaml.safe_load("}
     for name, call in loaders.items():
         assert call in (SRC / name).read_text(), name

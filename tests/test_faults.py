@@ -30,7 +30,7 @@ from fakes import PYTHON, REPO, subprocess_env
 from segsynth.cli import main
 from segsynth.data import open_dataset
 from segsynth.filter import FilterConfig, filter_synthetic
-from segsynth.generate.testing import save_tiny_builtin
+from segsynth.generators.testing import save_tiny_builtin
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
 from segsynth.stats import StatsConfig, compute_class_stats

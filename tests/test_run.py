@@ -60,7 +60,7 @@ def test_shipped_toy_generator_renders_toy_masks(tmp_path):
     import numpy as np
 
     from segsynth.data import open_dataset
-    from segsynth.generate import open_generator
+    from segsynth.generators import open_generator
     from segsynth.run import shipped_toy_generator
 
     dataset = open_dataset("toy:n=4,n_val=2,size=64x80")

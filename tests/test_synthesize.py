@@ -20,8 +20,8 @@ from PIL import Image
 from fakes import subprocess_env
 from segsynth.data import open_dataset
 from segsynth.distributed import shard
-from segsynth.generate.base import resize_mask
-from segsynth.generate.testing import save_tiny_builtin
+from segsynth.generators.base import resize_mask
+from segsynth.generators.testing import save_tiny_builtin
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
 from segsynth.synthesize import SynthesizeConfig, synthesize
@@ -266,7 +266,7 @@ def test_output_folder_that_is_not_a_synthetic_set_is_refused(tmp_path, generato
 
 
 def test_generator_trained_on_other_classes_is_refused(tmp_path):
-    from segsynth.generate.testing import save_tiny_builtin
+    from segsynth.generators.testing import save_tiny_builtin
 
     folder = tmp_path / "gen"
     (tmp_path / "data" / "images").mkdir(parents=True)

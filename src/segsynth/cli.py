@@ -87,7 +87,7 @@ def cmd_synthesize(args) -> int:
 
 
 def cmd_train_generator(args) -> int:
-    from segsynth.generate.builtin import TrainGeneratorConfig, train_generator
+    from segsynth.generators.builtin import TrainGeneratorConfig, train_generator
 
     folder = train_generator(config_from_args(TrainGeneratorConfig, args))
     print(f"generator: {folder} (use it with --generator builtin:{folder})")
@@ -110,7 +110,7 @@ def cmd_run(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from segsynth.evaluate import EvalConfig
     from segsynth.filter import FilterConfig
-    from segsynth.generate.builtin import TrainGeneratorConfig
+    from segsynth.generators.builtin import TrainGeneratorConfig
     from segsynth.plan import PlanConfig
     from segsynth.run import RunConfig
     from segsynth.stats import StatsConfig

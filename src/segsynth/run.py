@@ -123,7 +123,7 @@ def resolve_run_config(values: dict) -> RunConfig:
 def run(config: RunConfig) -> dict:
     """Run the method end to end (resumable); returns the results dict also written to OUT/results.json."""
     from segsynth.filter import FilterConfig, filter_synthetic
-    from segsynth.generate.builtin import TrainGeneratorConfig, train_generator
+    from segsynth.generators.builtin import TrainGeneratorConfig, train_generator
     from segsynth.plan import PlanConfig, make_plan
     from segsynth.stats import StatsConfig, compute_class_stats
     from segsynth.synthesize import SynthesizeConfig, synthesize

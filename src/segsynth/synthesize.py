@@ -18,7 +18,7 @@ A manifest record, appended only after both of its files are in place:
 
 Guarantees, and how:
 * Deterministic: every sample's noise comes from its own seed (see
-  `segsynth.generate.base`), so batch size, batch composition and the number
+  `segsynth.generators.base`), so batch size, batch composition and the number
   of processes do not change its pixels.
 * Resumable and kill-safe: files are written under temporary names and
   renamed; the manifest line comes last. At start, rank 0 merges the
@@ -56,8 +56,8 @@ from segsynth.data import open_dataset
 from segsynth.data.base import Split
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
-from segsynth.generate import Generator, GeneratorSettings, open_generator
-from segsynth.generate.base import resize_mask
+from segsynth.generators import Generator, GeneratorSettings, open_generator
+from segsynth.generators.base import resize_mask
 from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text, read_json, read_jsonl
 from segsynth.plan import PlanEntry, read_plan
 

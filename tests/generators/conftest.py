@@ -14,13 +14,13 @@ TOY = "toy:n=12,n_val=4,size=32"
 
 @pytest.fixture(scope="session")
 def builtin_dir(tmp_path_factory):
-    from segsynth.generate.testing import save_tiny_builtin
+    from segsynth.generators.testing import save_tiny_builtin
 
     return save_tiny_builtin(tmp_path_factory.mktemp("builtin") / "generator", data=TOY)
 
 
 @pytest.fixture(scope="session")
 def controlnet_dirs(tmp_path_factory):
-    from segsynth.generate.testing import save_tiny_controlnet_models
+    from segsynth.generators.testing import save_tiny_controlnet_models
 
     return save_tiny_controlnet_models(tmp_path_factory.mktemp("sd"))

@@ -45,7 +45,7 @@ from segsynth import IGNORE_INDEX, __version__
 from segsynth.config import field, save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
-from segsynth.generate.base import (
+from segsynth.generators.base import (
     Generator,
     GeneratorSettings,
     Prepared,
@@ -53,7 +53,7 @@ from segsynth.generate.base import (
     initial_noise,
     resolve_device,
 )
-from segsynth.generate.schedulers import make_scheduler, scheduler_name
+from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
                          read_json)
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from segsynth import IGNORE_INDEX
 from segsynth.data import palettes
-from segsynth.generate.base import (
+from segsynth.generators.base import (
     Generator,
     GeneratorSettings,
     Prepared,
@@ -41,7 +41,7 @@ from segsynth.generate.base import (
     resolve_device,
     resolve_dtype,
 )
-from segsynth.generate.schedulers import make_scheduler, scheduler_name
+from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, read_json, read_jsonl
 
 # Dataset class names (normalised: lower case, '_' and '-' as spaces) -> ADE20K class name or an RGB colour,

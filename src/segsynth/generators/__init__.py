@@ -1,4 +1,4 @@
-"""Mask-to-image generators behind one small interface (see `segsynth.generate.base`).
+"""Mask-to-image generators behind one small interface (see `segsynth.generators.base`).
 
 A generator spec is 'NAME:ARGUMENT', as dataset specs are:
 
@@ -9,24 +9,24 @@ A generator spec is 'NAME:ARGUMENT', as dataset specs are:
 
 from __future__ import annotations
 
-from segsynth.generate.base import Generator, GeneratorSettings, Prepared
+from segsynth.generators.base import Generator, GeneratorSettings, Prepared
 from segsynth.io import SegsynthError
 
 
 def _builtin(argument: str, settings: GeneratorSettings) -> Generator:
-    from segsynth.generate.builtin import BuiltinGenerator
+    from segsynth.generators.builtin import BuiltinGenerator
 
     return BuiltinGenerator(argument, settings)
 
 
 def _controlnet(argument: str, settings: GeneratorSettings) -> Generator:
-    from segsynth.generate.controlnet import ControlNetGenerator
+    from segsynth.generators.controlnet import ControlNetGenerator
 
     return ControlNetGenerator(argument, settings, sdxl=False)
 
 
 def _controlnet_sdxl(argument: str, settings: GeneratorSettings) -> Generator:
-    from segsynth.generate.controlnet import ControlNetGenerator
+    from segsynth.generators.controlnet import ControlNetGenerator
 
     return ControlNetGenerator(argument, settings, sdxl=True)
 

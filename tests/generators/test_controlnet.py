@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from segsynth.data import open_dataset, palettes
-from segsynth.generate import GeneratorSettings, open_generator
-from segsynth.generate.controlnet import class_colours, class_prompt
+from segsynth.generators import GeneratorSettings, open_generator
+from segsynth.generators.controlnet import class_colours, class_prompt
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
 from segsynth.synthesize import SynthesizeConfig, synthesize
@@ -83,7 +83,7 @@ def test_every_scheduler_samples(controlnet_dirs, scheduler):
 
 
 def test_lcm_lora_switches_to_lcm_defaults_and_stays_deterministic(tmp_path, controlnet_dirs):
-    from segsynth.generate.testing import save_lcm_lora
+    from segsynth.generators.testing import save_lcm_lora
 
     lora = save_lcm_lora(controlnet_dirs[0], tmp_path / "lcm-lora")
     generator = open_tiny(controlnet_dirs, lcm_lora=str(lora), steps=None)
@@ -97,7 +97,7 @@ def test_lcm_lora_switches_to_lcm_defaults_and_stays_deterministic(tmp_path, con
 
 
 def test_sdxl_controlnet_generates(tmp_path):
-    from segsynth.generate.testing import save_tiny_controlnet_models
+    from segsynth.generators.testing import save_tiny_controlnet_models
 
     base, controlnet = save_tiny_controlnet_models(tmp_path, sdxl=True)
     generator = open_generator(f"controlnet-sdxl:{base}", GeneratorSettings(controlnet=str(controlnet), resolution=(32, 32), steps=2))

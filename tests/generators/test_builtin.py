@@ -11,8 +11,8 @@ from PIL import Image
 
 from segsynth.cli import main
 from segsynth.data import open_dataset
-from segsynth.generate import GENERATORS, GeneratorSettings, open_generator
-from segsynth.generate.builtin import PATCH, TrainGeneratorConfig, decode_images, encode_images, encode_masks, train_generator
+from segsynth.generators import GENERATORS, GeneratorSettings, open_generator
+from segsynth.generators.builtin import PATCH, TrainGeneratorConfig, decode_images, encode_images, encode_masks, train_generator
 from segsynth.io import SegsynthError
 
 TOY = "toy:n=12,n_val=4,size=32"
