@@ -40,8 +40,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from segsynth.data import open_dataset
-    from segsynth.filter import FilterConfig, filter_synthetic
-    from segsynth.train import TrainConfig, train
+    from segsynth.methods.freemask.filter import FilterConfig, filter_synthetic
+    from segsynth.training.loop import TrainConfig, train
     from synthetic_sets import write_synthetic_set
 
     spec = f"toy:n={args.images},n_val=8,size={args.size}"
@@ -52,8 +52,8 @@ def main() -> int:
                           workers=0, eval_split="", device="cpu"))
         dataset = open_dataset(spec)
         root = write_synthetic_set(tmp / "syn", dataset)
-        from segsynth.models import load_segmenter
-        from segsynth.stats import StatsConfig, compute_class_stats
+        from segsynth.segmenters import load_segmenter
+        from segsynth.methods.freemask.stats import StatsConfig, compute_class_stats
 
         compute_class_stats(StatsConfig(segmenter=str(tmp / "seg"), out=str(tmp / "stats.json"), device="cpu"))
         model, _ = load_segmenter(tmp / "seg" / "checkpoint")

@@ -30,8 +30,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from segsynth.data import open_dataset
-    from segsynth.plan import hardness_counts, mask_hardness
-    from segsynth.stats import load_class_stats
+    from segsynth.methods.freemask.hardness import hardness_counts, mask_hardness
+    from segsynth.formats.stats import load_class_stats
 
     dataset = open_dataset(args.data)
     split = dataset.split("train")

@@ -72,7 +72,7 @@ def build_controlnet(folder: Path) -> tuple[str, str]:
 @torch.no_grad()
 def bare_builtin_loop(generator, masks: list[np.ndarray], seeds: list[int], batch: int) -> float:
     """UNet2DModel + scheduler on prepared conditioning and noise; returns images/s."""
-    from segsynth.generators.builtin import encode_masks, PATCH
+    from segsynth.generators.builtin.model import PATCH, encode_masks
     from segsynth.generators.base import initial_noise
 
     height, width = generator.size
@@ -140,7 +140,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from segsynth.data import open_dataset
     from segsynth.generators import GeneratorSettings, open_generator
-    from segsynth.generators.base import resize_mask
+    from segsynth.generators.base import Request, resize_mask
     from segsynth.plan import PlanConfig, make_plan
     from segsynth.synthesize import SynthesizeConfig, synthesize
     import diffusers
@@ -166,7 +166,8 @@ def main() -> int:
 
         # 2. Inputs for the bare loop: the same masks, prompts and seeds synthesize will use.
         masks = [resize_mask(split.label(i), (size, size)) for i in range(args.images)]
-        prompts = [generator.prompt(split.ids[i], split.label(i), dataset.classes) for i in range(args.images)]
+        prompts = [generator.prompt(Request(f"{split.ids[i]}_s{i}", "mask", i, source=split.ids[i]), split.label(i), dataset.classes)
+                   for i in range(args.images)]
         seeds = list(range(args.images))
 
         def bare(count: int = args.images) -> float:

@@ -38,8 +38,8 @@ def main() -> int:
     from segsynth.data import open_dataset
     from segsynth.io import read_jsonl
     from segsynth.data.transforms import AugmentConfig
-    from segsynth.models import create_segmenter
-    from segsynth.train import SampleStream, Source, TrainConfig, train
+    from segsynth.segmenters import create_segmenter
+    from segsynth.training.loop import SampleStream, Source, TrainConfig, train
 
     dataset = open_dataset(args.data)
     with tempfile.TemporaryDirectory() as tmp:

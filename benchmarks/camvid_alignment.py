@@ -81,7 +81,7 @@ def grid_image(dataset, split_name: str, synthetic: Path, rows: int, size) -> Im
 def main() -> int:
     args = parse_args()
     from segsynth.data import open_dataset
-    from segsynth.evaluate import EvalConfig, evaluate
+    from segsynth.training.evaluate import EvalConfig, evaluate
     from segsynth.generators.builtin import GENERATOR_FILE
     from segsynth.plan import PlanConfig, make_plan
     from segsynth.synthesize import SynthesizeConfig, synthesize

@@ -48,8 +48,8 @@ def trained(tmp_path_factory):
 
     The model is captured from inside train() so a test can compare it with what load_segmenter reads back.
     """
-    import segsynth.train as train_module
-    from segsynth.train import TrainConfig, train
+    import segsynth.training.loop as train_module
+    from segsynth.training.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     created = []

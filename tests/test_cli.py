@@ -107,7 +107,7 @@ def test_evaluate_checkpoint_for_other_classes(trained, folder_root, capsys):
     assert main(["evaluate", "--checkpoint", str(out), "--data", f"folder:{folder_root}", "--device", "cpu"]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("segsynth evaluate: error: ")
-    assert "model has 9 classes but dataset" in captured.err and "has 3" in captured.err
+    assert "the segmenter has 9 classes" in captured.err and "has 3" in captured.err
     assert captured.out == ""
 
 

@@ -13,9 +13,9 @@ from segsynth.cli import build_parser
 from segsynth.config import (
     add_config_arguments, build_config, config_from_args, field, load_yaml, save_config, to_dict,
 )
-from segsynth.evaluate import EvalConfig
+from segsynth.training.evaluate import EvalConfig
 from segsynth.io import SegsynthError
-from segsynth.train import TrainConfig
+from segsynth.training.loop import TrainConfig
 
 
 @dataclass

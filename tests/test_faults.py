@@ -29,13 +29,13 @@ import segsynth.io
 from fakes import PYTHON, REPO, subprocess_env
 from segsynth.cli import main
 from segsynth.data import open_dataset
-from segsynth.filter import FilterConfig, filter_synthetic
+from segsynth.methods.freemask.filter import FilterConfig, filter_synthetic
 from segsynth.generators.testing import save_tiny_builtin
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
-from segsynth.stats import StatsConfig, compute_class_stats
+from segsynth.methods.freemask.stats import StatsConfig, compute_class_stats
 from segsynth.synthesize import SynthesizeConfig, synthesize
-from segsynth.train import TrainConfig, train
+from segsynth.training.loop import TrainConfig, train
 from synthetic_sets import assert_same_pixels, images, write_synthetic_set
 
 TOY = "toy:n=20,n_val=4,size=32"
@@ -350,12 +350,12 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     train(TrainConfig(**{**config, "iterations": 2}))
     before = (out / "checkpoint" / "model.safetensors").read_bytes()
 
-    import segsynth.train as train_module
+    import segsynth.formats.checkpoint as checkpoint_module
 
     def full_disk(*args, **kwargs):
         raise full_disk_error
 
-    monkeypatch.setattr(train_module, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
     code = main(["train", "--data", TOY, "--out", str(out), "--model", "segformer-tiny", "--iterations", "4",
                  "--batch-size", "2", "--warmup", "1", "--workers", "0", "--eval-split=", "--device", "cpu",
                  "--save-every", "2", "--resume"])

@@ -8,7 +8,8 @@ import pytest
 
 from segsynth.cli import main
 from segsynth.io import SegsynthError
-from segsynth.plan import PlanConfig, assign_seeds, make_plan, read_plan
+from segsynth.formats.plan import assign_seeds, read_plan
+from segsynth.plan import PlanConfig, make_plan
 
 TOY = "toy:n=12,n_val=4,size=32"
 

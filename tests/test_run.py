@@ -7,11 +7,13 @@ import json
 import pytest
 
 from segsynth.io import SegsynthError
-from segsynth.run import ARMS, resolve_run_config, run
+from segsynth.methods.freemask.method import ARMS
+from segsynth.run import resolve_run_config, run
 
-TINY_RUN = dict(data="toy:n=24,n_val=8,size=32x40", seeds=[0], generator="train", iterations=12, batch_size=4, warmup=2, workers=0,
-                uniform_k=1, generator_size=[32, 40], generator_channels=[32, 64], generator_iterations=30,
-                generator_minutes=0.0, generator_batch_size=8, steps=3, synth_batch_size=8, grids=3, device="cpu")
+TINY_RUN = dict(data="toy:n=24,n_val=8,size=32x40", seeds=[0], generator="train", images_per_mask=1, grids=3, device="cpu",
+                train=dict(iterations=12, batch_size=4, warmup=2, workers=0),
+                train_generator=dict(size=[32, 40], channels=[32, 64], iterations=30, max_minutes=0.0, batch_size=8),
+                synthesize=dict(steps=3, batch_size=8))
 
 
 def test_run_end_to_end_and_resume(tmp_path, capsys):
@@ -46,13 +48,39 @@ def test_run_end_to_end_and_resume(tmp_path, capsys):
 def test_presets_and_unknown_arm():
     quick = resolve_run_config({"preset": "quick"})
     assert quick.data.startswith("toy:") and quick.seeds == [0]
+    assert quick.train["iterations"] == 200 and quick.train["model"] == "segformer-tiny"  # preset over BASE
     camvid = resolve_run_config({"preset": "default", "data": "camvid:/somewhere"})
-    assert camvid.model == "segformer-small" and camvid.seeds == [0, 1]
-    assert resolve_run_config({"preset": "quick", "iterations": 7}).iterations == 7  # flags beat presets
+    assert camvid.train["model"] == "segformer-small" and camvid.seeds == [0, 1]
+    assert camvid.train_generator["size"] == [96, 128] and camvid.synthesize["steps"] == 20
+    # the user's keys beat presets, key by key inside a section
+    tuned = resolve_run_config({"preset": "quick", "train": {"iterations": 7}})
+    assert tuned.train["iterations"] == 7 and tuned.train["model"] == "segformer-tiny"
+    assert resolve_run_config({}).arms == list(ARMS)  # every arm of the default method, FreeMask
     with pytest.raises(SegsynthError, match="unknown arm"):
         resolve_run_config({"arms": ["real", "magic"]})
     with pytest.raises(SegsynthError, match="unknown preset"):
         resolve_run_config({"preset": "huge"})
+    with pytest.raises(SegsynthError, match="unknown method 'magic'; options: freemask"):
+        resolve_run_config({"method": "magic"})
+    with pytest.raises(SegsynthError, match=r"section 'train': unknown key\(s\) seed .*valid keys: .*iterations"):
+        resolve_run_config({"train": {"seed": 3}})  # the run sets seeds itself
+    with pytest.raises(SegsynthError, match=r"section 'synthesize': unknown key\(s\) stepz"):
+        resolve_run_config({"synthesize": {"stepz": 3}})
+
+
+def test_run_flags_fill_sections(tmp_path):
+    """`--train KEY=VALUE` adds to a YAML file's section; values are read as YAML."""
+    from segsynth.cli import build_parser
+    from segsynth.config import values_from_args
+    from segsynth.stage_configs import RunConfig
+
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: quick\ntrain: {model: segformer-tiny, iterations: 50}\n")
+    args = build_parser().parse_args(["run", "--config", str(config), "--train", "iterations=9",
+                                      "--train", "crop=[32, 40]", "--synthesize", "steps=4"])
+    resolved = resolve_run_config(values_from_args(RunConfig, args))
+    assert resolved.train == {**resolved.train, "model": "segformer-tiny", "iterations": 9, "crop": [32, 40]}
+    assert resolved.synthesize["steps"] == 4 and resolved.seeds == [0]
 
 
 def test_shipped_toy_generator_renders_toy_masks(tmp_path):
@@ -70,7 +98,7 @@ def test_shipped_toy_generator_renders_toy_masks(tmp_path):
     generator = open_generator(spec)
     generator.check_dataset(dataset.classes, dataset.palette)
     masks = [dataset.split("train").label(i) for i in range(2)]
-    images = generator.generate(masks, ["", ""], [0, 1])
+    images = generator.render_masks(masks, ["", ""], [0, 1])
     assert [image.shape for image in images] == [(64, 80, 3)] * 2
     assert all(image.dtype == np.uint8 and image.std() > 5 for image in images)
     assert shipped_toy_generator(open_dataset("toy:n=4,size=32").__class__(

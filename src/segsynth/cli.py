@@ -1,7 +1,10 @@
 """The `segsynth` command: one small function per verb, each a shim over its stage.
 
 Flags are generated from each stage's config dataclass, so the CLI, YAML
-configs and the Python API always accept the same keys.
+configs and the Python API always accept the same keys. The configs live in
+`segsynth.stage_configs`, which imports nothing heavy; a verb imports its stage
+(torch, transformers, diffusers) only when it runs, so `segsynth --help` and
+`segsynth VERB --help` answer at once.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import os
 import sys
 
 from segsynth import __version__
-from segsynth.config import add_config_arguments, config_from_args
+from segsynth.config import add_config_arguments, config_from_args, values_from_args
+from segsynth.stage_configs import (EvalConfig, FilterConfig, PlanConfig, RunConfig, StatsConfig, SynthesizeConfig,
+                                    TrainConfig, TrainGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -27,7 +32,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from segsynth.train import TrainConfig, train
+    from segsynth.training.loop import train
 
     checkpoint = train(config_from_args(TrainConfig, args))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -36,7 +41,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from segsynth.evaluate import EvalConfig, evaluate, format_metrics
+    from segsynth.training.evaluate import evaluate, format_metrics
 
     metrics = evaluate(config_from_args(EvalConfig, args))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -45,7 +50,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from segsynth.stats import StatsConfig, compute_class_stats
+    from segsynth.methods.freemask.stats import compute_class_stats
 
     stats = compute_class_stats(config_from_args(StatsConfig, args))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -55,7 +60,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_filter(args) -> int:
-    from segsynth.filter import FilterConfig, filter_synthetic
+    from segsynth.methods.freemask.filter import filter_synthetic
 
     summary = filter_synthetic(config_from_args(FilterConfig, args))
     if "mean_ignored_fraction" in summary:
@@ -67,9 +72,8 @@ def cmd_filter(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from segsynth.plan import PlanConfig, make_plan
-
-    from segsynth.plan import read_plan, summarize_plan
+    from segsynth.formats.plan import read_plan, summarize_plan
+    from segsynth.plan import make_plan
 
     path = make_plan(config_from_args(PlanConfig, args))
     print(summarize_plan(read_plan(path)))
@@ -78,7 +82,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
-    from segsynth.synthesize import SynthesizeConfig, format_summary, synthesize
+    from segsynth.synthesize import format_summary, synthesize
 
     summary = synthesize(config_from_args(SynthesizeConfig, args))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -87,7 +91,7 @@ def cmd_synthesize(args) -> int:
 
 
 def cmd_train_generator(args) -> int:
-    from segsynth.generators.builtin import TrainGeneratorConfig, train_generator
+    from segsynth.generators.builtin import train_generator
 
     folder = train_generator(config_from_args(TrainGeneratorConfig, args))
     print(f"generator: {folder} (use it with --generator builtin:{folder})")
@@ -95,40 +99,27 @@ def cmd_train_generator(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import dataclasses
+    from segsynth.run import resolve_run_config, run
 
-    from segsynth.config import load_yaml
-    from segsynth.run import RunConfig, resolve_run_config, run
-
-    values = load_yaml(args.config) if args.config else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                   if getattr(args, f.name, None) is not None})
-    run(resolve_run_config(values))
+    run(resolve_run_config(values_from_args(RunConfig, args)))
     return 0
 
 
+# verb -> (help, config dataclass whose fields become the flags, shim), in pipeline order.
+VERBS = {
+    "train": ("train a segmenter (recipes: real, synthetic, joint, pretrain-finetune, replace)", TrainConfig, cmd_train),
+    "evaluate": ("mIoU of a checkpoint on a dataset split", EvalConfig, cmd_evaluate),
+    "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
+    "plan": ("how many synthetic images per real mask, with their seeds (plan.jsonl)", PlanConfig, cmd_plan),
+    "train-generator": ("train the builtin mask-to-image diffusion model", TrainGeneratorConfig, cmd_train_generator),
+    "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
+    "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
+    "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data) + table",
+            RunConfig, cmd_run),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from segsynth.evaluate import EvalConfig
-    from segsynth.filter import FilterConfig
-    from segsynth.generators.builtin import TrainGeneratorConfig
-    from segsynth.plan import PlanConfig
-    from segsynth.run import RunConfig
-    from segsynth.stats import StatsConfig
-    from segsynth.synthesize import SynthesizeConfig
-    from segsynth.train import TrainConfig
-
-    # verb -> (help, config dataclass whose fields become the flags, shim), in pipeline order.
-    verbs_table = {
-        "train": ("train a segmenter (recipes: real, synthetic, joint, pretrain-finetune, replace)", TrainConfig, cmd_train),
-        "evaluate": ("mIoU of a checkpoint on a dataset split", EvalConfig, cmd_evaluate),
-        "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
-        "plan": ("how many synthetic images per real mask, with their seeds (plan.jsonl)", PlanConfig, cmd_plan),
-        "train-generator": ("train the builtin mask-to-image diffusion model", TrainGeneratorConfig, cmd_train_generator),
-        "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
-        "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
-        "run": ("the whole method on a dataset (default: the built-in toy data) + ablation table", RunConfig, cmd_run),
-    }
-
     parser = argparse.ArgumentParser(prog="segsynth", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -138,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, default=0, help="decode at most N samples per split (0: all)")
     check.set_defaults(run=cmd_check_data)
 
-    for verb, (help_text, config_class, shim) in verbs_table.items():
+    for verb, (help_text, config_class, shim) in VERBS.items():
         sub = verbs.add_parser(verb, help=help_text)
         add_config_arguments(sub, config_class)
         sub.set_defaults(run=shim)

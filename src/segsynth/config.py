@@ -8,6 +8,7 @@ and the keys that exist. The resolved config is saved beside every output.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -26,7 +27,7 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | Non
     if flag:
         metadata["flag"] = flag
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
@@ -83,14 +84,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if default not in (None, [], ""):
+        if default not in (None, [], "", {}):
             help_text += f" (default: {default})"
         if f.name in positional:
             parser.add_argument(f.name, help=help_text)
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         origin = typing.get_origin(kind)
-        if kind is bool:
+        if kind is dict or origin is dict:  # a section: another stage's config keys, KEY=VALUE
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="KEY=VALUE",
+                                help=help_text + " (repeatable)")
+        elif kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif origin in (list, typing.List):
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text + " (repeatable)")
@@ -99,14 +103,42 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    source = f"config file {args.config}" if getattr(args, "config", None) else "command line"
+    return build_config(cls, values_from_args(cls, args), source)
+
+
+def values_from_args(cls: type, args: argparse.Namespace) -> dict:
+    """The keys the user gave, from `--config FILE` and then flags (sections merged key by key)."""
     values: dict = load_yaml(args.config) if getattr(args, "config", None) else {}
     source = f"config file {args.config}" if getattr(args, "config", None) else "command line"
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for name in names:
         value = getattr(args, name, None)
-        if value is not None:
+        if value is None:
+            continue
+        if hints[name] is dict or typing.get_origin(hints[name]) is dict:  # flags add to the file's section
+            section = values.get(name) or {}
+            if not isinstance(section, dict):
+                raise SegsynthError(f"{source}: key {name!r} must be a mapping of keys to values")
+            values[name] = {**section, **parse_assignments(value, f"--{name.replace('_', '-')}")}
+        else:
             values[name] = value
-    return build_config(cls, values, source)
+    return values
+
+
+def parse_assignments(items: list[str], flag: str) -> dict:
+    """["iterations=600", "crop=[96,128]"] -> {"iterations": 600, "crop": [96, 128]} (values read as YAML)."""
+    parsed = {}
+    for item in items:
+        key, sign, text = item.partition("=")
+        if not sign or not key.strip():
+            raise SegsynthError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} iterations=600")
+        try:
+            parsed[key.strip().replace("-", "_")] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise SegsynthError(f"{flag} {item!r}: cannot read the value {text!r}") from None
+    return parsed
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
@@ -133,6 +165,10 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             return kind(value)
         if kind is Path:
             return Path(value)
+        if kind is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(key).replace("-", "_"): item for key, item in value.items()}
         if origin in (list, typing.List):
             items = value if isinstance(value, (list, tuple)) else [value]
             inner = arguments[0] if arguments else str

@@ -6,9 +6,11 @@ into place, so a kill at any moment leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -111,6 +113,41 @@ def atomic_write_png(path: str | os.PathLike, array: np.ndarray, palette: Iterab
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def staged_swap(folder: str | os.PathLike, names: Iterable[str], what: str = "output", hide_old: bool = True):
+    """Write several entries of `folder` (files or sub-folders named `names`) as one: yield a staging
+    folder beside them, then swap each entry in (the previous one kept as `.NAME.old` until its new one
+    is in place; with `hide_old=False` it is `NAME.old`, a name readers such as checkpoints' look
+    for after a kill between the two renames). A failure or a full disk while writing leaves the
+    previous entries untouched and no staging folder behind. Used by every writer of a multi-file output (checkpoints, generators)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{what}-", dir=folder))
+    os.chmod(staging, default_mode(directory=True))  # mkdtemp makes 0700; outputs should be shareable
+    try:
+        yield staging
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            raise disk_full_error(folder / what, error) from error
+        raise
+    for name in names:
+        old = folder / f"{'.' if hide_old else ''}{name}.old"
+        _remove_entry(old)
+        if (folder / name).exists():
+            os.replace(folder / name, old)
+        os.replace(staging / name, folder / name)
+        _remove_entry(old)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,20 +1,14 @@
 """`segsynth synthesize`: plan x generator -> a synthetic set that is itself a `folder:` dataset.
 
-Output folder:
+The plan lists requests (formats/plan.py); each is resolved into a condition
+(the mask it names, read from `--data` and resized to the generator's working
+size, and its prompt), and the generator returns a sample: image, label map,
+optional confidence map and extras (generators/base.py). The output folder is
+a synthetic set (formats/manifest.py); besides the samples it holds:
 
-    images/<mask>_s<seed>.png   the generated image, at the generator's working size
-    masks/<mask>_s<seed>.png    the conditioning mask at the image's size (nearest), palette PNG
-    manifest.jsonl              one record per finished sample (format below)
-    classes.json                class names and palette (what `folder:` reads)
     synthesis.json              what made the set: dataset, split, classes, generator identity, plan hash
     synthesize.config.yaml      the resolved config of the last run
     summary.json                the last run's counts and images/s
-
-A manifest record, appended only after both of its files are in place:
-
-    {"id": "<mask>_s<seed>", "source": "<mask>", "seed": 42, "image": "images/...png",
-     "mask": "masks/...png", "prompt": "...", "generator": {...}, "steps": 20,
-     "guidance": 2.0, "size": [h, w], "seconds": 0.31}
 
 Guarantees, and how:
 * Deterministic: every sample's noise comes from its own seed (see
@@ -31,7 +25,8 @@ Guarantees, and how:
   manifest.jsonl (in plan order) at the end, or at the next start after a kill.
 * Fast: a loader thread reads masks and prepares batches, a writer thread
   encodes PNGs and appends the manifest, and the main thread only runs the
-  model, so the pipeline's own work hides behind the denoising loop.
+  model (segsynth.pipeline), so the pipeline's own work hides behind the
+  denoising loop.
 """
 
 from __future__ import annotations
@@ -40,26 +35,26 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from segsynth import __version__
-from segsynth.config import field, save_config
-from segsynth.cpu import lower_this_thread_priority
+from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
+from segsynth.formats.manifest import merge_manifests, read_records, sample_record, write_set_info
+from segsynth.formats.plan import plan_requests, read_plan
 from segsynth.generators import Generator, GeneratorSettings, open_generator
-from segsynth.generators.base import resize_mask
-from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text, read_json, read_jsonl
-from segsynth.plan import PlanEntry, read_plan
+from segsynth.generators.base import Condition, GeneratedSample, Request, resize_mask
+from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, read_json
+from segsynth.pipeline import run_pipeline
+from segsynth.stage_configs import SynthesizeConfig
 
 MANIFEST = "manifest.jsonl"
 STATE = "synthesis.json"
@@ -67,42 +62,8 @@ FORMAT = "segsynth-synthetic-set/1"
 QUEUE_DEPTH = 2  # batches prepared ahead of the model, and batches waiting for the writer
 
 
-@dataclass
-class SynthesizeConfig:
-    data: str = field(help="real dataset spec the plan's masks come from, e.g. camvid:PATH")
-    plan: str = field(help="plan file (JSONL) from `segsynth plan`")
-    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE or controlnet-sdxl:BASE")
-    out: str = field(help="output folder (a folder: dataset); rerun with the same arguments to resume")
-    split: str = field("train", help="split the plan's mask ids belong to")
-    batch_size: int = field(4, help="masks per model call (does not change any sample's pixels)")
-    steps: int | None = field(None, help="denoising steps (default: the generator's own)")
-    guidance: float | None = field(None, help="classifier-free guidance scale (ControlNet; default 7.5, LCM 1.5)")
-    scheduler: str | None = field(None, help="dpm++, unipc, ddim, euler, or lcm (with --lcm-lora)")
-    negative_prompt: str = field("", help="negative prompt (ControlNet)")
-    controlnet: str | None = field(None, help="ControlNet hub id or folder, e.g. lllyasviel/control_v11p_sd15_seg")
-    controlnet_scale: float = field(1.0, help="ControlNet conditioning scale")
-    lcm_lora: str | None = field(None, help="LCM-LoRA hub id or folder: fuse it and sample with LCM in 4-8 steps")
-    colour_map: str = field("ade20k", help="mask colours for the ControlNet: ade20k, dataset, or a JSON file")
-    captions: str | None = field(None, help="per-mask captions (JSON {id: text} or JSONL) instead of class-name prompts")
-    resolution: list[int] = field([], help="ControlNet working size H,W (default: 512 short side; 1024 for SDXL)")
-    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
-    device: str = field("auto", help="auto, cpu or cuda")
-    progress: bool = field(True, help="show a progress bar")
-
-
-@dataclass(frozen=True)
-class PlannedSample:
-    source: str
-    seed: int
-    index: int  # position of the source mask in the split
-
-    @property
-    def id(self) -> str:
-        return f"{self.source}_s{self.seed}"
-
-
 def synthesize(config: SynthesizeConfig) -> dict:
-    """Render every planned sample not yet in `config.out`; returns the run summary."""
+    """Make every planned sample not yet in `config.out`; returns the run summary."""
     info = init_distributed(config.device)
     out = Path(config.out)
 
@@ -111,37 +72,38 @@ def synthesize(config: SynthesizeConfig) -> dict:
         raise SegsynthError(f"--batch-size must be >= 1, got {config.batch_size}")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    plan = read_plan(config.plan)
-    samples = planned_samples(plan, split, config.plan)
+    requests = plan_requests(read_plan(config.plan), config.plan)
+    check_sources(requests, split, config.plan)
     quick_check(dataset, [config.split])
     state = read_state(out)
-    finished = read_manifests(out)
-    check_same_plan(out, finished, samples, config.plan)
+    finished = read_records(out)
+    check_same_plan(out, finished, requests, config.plan)
 
-    # 2. The generator: its files, classes and per-mask inputs are checked as it opens, before any compute.
+    # 2. The generator: its files, classes and per-request inputs are checked as it opens, before any compute.
     generator = open_generator(config.generator, generator_settings(config, info.device))
+    check_request_kinds(generator, requests, config)
     generator.check_dataset(dataset.classes, dataset.palette)
-    generator.check_ids([entry.id for entry in plan])
+    generator.check_requests(requests)
     identity = generator.identity()
     check_same_generator(out, state, finished, identity, dataset.classes, config.split)
 
     # 3. Rank 0 locks the folder against a second run, makes it consistent (one manifest, no orphans)
     #    and records what makes this set.
+    order = {request.id: position for position, request in enumerate(requests)}
     with lock_output(out) if info.is_main else contextlib.nullcontext():  # released however this exits
         if info.is_main:
-            recover_output(out, samples)
-            atomic_write_json(out / "classes.json", {"classes": list(dataset.classes),
-                                                     "palette": [list(c) for c in dataset.palette], "ignore_index": 255})
+            merge_manifests(out, order)
+            write_set_info(out, dataset.classes, dataset.palette)
             atomic_write_json(out / STATE, {"format": FORMAT, "segsynth_version": __version__, "data": config.data,
                                             "split": config.split, "classes": list(dataset.classes), "generator": identity,
                                             "plan": str(config.plan), "plan_sha256": _sha256(config.plan),
-                                            "samples": len(samples)})
+                                            "samples": len(requests)})
             save_config(config, out / "synthesize.config.yaml")
         barrier()
 
-        # 4. This rank's share of the unfinished samples.
-        done_ids = set(read_manifests(out))
-        pending = [sample for sample in samples if sample.id not in done_ids]
+        # 4. This rank's share of the unfinished requests.
+        done_ids = set(read_records(out))
+        pending = [request for request in requests if request.id not in done_ids]
         mine = shard(pending, info.rank, info.world_size)
 
         # 5. Loader thread -> model (here) -> writer thread.
@@ -153,9 +115,9 @@ def synthesize(config: SynthesizeConfig) -> dict:
         # 6. Merge the rank manifests, then summarise over all ranks.
         barrier()
         if info.is_main and info.world_size > 1:
-            recover_output(out, samples)
+            merge_manifests(out, order)
         total = int(all_reduce_sum(torch.tensor([generated], dtype=torch.int64))[0])
-        summary = {"planned": len(samples), "already_done": len(samples) - len(pending), "generated": total,
+        summary = {"planned": len(requests), "already_done": len(requests) - len(pending), "generated": total,
                    "processes": info.world_size, "seconds": round(seconds, 2),
                    "images_per_s": round(total / seconds, 3) if seconds > 0 and total else 0.0}
         if info.is_main:
@@ -180,21 +142,20 @@ def generator_settings(config: SynthesizeConfig, device: torch.device) -> Genera
 # --- checks before compute -------------------------------------------------------------------
 
 
-def planned_samples(plan: list[PlanEntry], split: Split, plan_path: str) -> list[PlannedSample]:
-    """Plan entries -> samples in plan order; every mask id must exist and be usable as a file name."""
-    missing = [entry.id for entry in plan if not split.has(entry.id)]
+def check_sources(requests: list[Request], split: Split, plan_path: str) -> None:
+    """Every mask a request names must exist in the split it is rendered from."""
+    missing = sorted({r.source for r in requests if r.kind == "mask" and not split.has(r.source)})
     if missing:
         raise SegsynthError(f"{plan_path}: {len(missing)} mask id(s) are not in split {split.name!r}, e.g. "
                             f"{missing[:5]}; make the plan from this dataset and split (segsynth plan --split)")
-    unsafe = [entry.id for entry in plan if entry.id.startswith(".") or "/" in entry.id or "\\" in entry.id]
-    if unsafe:
-        raise SegsynthError(f"{plan_path}: mask id(s) {unsafe[:5]} cannot name files (leading '.', or a path separator)")
-    samples = [PlannedSample(entry.id, seed, split.index_of(entry.id)) for entry in plan for seed in entry.seeds]
-    ids = [sample.id for sample in samples]
-    if len(set(ids)) != len(ids):
-        clash = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise SegsynthError(f"{plan_path}: sample names collide ({clash}); mask ids ending in _s<N> clash with seeds")
-    return samples
+
+
+def check_request_kinds(generator: Generator, requests: list[Request], config: SynthesizeConfig) -> None:
+    kinds = sorted({request.kind for request in requests} - set(generator.request_kinds))
+    if kinds:
+        raise SegsynthError(f"{config.plan}: has {', '.join(kinds)} request(s), but generator {config.generator} "
+                            f"takes only {', '.join(generator.request_kinds)} requests; use a plan made for it or "
+                            "another generator")
 
 
 def read_state(out: Path) -> dict | None:
@@ -207,20 +168,9 @@ def read_state(out: Path) -> dict | None:
     return None
 
 
-def read_manifests(out: Path) -> dict[str, dict]:
-    """Finished records by id from manifest.jsonl and any rank manifests; a later record of an id adds to it
-    (as `segsynth.data.synthetic.read_manifest` reads them, so later stages' fields are kept)."""
-    records: dict[str, dict] = {}
-    for path in [out / MANIFEST] + sorted(out.glob("manifest.rank*.jsonl")):
-        for record in read_jsonl(path):
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
-                records[record["id"]] = {**records.get(record["id"], {}), **record}
-    return records
-
-
-def check_same_plan(out: Path, finished: dict[str, dict], samples: list[PlannedSample], plan_path: str) -> None:
+def check_same_plan(out: Path, finished: dict[str, dict], requests: list[Request], plan_path: str) -> None:
     """Finished samples must all belong to this plan: a folder never mixes two plans' samples."""
-    planned = {sample.id for sample in samples}
+    planned = {request.id for request in requests}
     foreign = [sample_id for sample_id in finished if sample_id not in planned]
     if foreign:
         raise SegsynthError(f"{out}: holds {len(foreign)} sample(s) of a different plan (e.g. {foreign[:3]}) that "
@@ -260,7 +210,7 @@ def _sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# --- recovery ------------------------------------------------------------------------------------
+# --- the pipeline ------------------------------------------------------------------------------------
 
 
 def lock_output(out: Path):
@@ -278,169 +228,92 @@ def lock_output(out: Path):
     return handle
 
 
-def recover_output(out: Path, samples: list[PlannedSample]) -> None:
-    """Merge manifests into one (plan order), drop records whose files are gone, delete every unrecorded file.
-
-    Order matters for kill-safety: the merged manifest is written (atomically)
-    before the rank manifests and files it supersedes are removed.
-    """
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    records = read_manifests(out)
-    complete = {sample_id: record for sample_id, record in records.items()
-                if (out / "images" / f"{sample_id}.png").is_file() and (out / "masks" / f"{sample_id}.png").is_file()}
-    order = {sample.id: position for position, sample in enumerate(samples)}
-    kept = sorted(complete.values(), key=lambda record: order.get(record["id"], len(order)))
-    text = "".join(json.dumps(record) + "\n" for record in kept)
-    atomic_write_text(out / MANIFEST, text)
-    for rank_manifest in out.glob("manifest.rank*.jsonl"):
-        rank_manifest.unlink(missing_ok=True)
-    for folder in ("images", "masks"):
-        for path in (out / folder).iterdir():
-            if path.is_file() and (path.name.startswith(".") or path.suffix != ".png" or path.stem not in complete):
-                path.unlink(missing_ok=True)
-
-
-# --- the pipeline ------------------------------------------------------------------------------------
-
-
-class _Stop:
-    """End-of-stream marker between the threads."""
-
-
-def render(generator: Generator, split: Split, dataset, samples: list[PlannedSample], config: SynthesizeConfig,
+def render(generator: Generator, split: Split, dataset, requests: list[Request], config: SynthesizeConfig,
            identity: dict, out: Path, manifest: Path, show: bool) -> int:
-    """Render `samples`; returns how many were written. Any thread's error stops all three and is raised here."""
-    if not samples:
+    """Make `requests`; returns how many samples were written. Any thread's error stops all three and is raised here."""
+    if not requests:
         return 0
-    prepared_batches: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    finished_batches: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    bar = tqdm(total=len(samples), desc="synthesize", unit="img", disable=not show, dynamic_ncols=True,
+    bar = tqdm(total=len(requests), desc="synthesize", unit="img", disable=not show, dynamic_ncols=True,
                mininterval=0.5, smoothing=0.1)
     written = [0]
+    fields = {"generator": identity, "steps": generator.steps, "guidance": generator.guidance}
 
-    def load() -> None:
-        lower_this_thread_priority()
-        try:
-            for batch in _batches(generator, split, dataset, samples, config.batch_size):
-                if not _put(prepared_batches, batch, stop):
-                    return
-        except BaseException as error:  # handed to the main thread
-            errors.append(error)
-            stop.set()
-        finally:
-            _put(prepared_batches, _Stop(), stop)
+    def run_model(batch: dict) -> dict:
+        started = time.time()
+        batch["samples"] = generator.run(batch["prepared"])
+        batch["seconds"] = (time.time() - started) / len(batch["samples"])
+        return batch
 
-    def write() -> None:
-        lower_this_thread_priority()
-        try:
-            while True:
-                item = finished_batches.get()
-                if isinstance(item, _Stop):
-                    return
-                _write_batch(item, out, manifest, dataset.palette)
-                written[0] += len(item["samples"])
-                bar.update(len(item["samples"]))
-        except BaseException as error:
-            errors.append(error)
-            stop.set()
+    def write(batch: dict) -> None:
+        _write_batch(batch, out, manifest, dataset.palette, fields, generator.uses_prompts)
+        written[0] += len(batch["samples"])
+        bar.update(len(batch["samples"]))
 
-    loader = threading.Thread(target=load, name="segsynth-loader", daemon=True)
-    writer = threading.Thread(target=write, name="segsynth-writer", daemon=True)
-    loader.start()
-    writer.start()
     try:
-        while True:
-            batch = _get(prepared_batches, stop)
-            if isinstance(batch, _Stop):
-                break
-            started = time.time()
-            images = generator.run(batch["prepared"])
-            batch["images"] = images
-            batch["seconds"] = (time.time() - started) / len(images)
-            batch["identity"], batch["steps"], batch["guidance"] = identity, generator.steps, generator.guidance
-            batch["uses_prompts"] = generator.uses_prompts
-            if not _put(finished_batches, batch, stop):
-                break
+        run_pipeline(_batches(generator, split, dataset, requests, config.batch_size), run_model, write,
+                     depth=QUEUE_DEPTH, low_priority_helpers=True)
     finally:
-        stop_writer = _Stop()
-        while writer.is_alive():  # hand the writer its stop marker even if its queue is full
-            try:
-                finished_batches.put(stop_writer, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        writer.join()
-        stop.set()
-        loader.join(timeout=5)
         bar.close()
-    if errors:
-        raise errors[0]
     return written[0]
 
 
-def _put(target: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put unless the pipeline is stopping (so no thread blocks forever on a full queue)."""
-    while not stop.is_set():
-        try:
-            target.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _get(source: queue.Queue, stop: threading.Event):
-    """Get the next item, or a stop marker once the pipeline is stopping."""
-    while not stop.is_set():
-        try:
-            return source.get(timeout=0.1)
-        except queue.Empty:
-            continue
-    return _Stop()
-
-
-def _batches(generator: Generator, split: Split, dataset, samples: list[PlannedSample], batch_size: int):
-    """Prepared batches of up to `batch_size` samples of one working size, in plan order within each size."""
-    buckets: dict[tuple[int, int], list] = {}
-    mask_cache: dict[int, tuple] = {}  # consecutive seeds of one mask share its read and prompt
-    for sample in samples:
-        if sample.index not in mask_cache:
-            mask_cache.clear()
-            label = split.label(sample.index)
-            size = generator.working_size(label.shape)
-            mask_cache[sample.index] = (size, resize_mask(label, size), generator.prompt(sample.source, label, dataset.classes))
-        size, mask, prompt = mask_cache[sample.index]
+def _batches(generator: Generator, split: Split, dataset, requests: list[Request], batch_size: int):
+    """Prepared batches of up to `batch_size` requests of one working size, in plan order within each size."""
+    buckets: dict[tuple[int, int], list[Condition]] = {}
+    mask_cache: dict[str, tuple] = {}  # consecutive seeds of one mask share its read and prompt
+    for request in requests:
+        if request.kind == "mask":
+            if request.source not in mask_cache:
+                mask_cache.clear()
+                label = split.label(split.index_of(request.source))
+                size = generator.working_size(label.shape)
+                mask_cache[request.source] = (size, resize_mask(label, size), generator.prompt(request, label, dataset.classes))
+            size, mask, prompt = mask_cache[request.source]
+        else:
+            size, mask, prompt = generator.working_size(None), None, generator.prompt(request, None, dataset.classes)
         bucket = buckets.setdefault(size, [])
-        bucket.append((sample, mask, prompt))
+        bucket.append(Condition(request, mask, prompt))
         if len(bucket) == batch_size:
             yield _prepare(generator, buckets.pop(size))
     for bucket in buckets.values():
         yield _prepare(generator, bucket)
 
 
-def _prepare(generator: Generator, bucket: list) -> dict:
-    samples, masks, prompts = zip(*bucket)
-    prepared = generator.prepare(list(masks), list(prompts), [sample.seed for sample in samples])
-    return {"samples": list(samples), "masks": list(masks), "prompts": list(prompts), "prepared": prepared}
+def _prepare(generator: Generator, conditions: list[Condition]) -> dict:
+    return {"conditions": conditions, "prepared": generator.prepare(conditions)}
 
 
-def _write_batch(batch: dict, out: Path, manifest: Path, palette) -> None:
-    """Both files of every sample (temp + rename), then the batch's manifest lines in one fsync'd append."""
+def _write_batch(batch: dict, out: Path, manifest: Path, palette, fields: dict, uses_prompts: bool) -> None:
+    """Every file of every sample (temp + rename), then the batch's manifest lines in one fsync'd append."""
     lines = []
-    for sample, mask, prompt, image in zip(batch["samples"], batch["masks"], batch["prompts"], batch["images"]):
-        name = f"{sample.id}.png"
-        mask = resize_mask(mask, image.shape[:2])
-        atomic_write_png(out / "images" / name, image)
-        atomic_write_png(out / "masks" / name, mask, palette)
-        record = {"id": sample.id, "source": sample.source, "seed": sample.seed, "image": f"images/{name}",
-                  "mask": f"masks/{name}", "prompt": prompt if batch["uses_prompts"] else None,
-                  "generator": batch["identity"], "steps": batch["steps"], "guidance": batch["guidance"],
-                  "size": list(image.shape[:2]), "seconds": round(batch["seconds"], 4)}
+    for condition, sample in zip(batch["conditions"], batch["samples"]):
+        request = condition.request
+        files = _write_sample(out, request.id, sample, palette)
+        record = sample_record(request.id, files, kind=request.kind, source=request.source, seed=request.seed,
+                               prompt=condition.prompt if uses_prompts else None, **fields,
+                               size=list(sample.image.shape[:2]), seconds=round(batch["seconds"], 4))
+        if sample.meta:
+            record["meta"] = sample.meta
         lines.append(json.dumps(record) + "\n")
     append_text(manifest, "".join(lines))
+
+
+def _write_sample(out: Path, sample_id: str, sample: GeneratedSample, palette) -> dict:
+    """A sample's files; returns their paths relative to the set (the manifest's "image", "mask", ...)."""
+    name = f"{sample_id}.png"
+    label = sample.label if sample.label.shape == sample.image.shape[:2] else resize_mask(sample.label, sample.image.shape[:2])
+    files: dict = {"image": f"images/{name}", "mask": f"masks/{name}"}
+    atomic_write_png(out / files["image"], sample.image)
+    atomic_write_png(out / files["mask"], label, palette)
+    if sample.weight is not None:
+        files["weight"] = f"weights/{name}"
+        atomic_write_png(out / files["weight"], np.round(np.clip(sample.weight, 0.0, 1.0) * 255).astype(np.uint8))
+    if sample.extras:
+        files["extras"] = {}
+        for extra, picture in sample.extras.items():
+            files["extras"][extra] = f"extras/{extra}/{name}"
+            atomic_write_png(out / files["extras"][extra], picture)
+    return files
 
 
 def format_summary(summary: dict) -> str:

@@ -12,7 +12,9 @@ from PIL import Image
 from segsynth.cli import main
 from segsynth.data import open_dataset
 from segsynth.generators import GENERATORS, GeneratorSettings, open_generator
-from segsynth.generators.builtin import PATCH, TrainGeneratorConfig, decode_images, encode_images, encode_masks, train_generator
+from segsynth.generators.builtin import train_generator
+from segsynth.generators.builtin.model import PATCH, decode_images, encode_images, encode_masks
+from segsynth.stage_configs import TrainGeneratorConfig
 from segsynth.io import SegsynthError
 
 TOY = "toy:n=12,n_val=4,size=32"
@@ -50,8 +52,8 @@ def test_builtin_pixels_do_not_depend_on_the_batch(builtin_dir):
     generator = open_generator(f"builtin:{builtin_dir}")
     split = open_dataset(TOY).split("train")
     masks = [split.label(i) for i in range(3)]
-    together = generator.generate(masks, [""] * 3, [10, 11, 12])
-    alone = [generator.generate([m], [""], [s])[0] for m, s in zip(masks, [10, 11, 12])]
+    together = generator.render_masks(masks, [""] * 3, [10, 11, 12])
+    alone = [generator.render_masks([m], [""], [s])[0] for m, s in zip(masks, [10, 11, 12])]
     assert max(np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(together, alone)) <= 1.0
     assert together[0].shape == (32, 32, 3) and together[0].dtype == np.uint8
 
@@ -59,7 +61,7 @@ def test_builtin_pixels_do_not_depend_on_the_batch(builtin_dir):
 @pytest.mark.parametrize("scheduler", ["dpm++", "unipc", "ddim", "euler"])
 def test_builtin_samples_with_each_ode_scheduler(builtin_dir, scheduler):
     generator = open_generator(f"builtin:{builtin_dir}", GeneratorSettings(scheduler=scheduler, steps=3))
-    assert generator.generate([np.zeros((32, 32), np.uint8)], [""], [0])[0].shape == (32, 32, 3)
+    assert generator.render_masks([np.zeros((32, 32), np.uint8)], [""], [0])[0].shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -116,7 +118,7 @@ def test_samples_follow_the_mask_after_brief_training(tmp_path):
     generator = open_generator(f"builtin:{folder}", GeneratorSettings(steps=10))
     mask = np.zeros((32, 32), np.uint8)
     mask[:, 16:] = 1  # left half red, right half blue: a layout never seen in training
-    image = generator.generate([mask], [""], [123])[0].astype(float)
+    image = generator.render_masks([mask], [""], [123])[0].astype(float)
     left, right = image[:, :16], image[:, 16:]
     assert left[..., 0].mean() - left[..., 2].mean() > 60  # red where the mask says red
     assert right[..., 2].mean() - right[..., 0].mean() > 60  # blue where it says blue

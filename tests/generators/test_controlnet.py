@@ -10,6 +10,7 @@ from PIL import Image
 
 from segsynth.data import open_dataset, palettes
 from segsynth.generators import GeneratorSettings, open_generator
+from segsynth.generators.base import Request
 from segsynth.generators.controlnet import class_colours, class_prompt
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
@@ -67,9 +68,9 @@ def test_synthesize_with_sd_controlnet_prompts_with_present_class_names(tmp_path
 def test_controlnet_pixels_do_not_depend_on_the_batch(controlnet_dirs):
     generator = open_tiny(controlnet_dirs)
     masks = toy_masks(3)
-    prompts = [generator.prompt("x", m, open_dataset(TOY).classes) for m in masks]
-    together = generator.generate(masks, prompts, [5, 6, 7])
-    alone = [generator.generate([m], [p], [s])[0] for m, p, s in zip(masks, prompts, [5, 6, 7])]
+    prompts = [generator.prompt(Request("x_s0", "mask", 0, source="x"), m, open_dataset(TOY).classes) for m in masks]
+    together = generator.render_masks(masks, prompts, [5, 6, 7])
+    alone = [generator.render_masks([m], [p], [s])[0] for m, p, s in zip(masks, prompts, [5, 6, 7])]
     assert same_pixels(together, alone)
     assert together[0].shape == (32, 32, 3) and together[0].dtype == np.uint8
 
@@ -78,7 +79,7 @@ def test_controlnet_pixels_do_not_depend_on_the_batch(controlnet_dirs):
 def test_every_scheduler_samples(controlnet_dirs, scheduler):
     generator = open_tiny(controlnet_dirs, scheduler=scheduler)
     assert generator.identity()["scheduler"] == scheduler
-    images = generator.generate(toy_masks(1), ["sky"], [0])
+    images = generator.render_masks(toy_masks(1), ["sky"], [0])
     assert images[0].shape == (32, 32, 3)
 
 
@@ -91,8 +92,8 @@ def test_lcm_lora_switches_to_lcm_defaults_and_stays_deterministic(tmp_path, con
     assert (identity["scheduler"], identity["steps"], identity["guidance"]) == ("lcm", 6, 1.5)
     assert identity["lcm_lora"]["fingerprint"]
     masks = toy_masks(2)
-    together = generator.generate(masks, ["sky", "road"], [1, 2])
-    alone = [generator.generate([m], [p], [s])[0] for m, p, s in zip(masks, ["sky", "road"], [1, 2])]
+    together = generator.render_masks(masks, ["sky", "road"], [1, 2])
+    alone = [generator.render_masks([m], [p], [s])[0] for m, p, s in zip(masks, ["sky", "road"], [1, 2])]
     assert same_pixels(together, alone)
 
 
@@ -104,8 +105,8 @@ def test_sdxl_controlnet_generates(tmp_path):
     dataset = open_dataset(TOY)
     generator.check_dataset(dataset.classes, dataset.palette)
     masks = toy_masks(2)
-    together = generator.generate(masks, ["sky", "road"], [3, 4])
-    alone = [generator.generate([m], [p], [s])[0] for m, p, s in zip(masks, ["sky", "road"], [3, 4])]
+    together = generator.render_masks(masks, ["sky", "road"], [3, 4])
+    alone = [generator.render_masks([m], [p], [s])[0] for m, p, s in zip(masks, ["sky", "road"], [3, 4])]
     assert same_pixels(together, alone)
     assert generator.identity()["name"] == "controlnet-sdxl"
 
@@ -175,9 +176,14 @@ def test_captions_file_gives_the_prompts_and_must_cover_the_plan(tmp_path, contr
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"id": "toy_train_00000", "caption": "a rainy street"}\n')
     generator = open_tiny(controlnet_dirs, captions=str(captions))
-    assert generator.prompt("toy_train_00000", toy_masks(1)[0], open_dataset(TOY).classes) == "a rainy street"
+    request = Request("toy_train_00000_s0", "mask", 0, source="toy_train_00000")
+    assert generator.prompt(request, toy_masks(1)[0], open_dataset(TOY).classes) == "a rainy street"
     with pytest.raises(SegsynthError, match="no caption for 1 mask"):
-        generator.check_ids(["toy_train_00000", "toy_train_00001"])
+        generator.check_requests([request, Request("toy_train_00001_s0", "mask", 0, source="toy_train_00001")])
+    # a caption the plan carries wins over the file
+    planned = Request("toy_train_00001_s0", "mask", 0, source="toy_train_00001", prompt="a sunny road")
+    generator.check_requests([planned])
+    assert generator.prompt(planned, toy_masks(1)[0], open_dataset(TOY).classes) == "a sunny road"
 
 
 # --- bad settings and folders ---------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class Pair:
     id: str
     image: Path
     mask: Path | None
+    weight: Path | None = None  # optional 8-bit per-pixel weight (value / 255), synthetic sets only
 
 
 @dataclass
@@ -138,6 +139,19 @@ def read_raw_mask(path: Path) -> np.ndarray:
     return array
 
 
+def read_weight(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A per-pixel weight map stored as an 8-bit PNG (value / 255), checked against its mask's size."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise SegsynthError(f"{path}: cannot read weight map ({error}); replace the file or regenerate the set") from None
+    if array.shape != tuple(shape):
+        raise SegsynthError(f"{path}: weight map is {array.shape[1]}x{array.shape[0]} but its mask is "
+                            f"{shape[1]}x{shape[0]} (WxH); regenerate the set")
+    return array
+
+
 def apply_label_table(raw: np.ndarray, table: np.ndarray, path: Path, classes: Sequence[str]) -> np.ndarray:
     label = table[raw]
     if label.min() == INVALID:
@@ -163,7 +177,8 @@ def file_split(name: str, pairs: list[Pair], table: np.ndarray, classes: Sequenc
                 f"{pair.mask}: mask is {label.shape[1]}x{label.shape[0]} but its image {pair.image} is "
                 f"{image.shape[1]}x{image.shape[0]} (WxH); masks must match their images"
             )
-        return Sample(pair.id, image, label)
+        weight = read_weight(pair.weight, label.shape) if pair.weight is not None else None
+        return Sample(pair.id, image, label, weight)
 
     def load_label(index: int) -> np.ndarray:
         pair = pairs[index]

@@ -32,9 +32,11 @@ from PIL import Image
 from segsynth import IGNORE_INDEX
 from segsynth.data import palettes
 from segsynth.generators.base import (
-    Generator,
+    Condition,
     GeneratorSettings,
+    MaskToImageGenerator,
     Prepared,
+    Request,
     canonical_json,
     file_fingerprint,
     model_source,
@@ -154,7 +156,7 @@ def _check_model_location(name: str, what: str, required: Sequence[Sequence[str]
         raise SegsynthError(f"{what} {name}: not a diffusers folder, missing {', '.join(missing)}")
 
 
-class ControlNetGenerator(Generator):
+class ControlNetGenerator(MaskToImageGenerator):
     """Stable Diffusion (or SDXL) + ControlNet through diffusers' pipelines."""
 
     uses_prompts = True
@@ -219,14 +221,14 @@ class ControlNetGenerator(Generator):
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
         self.colour_table = class_colours(classes, palette, self.settings.colour_map)
 
-    def check_ids(self, ids: Sequence[str]) -> None:
+    def check_requests(self, requests: Sequence[Request]) -> None:
         if self.captions is not None:
-            missing = [i for i in ids if i not in self.captions]
+            missing = sorted({r.source for r in requests if not r.prompt and r.source not in self.captions})
             if missing:
                 raise SegsynthError(f"captions file {self.settings.captions} has no caption for {len(missing)} "
                                     f"mask(s), e.g. {missing[:5]}")
 
-    def working_size(self, mask_shape: tuple[int, int]) -> tuple[int, int]:
+    def working_size(self, mask_shape: tuple[int, int] | None) -> tuple[int, int]:
         """--resolution if given; else the short side at 512 (SDXL: 1024), aspect kept, rounded to the size multiple."""
         if self.resolution:
             return self.resolution
@@ -235,9 +237,12 @@ class ControlNetGenerator(Generator):
         return (max(self.size_multiple, int(round(height * scale / self.size_multiple)) * self.size_multiple),
                 max(self.size_multiple, int(round(width * scale / self.size_multiple)) * self.size_multiple))
 
-    def prompt(self, mask_id: str, mask: np.ndarray, classes: Sequence[str]) -> str:
+    def prompt(self, request: Request, mask: np.ndarray | None, classes: Sequence[str]) -> str:
+        """The plan's caption, else the captions file's, else the classes present (FreestyleNet / FreeMask)."""
+        if request.prompt:
+            return request.prompt
         if self.captions is not None:
-            return self.captions[mask_id]
+            return self.captions[request.source]
         return class_prompt(mask, classes)
 
     def colourise(self, mask: np.ndarray) -> np.ndarray:
@@ -245,12 +250,13 @@ class ControlNetGenerator(Generator):
             raise SegsynthError("call check_dataset(classes, palette) before generating: the colour map depends on the classes")
         return self.colour_table[mask]
 
-    def prepare(self, masks: list[np.ndarray], prompts: list[str], seeds: list[int]) -> Prepared:
-        controls = [Image.fromarray(self.colourise(mask)) for mask in masks]
-        return Prepared(tuple(masks[0].shape), list(prompts), list(seeds), {"control": controls})
+    def prepare(self, conditions: list[Condition]) -> Prepared:
+        controls = [Image.fromarray(self.colourise(condition.mask)) for condition in conditions]
+        return Prepared(tuple(conditions[0].mask.shape), [c.prompt for c in conditions],
+                        [c.request.seed for c in conditions], {"control": controls}, conditions)
 
     @torch.no_grad()
-    def run(self, prepared: Prepared) -> list[np.ndarray]:
+    def render(self, prepared: Prepared) -> list[np.ndarray]:
         height, width = prepared.size
         # One CPU generator per sample draws its initial latents here and, for LCM, its later noise in the
         # pipeline: a sample's randomness never depends on its batch or on the device.

@@ -11,10 +11,10 @@ from PIL import Image
 
 from segsynth.data import open_dataset
 from segsynth.data.toy import BUILDING, ROAD
-from segsynth.filter import (FilterConfig, _record, class_thresholds, filter_batch, filter_labels, filter_synthetic,
+from segsynth.methods.freemask.filter import (FilterConfig, _record, class_thresholds, filter_batch, filter_labels, filter_synthetic,
                              ignored_by_class, probe_lanes, scoring_lanes)
 from segsynth.io import SegsynthError
-from segsynth.train import TrainConfig, train
+from segsynth.training.loop import TrainConfig, train
 from synthetic_sets import write_synthetic_set
 
 TOY = "toy:n=160,n_val=24,size=48x64"
@@ -143,12 +143,12 @@ def test_filter_refuses_segmenter_of_other_classes(tmp_path, toy_segmenter):
     info = json.loads((root / "classes.json").read_text())
     info["classes"] = info["classes"][:-1]
     (root / "classes.json").write_text(json.dumps(info))
-    with pytest.raises(SegsynthError, match="classes differ"):
+    with pytest.raises(SegsynthError, match="the segmenter has 9 classes .* but .*classes.json has"):
         filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
 
 
 def test_scoring_lanes_split_the_threads(monkeypatch):
-    import segsynth.filter as filter_module
+    import segsynth.methods.freemask.filter as filter_module
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     cpu = torch.device("cpu")
@@ -164,7 +164,7 @@ def test_scoring_lanes_split_the_threads(monkeypatch):
 def test_probe_weighs_side_work_that_lanes_overlap(monkeypatch):
     """Lanes pay side work / lanes, a team pays it whole: a team 10 % faster at the bare forward
     still loses when the side work is large."""
-    import segsynth.filter as filter_module
+    import segsynth.methods.freemask.filter as filter_module
 
     # seconds per model call: the warm-up (team, 2 lanes), then twice (team, 2 lanes); lanes share the clock
     rounds = [0, 0, 0] + [0.010 * 8, 0.011 * 8, 0.011 * 8] * 2
@@ -194,7 +194,7 @@ def test_probe_weighs_side_work_that_lanes_overlap(monkeypatch):
 
 
 def test_filter_keeps_its_lane_choice_and_lanes_agree(tmp_path, toy_segmenter, monkeypatch):
-    import segsynth.filter as filter_module
+    import segsynth.methods.freemask.filter as filter_module
 
     dataset = open_dataset(TOY)
     roots = {lanes: write_synthetic_set(tmp_path / f"syn{lanes}", dataset, split="val") for lanes in (0, 1, 2)}

@@ -10,8 +10,8 @@ import pytest
 from segsynth.data import open_dataset
 from segsynth.data.transforms import AugmentConfig
 from segsynth.io import SegsynthError
-from segsynth.recipes import RECIPES
-from segsynth.train import SampleStream, TrainConfig, train
+from segsynth.training.recipes import RECIPES
+from segsynth.training.loop import SampleStream, TrainConfig, train
 from synthetic_sets import write_synthetic_set
 
 TOY = "toy:n=12,n_val=4,size=32x40"

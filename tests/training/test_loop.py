@@ -21,8 +21,8 @@ from fakes import PYTHON, REPO, TINY_TRAIN, TOY_SPEC, subprocess_env
 from segsynth.config import build_config, load_yaml
 from segsynth.data import open_dataset
 from segsynth.io import SegsynthError, default_mode, read_jsonl
-from segsynth.models import load_segmenter
-from segsynth.train import (
+from segsynth.segmenters import load_segmenter
+from segsynth.training.loop import (
     DrawSampler, SampleStream, Source, TrainConfig, learning_rate, resolve_checkpoint, train,
 )
 from segsynth.data.transforms import AugmentConfig
@@ -105,7 +105,7 @@ class Crash(Exception):
 def test_resume_after_crash_matches_uninterrupted(trained, tmp_path, monkeypatch):
     """Crash right after the iteration-2 checkpoint, even mid-swap (only checkpoint.old and a stale staging
     folder left): the resumed run's final weights and optimizer state equal the uninterrupted run's."""
-    import segsynth.train as train_module
+    import segsynth.training.loop as train_module
 
     reference, _ = trained
     out = tmp_path / "run"
@@ -287,7 +287,7 @@ def test_train_refuses_bad_data_before_compute(tmp_path):
 
 def test_decoded_cache_loads_once_within_its_budget_and_freezes_what_it_keeps():
     from segsynth.data.base import Sample
-    from segsynth.train import DecodedCache
+    from segsynth.training.stream import DecodedCache
 
     loads = []
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from segsynth.io import SegsynthError
-from segsynth.models import (
-    SEGFORMER_VARIANTS, SEGMENTERS, SegFormerSegmenter, create_segmenter, load_segmenter, weighted_cross_entropy,
-)
+from segsynth.segmenters import SEGMENTERS, create_segmenter, load_segmenter
+from segsynth.segmenters.losses import weighted_cross_entropy
+from segsynth.segmenters.segformer import SEGFORMER_VARIANTS, SegFormerSegmenter
 
 # The SegFormer paper's MiT encoders (Xie et al. 2021, Table 6).
 PAPER = {

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from segsynth.io import SegsynthError
-from segsynth.plan import PlanConfig, hardness_counts, make_plan, mask_hardness, read_plan, summarize_plan
+from segsynth.formats.plan import read_plan, summarize_plan
+from segsynth.methods.freemask.hardness import hardness_counts, mask_hardness
+from segsynth.plan import PlanConfig, make_plan
 
 
 def test_hardness_is_pixel_weighted_mean_class_loss():

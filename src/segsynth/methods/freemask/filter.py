@@ -22,7 +22,6 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,26 +29,20 @@ import torch
 from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
-from segsynth.config import field, save_config
+from segsynth.config import save_config
 from segsynth.cpu import torch_threads
 from segsynth.data.base import read_image, read_raw_mask
-from segsynth.data.synthetic import MANIFEST, read_manifest, read_set_info
 from segsynth.distributed import barrier, init_distributed, shard
+from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info
+from segsynth.formats.stats import load_class_stats
 from segsynth.io import (SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text,
                          read_json, read_jsonl, rewind_jsonl, safe_relative_path)
-from segsynth.stats import StatsConfig, compute_class_stats, load_class_stats, pixel_losses
+from segsynth.methods.freemask.stats import compute_class_stats
+from segsynth.segmenters import load_checkpoint_for
+from segsynth.segmenters.losses import pixel_losses
+from segsynth.stage_configs import FilterConfig, StatsConfig
 
 
-@dataclass
-class FilterConfig:
-    synthetic: str = field(help="synthetic set folder (from `segsynth synthesize`)")
-    segmenter: str = field(help="segmenter checkpoint trained on the real data")
-    stats: str | None = field(None, help="class-stats JSON (default: SEGMENTER/class_stats.json, computed if missing)")
-    alpha: float = field(1.25, help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
-    batch_size: int = field(8, help="images per forward pass")
-    lanes: int = field(0, help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "
-                               "lane per core up to 8, each single-threaded, or one lane using every core; 2 on a GPU)")
-    device: str = field("auto", help="auto, cpu or cuda")
 
 
 def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None) -> torch.Tensor:
@@ -174,9 +167,6 @@ def probe_lanes(model, batch: list[tuple[np.ndarray, np.ndarray]], decode_second
 
 def filter_synthetic(config: FilterConfig) -> dict:
     """Filter every sample of a synthetic set (resumable, sharded over torchrun ranks); returns a summary."""
-    from segsynth.models import load_segmenter
-    from segsynth.train import resolve_checkpoint
-
     # 1. Check inputs before compute: the set, the segmenter, matching classes, the statistics.
     info = init_distributed(config.device)
     root = Path(config.synthetic)
@@ -188,11 +178,8 @@ def filter_synthetic(config: FilterConfig) -> dict:
         safe_relative_path(root, record["image"], f"{root / MANIFEST} image of {record['id']}")
         safe_relative_path(root, record["mask"], f"{root / MANIFEST} mask of {record['id']}")
         safe_relative_path(root / "masks_filtered", f"{record['id']}.png", f"{root / MANIFEST} id")
-    checkpoint = resolve_checkpoint(config.segmenter)
-    model, meta = load_segmenter(checkpoint)
-    if list(meta["classes"]) != list(classes):
-        raise SegsynthError(f"{checkpoint}: segmenter classes differ from {root / 'classes.json'}; "
-                            "filter with a segmenter trained on the set's real dataset")
+    model, _, checkpoint = load_checkpoint_for(config.segmenter, classes, str(root / "classes.json"),
+                                               "filter with a segmenter trained on the set's real dataset")
     stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
     if not stats_path.is_file():
         if config.stats:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +17,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
-from segsynth.config import field, save_config
+from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
-from segsynth.io import SegsynthError, atomic_write_json
+from segsynth.io import atomic_write_json
+from segsynth.segmenters import load_checkpoint_for
+from segsynth.stage_configs import EvalConfig
 
 
-@dataclass
-class EvalConfig:
-    checkpoint: str = field(help="checkpoint folder (a `segsynth train --out` folder)")
-    data: str = field(help="dataset spec, e.g. camvid:PATH or toy")
-    split: str = field("val", help="split to evaluate (train, val, test, ...)")
-    out: str | None = field(None, help="write metrics JSON here (default: CHECKPOINT/metrics_<split>.json)")
-    size: list[int] = field([], help="inference size H,W (default: each image's own size)")
-    batch_size: int = field(8, help="images per forward pass")
-    device: str = field("auto", help="auto, cpu or cuda")
 
 
 def confusion_matrix(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -92,21 +84,13 @@ def confusion_over_split(model, split, num_classes: int, device, size=None, batc
 
 def evaluate(config: EvalConfig) -> dict:
     """Evaluate a checkpoint on one split; writes and returns the metrics dict."""
-    from segsynth.train import resolve_checkpoint
-    from segsynth.models import load_segmenter
-
     # 1. Open and check everything before any compute.
     info = init_distributed(config.device)
-    checkpoint = resolve_checkpoint(config.checkpoint)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     quick_check(dataset, [config.split])
-    model, meta = load_segmenter(checkpoint)
-    if model.num_classes != dataset.num_classes:
-        raise SegsynthError(
-            f"{checkpoint}: model has {model.num_classes} classes but dataset {config.data} has {dataset.num_classes}; "
-            "evaluate on the dataset the model was trained for"
-        )
+    model, meta, checkpoint = load_checkpoint_for(config.checkpoint, dataset.classes, f"dataset {config.data}",
+                                                  "evaluate on the dataset the model was trained for")
     model.to(info.device)
 
     # 2. Each rank takes a shard of the split; confusion matrices are summed.

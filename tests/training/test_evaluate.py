@@ -11,7 +11,7 @@ import torch
 
 from fakes import TOY_SPEC
 from segsynth.data.base import Sample, Split
-from segsynth.evaluate import (
+from segsynth.training.evaluate import (
     EvalConfig, confusion_matrix, confusion_over_split, evaluate, format_metrics, metrics_from_confusion,
 )
 from segsynth.io import SegsynthError
@@ -141,7 +141,7 @@ def test_checkpoint_for_other_number_of_classes(trained, folder_root, tmp_path):
                             out=str(tmp_path / "m.json"), device="cpu"))
     message = str(error.value)
     assert str(out / "checkpoint") in message
-    assert "model has 9 classes" in message and "has 3" in message
+    assert "the segmenter has 9 classes" in message and "has 3" in message
     assert "evaluate on the dataset the model was trained for" in message
     assert not (tmp_path / "m.json").exists()
 

@@ -12,17 +12,19 @@ Synthetic sets are read with their filtered masks when they have them
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from segsynth.data.base import Dataset, Split, concat_splits
-from segsynth.data.synthetic import open_synthetic, read_manifest
+from segsynth.data.synthetic import open_synthetic
+from segsynth.formats.manifest import read_manifest
 from segsynth.io import SegsynthError
+from segsynth.training.stream import Source
 
 SYNTHETIC_MASK_CHOICES = ("auto", "filtered", "raw")
 
 
 def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
     """Open every --synthetic folder with the chosen masks, checking it matches the real classes."""
-    from pathlib import Path
-
     if not config.synthetic:
         raise SegsynthError(f"recipe {config.recipe!r} needs at least one --synthetic DIR")
     if config.synthetic_masks not in SYNTHETIC_MASK_CHOICES:
@@ -43,22 +45,16 @@ def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
 
 
 def real_sources(config, real: Dataset):
-    from segsynth.train import Source
-
     return [Source("real", real.split("train"), 1.0)]
 
 
 def synthetic_sources(config, real: Dataset):
-    from segsynth.train import Source
-
     return [Source(f"synthetic:{folder}", s.split("train"), 1.0) for folder, s in
             zip(config.synthetic, open_synthetic_sets(config, real))]
 
 
 def joint_sources(config, real: Dataset):
     """FreeMask's joint training: real repeated so it matches the synthetic count, all in one stream."""
-    from segsynth.train import Source
-
     synthetic = synthetic_sources(config, real)
     real_split = real.split("train")
     total = sum(len(source.split) for source in synthetic)
@@ -67,8 +63,6 @@ def joint_sources(config, real: Dataset):
 
 def replace_sources(config, real: Dataset):
     """SegGen: a real draw becomes a synthetic sample of the same real mask with probability p."""
-    from segsynth.train import Source
-
     if not 0.0 <= config.replace_probability <= 1.0:
         raise SegsynthError(f"--replace-probability must be in [0, 1], got {config.replace_probability}")
     sets = open_synthetic_sets(config, real)

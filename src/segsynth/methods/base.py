@@ -1,0 +1,38 @@
+"""What a method is: a plain list of stages and a table of arms (no registry, no base class to extend).
+
+An arm is one way to train the segmenter (a recipe over some synthetic sets);
+a stage is one step that makes what the arms train on. `segsynth run` trains
+the "real" arm first (every method has it: the reference), then runs the
+method's stages, then every other arm, and reports them side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    recipe: str  # a training recipe (segsynth.training.recipes)
+    synthetic: tuple[str, ...] = ()  # names of the synthetic sets it trains on (OUT/synthetic/<name>)
+    masks: str = "raw"  # raw or filtered masks of those sets
+
+
+@dataclass
+class Stage:
+    """One step of a method: `action()` unless `done()` says its output is complete."""
+
+    name: str
+    action: Callable[[], object]
+    done: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    arms: dict[str, Arm]  # table order; "real" first
+    stages: Callable  # (run context, arms to train) -> list[Stage], in order
+    grids: Callable  # (run context) -> list of grid PNGs written

@@ -1,0 +1,129 @@
+"""The training sample stream: weighted sources drawn by global draw number, decoded samples cached.
+
+The loop knows nothing about recipes: it draws samples from a list of
+`Source`s (a split and how many times it repeats per epoch), each sample
+optionally carrying a per-pixel weight map, and ignore pixels (255) flow into
+the loss. Recipes (training/recipes.py) only decide the sources.
+
+Draw g of a run is a pure function of (seed, g): it picks its sample and its
+augmentation, whatever the number of data workers or a resume in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from segsynth.data import Sample, Split
+from segsynth.data.transforms import AugmentConfig, augment
+from segsynth.distributed import DistInfo
+from segsynth.io import SegsynthError
+
+
+@dataclass
+class Source:
+    """A training source: one split, repeated `repeat` times per epoch (fractions allowed)."""
+
+    name: str
+    split: Split
+    repeat: float = 1.0
+    # SegGen's replace: draw of item i becomes alternatives[j], j from alternative_index[i], with this probability.
+    alternatives: Split | None = None
+    alternative_index: dict[int, list[int]] | None = None
+    replace_probability: float = 0.0
+
+
+# --- the sample stream --------------------------------------------------------
+
+
+class SampleStream(TorchDataset):
+    """Map-style dataset over global draw numbers g = 0, 1, 2, ...: draw g is a pure function of (seed, g).
+
+    Each epoch lists every source's samples `repeat` times, shuffled with the epoch's seed,
+    so sources mix in one stream (FreeMask's repeated-real-plus-synthetic concatenation).
+    """
+
+    def __init__(self, sources: list[Source], augment_config: AugmentConfig, seed: int, cache_bytes: int = 0):
+        self.sources, self.augment_config, self.seed = sources, augment_config, seed
+        self.cache = DecodedCache(cache_bytes)
+        self.epoch_items = self._epoch_template()
+        if len(self.epoch_items) == 0:
+            raise SegsynthError("the training sources hold no samples")
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+
+    def _epoch_template(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 7])
+        items = []
+        for source_index, source in enumerate(self.sources):
+            whole, fraction = int(source.repeat), source.repeat - int(source.repeat)
+            indices = list(range(len(source.split))) * whole
+            if fraction > 0:  # a fixed random subset carries the fractional repeat
+                indices += rng.choice(len(source.split), int(round(fraction * len(source.split))), replace=False).tolist()
+            items += [(source_index, i) for i in indices]
+        return np.asarray(items, dtype=np.int64).reshape(-1, 2)
+
+    def locate(self, draw: int) -> tuple[int, int]:
+        epoch, position = divmod(draw, len(self.epoch_items))
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, 11, epoch]).permutation(len(self.epoch_items))
+            self._epoch_cache = (epoch, order)
+        source_index, item = self.epoch_items[self._epoch_cache[1][position]]
+        return int(source_index), int(item)
+
+    def __len__(self) -> int:  # DataLoader needs a length; draws are unbounded
+        return 2**62
+
+    def __getitem__(self, draw: int):
+        source_index, item = self.locate(draw)
+        source = self.sources[source_index]
+        rng = np.random.default_rng([self.seed, 13, draw])
+        choices = source.alternative_index.get(item) if source.alternative_index else None
+        if choices and rng.random() < source.replace_probability:
+            alternative = choices[int(rng.integers(len(choices)))]
+            sample = self.cache.get((source_index, 1, alternative), lambda: source.alternatives[alternative])
+        else:
+            sample = self.cache.get((source_index, 0, item), lambda: source.split[item])
+        image, label, weight = augment(sample.image, sample.label, sample.weight, self.augment_config, rng)
+        weight = np.ones(label.shape, np.float32) if weight is None else weight
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label), torch.from_numpy(weight)
+
+
+class DecodedCache:
+    """Decoded samples kept in this (worker) process up to a byte budget, so epochs after the first skip
+    reading and decoding files: on 2 cores, decoding competes with the model for the same CPU."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used, self.items = budget_bytes, 0, {}
+
+    def get(self, key, load) -> Sample:
+        sample = self.items.get(key)
+        if sample is not None:
+            return sample
+        sample = load()
+        arrays = [a for a in (sample.image, sample.label, sample.weight) if a is not None]
+        size = sum(a.nbytes for a in arrays)
+        if self.used + size <= self.budget:
+            for array in arrays:
+                array.flags.writeable = False  # augmentation must copy, never edit, a cached sample
+            self.items[key] = sample
+            self.used += size
+        return sample
+
+
+class DrawSampler(torch.utils.data.Sampler):
+    """Yields this rank's draw numbers, iteration after iteration, from `start` on."""
+
+    def __init__(self, start: int, iterations: int, batch_size: int, info: DistInfo):
+        self.start, self.iterations, self.batch_size, self.info = start, iterations, batch_size, info
+
+    def __iter__(self):
+        per_iteration = self.batch_size * self.info.world_size
+        for iteration in range(self.start, self.iterations):
+            first = iteration * per_iteration + self.info.rank * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+    def __len__(self) -> int:
+        return self.iterations - self.start
