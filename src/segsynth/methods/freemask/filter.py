@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import queue
 import threading
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from segsynth.formats.stats import load_class_stats
 from segsynth.io import (SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text,
                          read_json, read_jsonl, rewind_jsonl, safe_relative_path)
 from segsynth.methods.freemask.stats import compute_class_stats
+from segsynth.pipeline import run_pipeline
 from segsynth.segmenters import load_checkpoint_for
 from segsynth.segmenters.losses import pixel_losses
 from segsynth.stage_configs import FilterConfig, StatsConfig
@@ -244,18 +244,17 @@ def filter_synthetic(config: FilterConfig) -> dict:
 
 def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: FilterConfig, info, lanes: int,
             log_path: Path) -> None:
-    """Filter `pending` with `lanes` threads (decode -> forward -> loss -> rule) and one writer thread.
+    """Filter `pending` with `lanes` threads (decode -> forward -> loss -> rule) and one writer thread
+    (segsynth.pipeline).
 
     Batches are fixed slices of `pending`, so which lane takes a batch does not change its pixels.
     The writer saves a batch's masks first (temp + rename), then its log lines in one fsync'd
     append: a line in the log always means its file is in place."""
-    batches = iter([pending[start:start + config.batch_size] for start in range(0, len(pending), config.batch_size)])
-    take = threading.Lock()
-    writes: queue.Queue = queue.Queue(maxsize=2 * lanes)
-    errors: list[BaseException] = []
+    batches = [pending[start:start + config.batch_size] for start in range(0, len(pending), config.batch_size)]
     class_threshold = class_thresholds(mean_loss, config.alpha, info.device)
     bar = tqdm(total=len(pending), desc="filter", unit="img", disable=not info.is_main, dynamic_ncols=True)
 
+    @torch.inference_mode()  # grad mode is per thread: set in the lane that scores
     def score(batch: list[dict]) -> list[tuple[np.ndarray, dict]]:
         pairs = [_read_pair(root, record, len(classes)) for record in batch]
         groups: dict = {}  # one forward per image size (sets may mix sizes)
@@ -271,43 +270,16 @@ def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: 
             scored += [(filtered[i], _record(g[0]["id"], labelled[i], ignored[i], classes)) for i, g in enumerate(group)]
         return scored
 
-    def lane():
-        with torch.inference_mode():  # grad mode is per thread
-            while not errors:
-                with take:
-                    batch = next(batches, None)
-                if batch is None:
-                    return
-                try:
-                    writes.put(score(batch))
-                except BaseException as error:  # surfaced in the main thread
-                    errors.append(error)
-                    return
+    def write(job: list[tuple[np.ndarray, dict]]) -> None:
+        for filtered, record in job:
+            atomic_write_png(root / record["filtered_mask"], filtered)
+        append_text(log_path, "".join(json.dumps(record) + "\n" for _, record in job))
+        bar.update(len(job))
 
-    def writer():
-        while (job := writes.get()) is not None:
-            if errors:
-                continue  # keep draining so that no lane blocks on a full queue
-            try:
-                for filtered, record in job:
-                    atomic_write_png(root / record["filtered_mask"], filtered)
-                append_text(log_path, "".join(json.dumps(record) + "\n" for _, record in job))
-                bar.update(len(job))
-            except BaseException as error:
-                errors.append(error)
-
-    saver = threading.Thread(target=writer, name="filter-writer", daemon=True)
-    saver.start()
-    workers = [threading.Thread(target=lane, name=f"filter-lane{n}", daemon=True) for n in range(lanes)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    writes.put(None)
-    saver.join()
-    bar.close()
-    if errors:
-        raise errors[0]
+    try:
+        run_pipeline(batches, score, write, workers=lanes)
+    finally:
+        bar.close()
 
 
 def _merge_into_manifest(root: Path, records: list[dict], classes) -> dict:
