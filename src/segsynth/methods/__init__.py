@@ -1,0 +1,1 @@
+"""Training-data methods built from segsynth's parts: one subpackage per paper."""
