@@ -1,0 +1,121 @@
+"""The text-conditioned model: a tiny CLIP text encoder and a cross-attention UNet, in pixel space.
+
+* Text: `transformers.CLIPTextModel` from a small `CLIPTextConfig`, over the
+  word-level vocabulary of `tokenizer.py`. Its last hidden states are the
+  UNet's `encoder_hidden_states`, exactly as Stable Diffusion uses its CLIP
+  text encoder, so code written against this model (attention capture,
+  prompt handling) runs unchanged on a GPU user's SD text encoder.
+* Image: a diffusers `UNet2DConditionModel` denoising the image packed 2x2 by
+  `pixel_unshuffle` (space-to-depth: an HxW RGB image becomes H/2 x W/2 x 12,
+  4x fewer positions per convolution and no pixel lost, no autoencoder to
+  train first; as the mask-conditioned builtin generator does). The first
+  level is a plain ResNet level; every lower-resolution level and the middle
+  block are CrossAttn blocks, so the prompt reaches the image only through
+  cross-attention over its tokens -- which is what makes the attention paid to
+  a class word a map of where that class is drawn (Attn2mask).
+
+Noise schedule: cosine (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho
+2022), "trailing" timestep spacing so sampling starts at pure noise.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from segsynth.generators.builtin_text.tokenizer import SPECIAL_TOKENS
+from segsynth.io import SegsynthError
+
+try:  # transformers' own bars ("Writing model shards", "Loading weights") would interleave with ours
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover
+    pass
+
+PATCH = 2  # space-to-depth factor
+IMAGE_CHANNELS = 3 * PATCH * PATCH
+
+
+# --- tensors <-> model space --------------------------------------------------------------
+
+
+def encode_images(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float 0..255 -> (B, 12, H/2, W/2) in [-1, 1]."""
+    return F.pixel_unshuffle(images / 127.5 - 1.0, PATCH)
+
+
+def decode_images(sample: torch.Tensor) -> list[np.ndarray]:
+    """Model space -> list of HxWx3 uint8 images."""
+    pixels = F.pixel_shuffle(sample.float(), PATCH).clamp(-1, 1)
+    pixels = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return list(pixels)
+
+
+def working_size(values: Sequence[int], levels: int) -> tuple[int, int]:
+    """(H, W) checked to pass through space-to-depth and every UNet downsampling."""
+    if len(values) == 1:
+        values = [values[0], values[0]]
+    multiple = PATCH * 2 ** (levels - 1)
+    if len(values) != 2 or any(v < multiple or v % multiple for v in values):
+        raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} "
+                            f"(space-to-depth x{PATCH} and {levels - 1} UNet downsamplings); e.g. 64,64")
+    return int(values[0]), int(values[1])
+
+
+# --- the two networks -----------------------------------------------------------------------
+
+
+def build_text_encoder(vocab_size: int, max_length: int, hidden_size: int = 64, layers: int = 2,
+                       heads: int = 4) -> CLIPTextModel:
+    """A tiny CLIP text transformer over the word vocabulary (ids as in tokenizer.SPECIAL_TOKENS)."""
+    if hidden_size % heads:
+        raise SegsynthError(f"--text-width {hidden_size} must be a multiple of the {heads} attention heads")
+    pad, _, bos, eos = range(len(SPECIAL_TOKENS))
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
+                            projection_dim=hidden_size, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+                            attention_dropout=0.0, dropout=0.0)
+    return CLIPTextModel(config)
+
+
+def build_unet(size: Sequence[int], channels: Sequence[int], layers_per_block: int,
+               cross_attention_dim: int) -> UNet2DConditionModel:
+    """A small SD-style UNet on the 2x2-packed image; cross-attention at every level but the first."""
+    levels = len(channels)
+    if levels < 2:
+        raise SegsynthError(f"--channels {list(channels)}: give at least two levels (cross-attention works on the lower ones)")
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1)
+    up = ["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"]
+    groups = 32 if all(c % 32 == 0 for c in channels) else 8
+    return UNet2DConditionModel(
+        sample_size=(size[0] // PATCH, size[1] // PATCH),
+        in_channels=IMAGE_CHANNELS,
+        out_channels=IMAGE_CHANNELS,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=groups,
+        cross_attention_dim=cross_attention_dim,
+        # diffusers' legacy naming: `attention_head_dim` is the number of heads per level; 32-wide heads
+        attention_head_dim=tuple(max(1, c // 32) for c in channels),
+        use_linear_projection=True,
+        resnet_time_scale_shift="scale_shift",  # AdaGN: the timestep scales and shifts every norm
+    )
+
+
+def training_noise_schedule() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                         clip_sample=False, timestep_spacing="trailing")
+
+
+def encode_text(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids -> (B, L, width) token states: the UNet's cross-attention keys and values (no attention
+    mask, as Stable Diffusion: CLIP's causal mask already keeps padding out of the word states)."""
+    return text_encoder(input_ids=input_ids).last_hidden_state
