@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from segsynth import IGNORE_INDEX
 from segsynth.config import build_config, field
 from segsynth.io import SegsynthError
+from segsynth.training.evaluate import confusion_matrix, metrics_from_confusion
 
 NORMALISATIONS = ("max", "min-max")
 NORMALISE_AT = ("each-resolution", "combined")
@@ -268,7 +269,6 @@ def score_pseudo_masks(predictions, labels, num_classes: int) -> tuple[float, np
     `segsynth evaluate`). Pixels ignored in the labels and pixels the pseudo mask left uncertain (255) are
     skipped, so this scores the pixels the mask commits to; its coverage is `(prediction != 255).mean()`.
     """
-    from segsynth.evaluate import confusion_matrix, metrics_from_confusion
 
     if isinstance(predictions, np.ndarray) and predictions.ndim == 2:
         predictions, labels = [predictions], [labels]
