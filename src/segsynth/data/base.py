@@ -189,6 +189,15 @@ def file_split(name: str, pairs: list[Pair], table: np.ndarray, classes: Sequenc
     return Split(name, [pair.id for pair in pairs], load, load_label)
 
 
+def group_by_size(items, size_of) -> list[list]:
+    """Items grouped by the (H, W, ...) shape `size_of(item)` returns, in first-seen order: one stacked
+    forward pass per group when a batch mixes image sizes (evaluation, statistics, the filter)."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(tuple(size_of(item)), []).append(item)
+    return list(groups.values())
+
+
 def concat_splits(name: str, splits: Sequence[Split]) -> Split:
     """One split over several (ids must stay unique across them)."""
     offsets, ids = [], []

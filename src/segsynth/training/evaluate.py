@@ -19,6 +19,7 @@ from tqdm import tqdm
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.data import open_dataset
+from segsynth.data.base import group_by_size
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
 from segsynth.io import atomic_write_json
@@ -58,10 +59,7 @@ def batches_by_size(split, indices, batch_size: int, device, desc: str, progress
     bar = tqdm(total=len(indices), desc=desc, disable=not progress, leave=False, unit="img")
     for start in range(0, len(indices), batch_size):
         samples = [split[i] for i in indices[start: start + batch_size]]
-        groups: dict = {}  # stack only images of equal size
-        for sample in samples:
-            groups.setdefault(sample.image.shape, []).append(sample)
-        for group in groups.values():
+        for group in group_by_size(samples, lambda sample: sample.image.shape):
             yield group, torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)
         bar.update(len(samples))
     bar.close()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.cpu import torch_threads
-from segsynth.data.base import read_image, read_raw_mask
+from segsynth.data.base import group_by_size, read_image, read_raw_mask
 from segsynth.distributed import barrier, init_distributed, shard
 from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info
 from segsynth.formats.stats import load_class_stats
@@ -257,11 +257,9 @@ def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: 
     @torch.inference_mode()  # grad mode is per thread: set in the lane that scores
     def score(batch: list[dict]) -> list[tuple[np.ndarray, dict]]:
         pairs = [_read_pair(root, record, len(classes)) for record in batch]
-        groups: dict = {}  # one forward per image size (sets may mix sizes)
-        for record, (image, mask) in zip(batch, pairs):
-            groups.setdefault(image.shape, []).append((record, image, mask))
         scored = []
-        for group in groups.values():
+        for group in group_by_size([(record, image, mask) for record, (image, mask) in zip(batch, pairs)],
+                                   lambda item: item[1].shape):
             images = torch.from_numpy(np.stack([g[1] for g in group])).to(info.device).permute(0, 3, 1, 2).float()
             labels = torch.from_numpy(np.stack([g[2] for g in group])).to(info.device)
             losses = pixel_losses(model, images, labels)
