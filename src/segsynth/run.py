@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from segsynth.config import build_config, save_config
 from segsynth.data import Dataset, open_dataset
+from segsynth.data.toy import TOY_CLASSES
 from segsynth.data.validate import quick_check
 from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
@@ -230,8 +231,6 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
 
 def shipped_toy_generator(dataset) -> str | None:
     """The generator shipped for the toy classes (configs/toy_generator.yaml), if installed."""
-    from segsynth.data.toy import TOY_CLASSES
-
     meta = TOY_GENERATOR / "segsynth_generator.json"
     if tuple(dataset.classes) == TOY_CLASSES and meta.is_file():
         return f"builtin:{TOY_GENERATOR}"

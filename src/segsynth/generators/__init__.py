@@ -1,4 +1,4 @@
-"""Mask-to-image generators behind one small interface (see `segsynth.generators.base`).
+"""Generators behind the request -> sample contract (see `segsynth.generators.base`).
 
 A generator spec is 'NAME:ARGUMENT', as dataset specs are:
 
@@ -13,6 +13,8 @@ from segsynth.generators.base import Generator, GeneratorSettings, Prepared
 from segsynth.io import SegsynthError
 
 
+# Each builder imports its backend when called: a ControlNet backend pulls in diffusers' pipelines and
+# transformers' text models (seconds of imports) that a run with the built-in generator never needs.
 def _builtin(argument: str, settings: GeneratorSettings) -> Generator:
     from segsynth.generators.builtin import BuiltinGenerator
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from segsynth.generators.builtin import train_generator
+from segsynth.stage_configs import TrainGeneratorConfig
+
 TEXT_LENGTH = 77  # the CLIP context length SD pipelines pad prompts to
 
 
@@ -120,8 +123,6 @@ def save_lcm_lora(base_dir: str | Path, out: str | Path, rank: int = 4, seed: in
 def save_tiny_builtin(folder: str | Path, data: str = "toy:n=12,n_val=4,size=32", iterations: int = 2,
                       size: tuple[int, int] = (32, 32), channels: tuple[int, ...] = (32, 32), sample_steps: int = 4) -> Path:
     """A barely trained builtin generator: the smallest real `segsynth train-generator` folder."""
-    from segsynth.generators.builtin import train_generator
-    from segsynth.stage_configs import TrainGeneratorConfig
 
     config = TrainGeneratorConfig(data=data, out=str(folder), size=list(size), channels=list(channels),
                                   layers_per_block=1, attention=False, iterations=iterations, batch_size=2,

@@ -32,6 +32,7 @@ from segsynth import IGNORE_INDEX
 from segsynth.config import field, save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
+from segsynth.generators.base import resolve_device, resolve_dtype
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_text, read_jsonl, rewind_jsonl
 from segsynth.methods.seggen.colour import connected_components
 
@@ -297,9 +298,7 @@ def captions_from_blip2(config: CaptionConfig, split: Split, classes: Sequence[s
     split; a rerun with the same ones skips the captions already there. An empty caption falls back to the
     mask caption (and is reported).
     """
-    import torch
-
-    from segsynth.generators.base import resolve_device, resolve_dtype
+    import torch  # only the BLIP-2 path needs it; captions from masks stay light
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
