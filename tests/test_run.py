@@ -81,6 +81,8 @@ def test_run_flags_fill_sections(tmp_path):
     resolved = resolve_run_config(values_from_args(RunConfig, args))
     assert resolved.train == {**resolved.train, "model": "segformer-tiny", "iterations": 9, "crop": [32, 40]}
     assert resolved.synthesize["steps"] == 4 and resolved.seeds == [0]
+    with pytest.raises(SegsynthError, match=r"--train 'iterations': write KEY=VALUE, e.g. --train iterations=600"):
+        values_from_args(RunConfig, build_parser().parse_args(["run", "--train", "iterations"]))
 
 
 def test_shipped_toy_generator_renders_toy_masks(tmp_path):
