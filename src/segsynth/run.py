@@ -135,9 +135,10 @@ class RunContext:
     dataset: Dataset
     seconds: dict = field(default_factory=dict)
 
-    def stage_config(self, cls: type, section: str, **run_values):
-        """`cls` from the run's section merged with what the run decides (which wins)."""
-        return build_config(cls, {**getattr(self.config, section), **run_values}, f"run config section {section!r}")
+    def stage_config(self, cls: type, section: str, defaults: dict | None = None, **run_values):
+        """`cls` from `defaults` < the run's section < what the run decides."""
+        return build_config(cls, {**(defaults or {}), **getattr(self.config, section), **run_values},
+                            f"run config section {section!r}")
 
     @property
     def train_settings(self) -> TrainConfig:
@@ -162,9 +163,9 @@ class RunContext:
         if generator != "train":
             return [], generator
         folder = self.out / "generator"
-        settings = {"sample_steps": self.config.synthesize.get("steps", 20), **self.config.train_generator}
-        config = build_config(TrainGeneratorConfig, {**settings, "data": self.config.data, "out": str(folder),
-                                                     "device": self.config.device}, "run config section 'train_generator'")
+        config = self.stage_config(TrainGeneratorConfig, "train_generator",
+                                   defaults={"sample_steps": self.config.synthesize.get("steps", 20)},
+                                   data=self.config.data, out=str(folder), device=self.config.device)
         return [Stage("train generator", lambda: train_generator(config), lambda: _generator_finished(folder))], \
             f"builtin:{folder}"
 
@@ -221,12 +222,12 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
         return  # finished earlier
     iterations = context.train_settings.iterations
     pretrain = int(round(iterations * config.pretrain_fraction)) if arm.recipe == "pretrain-finetune" else 0
-    defaults = {"save_every": max(100, iterations // 4), "log_every": max(10, iterations // 20)}
-    train(build_config(TrainConfig, {
-        **defaults, **config.train, "data": config.data, "out": str(folder), "recipe": arm.recipe,
-        "synthetic": [str(context.synthetic_set(name)) for name in arm.synthetic], "synthetic_masks": arm.masks,
-        "iterations": iterations - pretrain, "pretrain_iterations": pretrain, "seed": seed, "resume": True,
-        "eval_split": config.eval_split, "device": config.device}, "run config section 'train'"))
+    train(context.stage_config(
+        TrainConfig, "train", defaults={"save_every": max(100, iterations // 4), "log_every": max(10, iterations // 20)},
+        data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
+        synthetic=[str(context.synthetic_set(name)) for name in arm.synthetic],
+        iterations=iterations - pretrain, pretrain_iterations=pretrain, seed=seed, resume=True,
+        eval_split=config.eval_split, device=config.device))
 
 
 def shipped_toy_generator(dataset) -> str | None:

@@ -47,7 +47,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     # 1-2. Class statistics from the real segmenter; plans of equal size.
     result = [
         Stage("class statistics", lambda: compute_class_stats(context.stage_config(
-            StatsConfig, "stats", **{"size": eval_size, **config.stats}, segmenter=str(segmenter), out=str(stats_path),
+            StatsConfig, "stats", defaults={"size": eval_size}, segmenter=str(segmenter), out=str(stats_path),
             data=config.data, device=config.device)), stats_path.is_file),
         Stage("plans", lambda: (
             make_plan(context.stage_config(PlanConfig, "plan", data=config.data, out=str(plans["uniform"]),
