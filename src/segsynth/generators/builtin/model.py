@@ -1,5 +1,7 @@
-"""The built-in generator's model: a diffusers `UNet2DModel` on 2x2-packed pixels with the one-hot
-mask concatenated, its noise schedule, the tensor conversions, and the folder it is saved as."""
+"""The built-in generators' shared pixel space and the mask -> image model: a diffusers `UNet2DModel` on 2x2-packed pixels with the one-hot
+mask concatenated, its noise schedule, the tensor conversions, and the folder it is saved as. The
+text-conditioned generator (generators/builtin_text) works in the same 2x2-packed pixel space with the
+same noise schedule, and imports them from here."""
 
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ def decode_images(sample: torch.Tensor) -> list[np.ndarray]:
     pixels = F.pixel_shuffle(sample.float(), PATCH).clamp(-1, 1)
     pixels = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return list(pixels)
+
+
+def working_size(values: Sequence[int], levels: int) -> tuple[int, int]:
+    """(H, W) checked to pass through space-to-depth and every UNet downsampling."""
+    if len(values) == 1:
+        values = [values[0], values[0]]
+    multiple = PATCH * 2 ** (levels - 1)
+    if len(values) != 2 or any(v < multiple or v % multiple for v in values):
+        raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} "
+                            f"(space-to-depth x{PATCH} and {levels - 1} UNet downsamplings); e.g. 96,128")
+    return int(values[0]), int(values[1])
 
 
 def build_unet(size: Sequence[int], num_classes: int, channels: Sequence[int], layers_per_block: int,

@@ -20,7 +20,7 @@ from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
 from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, build_unet, encode_images, encode_masks,
-                                               training_noise_schedule)
+                                               training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, staged_swap
 from segsynth.stage_configs import TrainGeneratorConfig
@@ -36,7 +36,7 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     quick_check(dataset, [config.split])
-    size = _working_size(config.size, len(config.channels))
+    size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
     if config.batch_size < 1 or config.iterations < 1:
         raise SegsynthError("--batch-size and --iterations must be >= 1")
@@ -113,16 +113,6 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
     # 5. The final model: EMA weights, the noise schedule and the metadata, swapped in whole.
     _save(out, unet, ema, noise_schedule, {**meta, "training": _stats(config, completed, started, smoothed, finished=True)})
     return out
-
-
-def _working_size(values: Sequence[int], levels: int) -> tuple[int, int]:
-    if len(values) == 1:
-        values = [values[0], values[0]]
-    multiple = PATCH * 2 ** (levels - 1)
-    if len(values) != 2 or any(v < multiple or v % multiple for v in values):
-        raise SegsynthError(f"--size {values}: H and W must be multiples of {multiple} "
-                            f"(space-to-depth x{PATCH} and {levels - 1} UNet downsamplings); e.g. 96,128")
-    return int(values[0]), int(values[1])
 
 
 def _training_batch(images, labels, size, config: TrainGeneratorConfig, rng: np.random.Generator):

@@ -22,50 +22,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging as transformers_logging
 
+# The same 2x2-packed pixel space and noise schedule as the mask -> image builtin generator.
+from segsynth.generators.builtin.model import (PATCH, decode_images, encode_images, training_noise_schedule,
+                                               working_size)
 from segsynth.generators.builtin_text.tokenizer import SPECIAL_TOKENS
 from segsynth.io import SegsynthError
 
-try:  # transformers' own bars ("Writing model shards", "Loading weights") would interleave with ours
-    from transformers.utils import logging as _hf_logging
+transformers_logging.disable_progress_bar()  # its own "Loading weights" bars would interleave with ours
 
-    _hf_logging.disable_progress_bar()
-except ImportError:  # pragma: no cover
-    pass
-
-PATCH = 2  # space-to-depth factor
 IMAGE_CHANNELS = 3 * PATCH * PATCH
-
-
-# --- tensors <-> model space --------------------------------------------------------------
-
-
-def encode_images(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float 0..255 -> (B, 12, H/2, W/2) in [-1, 1]."""
-    return F.pixel_unshuffle(images / 127.5 - 1.0, PATCH)
-
-
-def decode_images(sample: torch.Tensor) -> list[np.ndarray]:
-    """Model space -> list of HxWx3 uint8 images."""
-    pixels = F.pixel_shuffle(sample.float(), PATCH).clamp(-1, 1)
-    pixels = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return list(pixels)
-
-
-def working_size(values: Sequence[int], levels: int) -> tuple[int, int]:
-    """(H, W) checked to pass through space-to-depth and every UNet downsampling."""
-    if len(values) == 1:
-        values = [values[0], values[0]]
-    multiple = PATCH * 2 ** (levels - 1)
-    if len(values) != 2 or any(v < multiple or v % multiple for v in values):
-        raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} "
-                            f"(space-to-depth x{PATCH} and {levels - 1} UNet downsamplings); e.g. 64,64")
-    return int(values[0]), int(values[1])
 
 
 # --- the two networks -----------------------------------------------------------------------
@@ -108,11 +78,6 @@ def build_unet(size: Sequence[int], channels: Sequence[int], layers_per_block: i
         use_linear_projection=True,
         resnet_time_scale_shift="scale_shift",  # AdaGN: the timestep scales and shifts every norm
     )
-
-
-def training_noise_schedule() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                         clip_sample=False, timestep_spacing="trailing")
 
 
 def encode_text(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
