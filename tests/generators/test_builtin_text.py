@@ -82,12 +82,12 @@ def test_class_prompts_list_present_classes_in_class_order():
     assert class_prompt(["sky", "road"]) == "a photo of sky, road" and class_prompt([]) == ""
 
 
-def test_colour_mask_target_uses_the_palette_and_an_unused_ignore_colour():
-    palette = [(0, 0, 0), (10, 20, 30)]
+def test_colour_mask_target_uses_the_coding_palette_with_ignore_last():
+    palette = [(0, 0, 0), (10, 20, 30), (255, 255, 255)]  # classes 0 and 1, then the ignore colour
     sample = Sample("s", np.zeros((2, 2, 3), np.uint8), np.array([[0, 1], [255, 1]], np.uint8))
     colours = target_image(sample, "colour-mask", palette)
     assert colours[0, 1].tolist() == [10, 20, 30] and colours[0, 0].tolist() == [0, 0, 0]
-    assert colours[1, 0].tolist() == [255, 255, 255]  # black is a class colour here
+    assert colours[1, 0].tolist() == [255, 255, 255]
     assert target_image(sample, "image", palette) is not None
     with pytest.raises(SegsynthError, match="options: image, colour-mask"):
         target_image(sample, "depth", palette)
