@@ -73,9 +73,10 @@ class StatsConfig:
 
 @dataclass
 class PlanConfig:
-    data: str = field(help="real dataset spec whose masks are planned, e.g. camvid:PATH")
+    data: str = field(help="dataset spec whose masks are planned (text plan: whose mask ids the captions use), "
+                           "e.g. camvid:PATH or synthetic-raw:DIR")
     out: str = field(help="plan file to write (JSONL)")
-    split: str = field("train", help="split whose masks are planned")
+    split: str = field("train", help="split whose masks (or captions) are planned")
     uniform: int = field(0, help="uniform plan: K synthetic images for every mask")
     limit: int = field(0, help="plan only the first N masks of the split (0: all), for smoke runs")
     seed: int = field(0, help="first seed; each sample gets the next one, so seeds are distinct")
@@ -83,6 +84,9 @@ class PlanConfig:
     stats: str | None = field(None, help="hardness plan: class-stats JSON from `segsynth stats` (selects the hardness plan)")
     nmax: int = field(20, help="hardness plan: the hardest mask gets Nmax images, the easiest 1")
     budget: int = field(0, help="hardness plan: scale k so the plan renders exactly this many images in all")
+    captions: str | None = field(None, help="text plan: captions file (JSON {mask id: caption} or JSONL, e.g. from "
+                                            "`segsynth captions`) whose captions become text requests")
+    per_caption: int = field(0, help="text plan: N seeds (samples) per caption")
 
 
 @dataclass
@@ -149,10 +153,27 @@ class TrainTextGeneratorConfig:
 
 
 @dataclass
+class CaptionConfig:
+    data: str = field(help="real dataset spec whose masks get captions, e.g. camvid:PATH")
+    out: str = field(help="output folder: captions.jsonl and captions.config.yaml are written there")
+    split: str = field("train", help="split to caption")
+    captioner: str = field("mask", help="mask (describe each mask's classes and their places), file (a given "
+                                        "--captions file), or a BLIP-2 hub id / folder captioning the images, "
+                                        "e.g. Salesforce/blip2-opt-2.7b")
+    captions: str | None = field(None, help="captions file for --captioner file: JSON {mask id: caption} or JSONL")
+    min_fraction: float = field(0.01, help="mask captions leave out classes under this share of the pixels")
+    batch_size: int = field(8, help="images per BLIP-2 call")
+    max_new_tokens: int = field(30, help="longest BLIP-2 caption, in tokens")
+    device: str = field("auto", help="auto, cpu or cuda (BLIP-2)")
+    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (BLIP-2)")
+
+
+@dataclass
 class SynthesizeConfig:
-    data: str = field(help="real dataset spec the plan's masks come from, e.g. camvid:PATH")
+    data: str = field(help="dataset spec the plan's masks come from, e.g. camvid:PATH, or synthetic-raw:DIR for a "
+                           "mask set a text -> mask generator made (each record then names its source sample)")
     plan: str = field(help="plan file (JSONL) from `segsynth plan`")
-    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE or controlnet-sdxl:BASE")
+    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE, controlnet-sdxl:BASE or text2mask:DIR")
     out: str = field(help="output folder (a folder: dataset); rerun with the same arguments to resume")
     split: str = field("train", help="split the plan's mask ids belong to")
     batch_size: int = field(4, help="masks per model call (does not change any sample's pixels)")
