@@ -25,6 +25,9 @@ class TrainConfig:
     synthetic: list[str] = field([], help="synthetic set folder for the synthetic recipes")
     synthetic_masks: str = field("auto", help="auto (filtered when the set has them), filtered or raw")
     replace_probability: float = field(0.6, help="replace recipe: chance a real draw becomes a synthetic one (SegGen)")
+    replace_from: str = field("same-mask", help="replace recipe: same-mask (a synthetic sample of the drawn real mask) "
+                                                "or pool (any sample of the --synthetic sets, uniformly: SegGen's "
+                                                "MaskSyn samples have no real twin)")
     pretrain_iterations: int = field(0, help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
     init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")
     iterations: int = field(2000, help="training iterations")

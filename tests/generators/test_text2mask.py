@@ -75,6 +75,31 @@ def test_synthesize_writes_a_mask_set_with_decoded_labels_and_colour_maps(mask_g
         assert np.array_equal(np.asarray(Image.open(out / record["extras"]["colour_mask"])), sample.image)
 
 
+def test_rendering_a_mask_set_records_caption_and_both_generators(mask_generator_dir, builtin_dir, tmp_path):
+    """MaskSyn as files: text -> mask set, then a mask -> image generator renders it (--data synthetic-raw:SET)."""
+    from segsynth.plan import PlanConfig, make_plan
+
+    text_plan = write_plan(tmp_path / "text.jsonl", [PlanEntry("street", [0, 1], kind="text", prompt="a photo of road")])
+    masks = tmp_path / "masks"
+    synthesize(SynthesizeConfig(data=TOY, plan=str(text_plan), generator=f"text2mask:{mask_generator_dir}",
+                                out=str(masks), device="cpu", progress=False))
+    mask_set = f"synthetic-raw:{masks}"
+    plan = make_plan(PlanConfig(data=mask_set, out=str(tmp_path / "render.jsonl"), uniform=1, seed=100))
+    rendered = tmp_path / "rendered"
+    synthesize(SynthesizeConfig(data=mask_set, plan=str(plan), generator=f"builtin:{builtin_dir}", out=str(rendered),
+                                device="cpu", progress=False))
+    mask_records = {r["id"]: r for r in read_manifest(masks)}
+    records = read_manifest(rendered)
+    assert [r["id"] for r in records] == ["street_s0_s100", "street_s1_s101"]
+    for record in records:
+        source = record["meta"]["source"]
+        assert record["generator"]["name"] == "builtin" and source["generator"]["name"] == "text2mask"
+        assert source == {"set": str(masks.resolve()), "id": record["source"], "prompt": "a photo of road",
+                          "generator": mask_records[record["source"]]["generator"]}
+        rendered_mask = np.asarray(Image.open(rendered / record["mask"]))
+        assert np.array_equal(rendered_mask, np.asarray(Image.open(masks / mask_records[record["source"]]["mask"])))
+
+
 def test_an_image_target_folder_is_refused(mask_generator_dir, tmp_path):
     image_target = shutil.copytree(mask_generator_dir, tmp_path / "image-target")
     meta_path = image_target / "segsynth_generator.json"
