@@ -15,8 +15,9 @@ import sys
 
 from segsynth import __version__
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (CaptionConfig, EvalConfig, FilterConfig, PlanConfig, RunConfig, StatsConfig,
-                                    SynthesizeConfig, TrainConfig, TrainGeneratorConfig, TrainTextGeneratorConfig)
+from segsynth.stage_configs import (CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig, PlanConfig, RunConfig,
+                                    StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
+                                    TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -117,6 +118,16 @@ def cmd_captions(args) -> int:
     return 0
 
 
+def cmd_mask_quality(args) -> int:
+    from segsynth.methods.seggen.quality_report import format_report, write_mask_quality
+
+    config = config_from_args(MaskQualityConfig, args)
+    report = write_mask_quality(config)
+    print(format_report(report, report["classes"]))
+    print(f"written: {config.out}/mask_quality.json, mask_quality.md, mask_quality_grid.png")
+    return 0
+
+
 def cmd_run(args) -> int:
     from segsynth.run import resolve_run_config, run
 
@@ -139,6 +150,8 @@ VERBS = {
                              cmd_train_text_generator),
     "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
     "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
+    "mask-quality": ("generated masks vs the real ones, and the alignment of their rendered images (SegGen)",
+                     MaskQualityConfig, cmd_mask_quality),
     "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data) + table",
             RunConfig, cmd_run),
 }

@@ -208,6 +208,23 @@ class FilterConfig:
 
 
 @dataclass
+class MaskQualityConfig:
+    masks: str = field(help="mask set folder: text -> mask samples (`segsynth synthesize --generator text2mask:DIR`)")
+    data: str = field(help="real dataset spec whose training masks the generated ones are compared with")
+    out: str = field(help="output folder: mask_quality.json, mask_quality.md, mask_quality_grid.png")
+    rendered: list[str] = field([], help="synthetic set(s) rendered from the mask set (MaskSyn images), for the "
+                                         "alignment score and the grid")
+    segmenter: str | None = field(None, help="real-trained segmenter checkpoint; alignment = its mIoU on the rendered "
+                                             "images against their generated masks (and on real --eval-split images)")
+    split: str = field("train", help="real split whose masks the generated ones are compared with")
+    eval_split: str = field("val", help="real split the segmenter's yardstick mIoU is measured on")
+    size: list[int] = field([], help="segmenter inference size H,W (default: each image's own)")
+    batch_size: int = field(8, help="images per forward pass")
+    grid_rows: int = field(6, help="rows in mask_quality_grid.png")
+    device: str = field("auto", help="auto, cpu or cuda")
+
+
+@dataclass
 class RunConfig:
     """`segsynth run`: a method's stages and arms on one dataset. The run's own keys are below; each
     stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig, StatsConfig,
