@@ -228,10 +228,11 @@ class MaskQualityConfig:
 class RunConfig:
     """`segsynth run`: a method's stages and arms on one dataset. The run's own keys are below; each
     stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig, StatsConfig,
-    PlanConfig, SynthesizeConfig, FilterConfig) that every use of the stage in the run shares. What
-    the run decides itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
+    PlanConfig, SynthesizeConfig, FilterConfig, CaptionConfig, TrainTextGeneratorConfig) that every use
+    of the stage in the run shares; a method uses the sections of its own stages. What the run decides
+    itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
 
-    method: str = field("freemask", help="method whose stages and arms run (see segsynth.run.METHODS)")
+    method: str = field("freemask", help="method whose stages and arms run: freemask or seggen (segsynth.run.METHODS)")
     data: str = field("toy:n=240,n_val=80,size=64x80", help="dataset spec (default: the embedded toy dataset)")
     out: str = field("runs/segsynth", help="output folder")
     preset: str = field("default", help="quick or default: sizes for toy or real data (any key overrides them)")
@@ -251,6 +252,9 @@ class RunConfig:
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
     filter: dict = field({}, help="FilterConfig keys, e.g. alpha=1.25")
+    captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
+                                                "max_minutes=20")
 
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
@@ -262,4 +266,6 @@ RUN_SECTIONS = {
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
+    "captions": (CaptionConfig, ("data", "out", "split", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device")),
 }
