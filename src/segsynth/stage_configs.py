@@ -128,6 +128,10 @@ class TrainTextGeneratorConfig:
     palette: str = field("separated", help="colour-mask target: class colours: separated (maximally far apart, "
                                            "SegGen), dataset (the dataset's own) or a JSON file {class: [r, g, b]}; "
                                            "stored with the model, which decodes by it")
+    # the default is methods.seggen.colour.MAX_DISTANCE (this module imports no numpy)
+    decode_max_distance: float = field(64.0, help="colour-mask target: a generated pixel farther than this (RGB, "
+                                                  "0..441) from every palette colour decodes to ignore; stored with "
+                                                  "the model")
     prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
                                          "captions JSONL with one {\"id\", \"caption\"} line per training sample")
     size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")

@@ -255,3 +255,10 @@ def test_the_prompt_decides_the_colour_after_brief_training(tmp_path):
         ["a photo of red", "a photo of blue"], [5, 5]))
     redness = [(image[..., 0] - image[..., 2]).mean() for image in (red, blue)]
     assert redness[0] - redness[1] > 100, redness
+
+
+def test_a_run_that_spends_its_time_budget_is_finished(tmp_path):
+    folder = train_text_generator(TrainTextGeneratorConfig(data=TOY, out=str(tmp_path / "g"), iterations=1000,
+                                                           max_minutes=1e-7, **TINY))
+    training = json.loads((folder / "segsynth_generator.json").read_text())["training"]
+    assert training["finished"] and training["stopped_by"] == "max_minutes" and training["iterations"] < 1000

@@ -31,7 +31,7 @@ TINY = dict(size=[32, 32], channels=[32, 64], layers_per_block=1, text_width=32,
 def mask_generator_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("text2mask") / "generator"
     return train_text_generator(TrainTextGeneratorConfig(data=TOY, out=str(out), target="colour-mask", iterations=2,
-                                                         **TINY))
+                                                         decode_max_distance=90.0, **TINY))
 
 
 def test_folder_stores_the_separated_palette_and_samples_decode_by_it(mask_generator_dir, monkeypatch):
@@ -41,6 +41,7 @@ def test_folder_stores_the_separated_palette_and_samples_decode_by_it(mask_gener
     assert meta["colour_coding"]["palette"] == separated_palette(len(classes)).tolist()
     generator = open_generator(f"text2mask:{mask_generator_dir}")
     assert generator.identity()["name"] == "text2mask" and generator.identity()["decoding"]["palette"]
+    assert meta["colour_coding"]["max_distance"] == generator.max_distance == 90.0
 
     # The model's output is decoded by the stored palette: feed a known colour map through `run`.
     label = np.zeros((32, 32), np.uint8)
@@ -121,3 +122,9 @@ def test_a_text_plan_given_to_a_mask_to_image_generator_is_refused(tmp_path):
         synthesize(SynthesizeConfig(data="toy:n=4,n_val=2,size=64x80", plan=str(plan),
                                     generator=f"builtin:{TOY_GENERATOR}", out=str(tmp_path / "o"), device="cpu",
                                     progress=False))
+
+
+def test_decode_max_distance_defaults_to_the_colour_codings():
+    from segsynth.methods.seggen.colour import MAX_DISTANCE
+
+    assert TrainTextGeneratorConfig(data="x", out="y").decode_max_distance == MAX_DISTANCE

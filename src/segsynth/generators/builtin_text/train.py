@@ -72,8 +72,7 @@ from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
                          read_json, read_jsonl, rewind_jsonl)
-from segsynth.methods.seggen.colour import (MAX_DISTANCE, MIN_COMPONENT, ColourCodingConfig, encode_mask,
-                                            resolve_palette)
+from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
 from segsynth.stage_configs import TrainTextGeneratorConfig
 
 GENERATOR_FILE = "segsynth_generator.json"
@@ -165,6 +164,8 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     scheduler_name(config.sample_scheduler)
     if config.batch_size < 1 or config.iterations < 1:
         raise SegsynthError("--batch-size and --iterations must be >= 1")
+    if config.target == "colour-mask" and config.decode_max_distance <= 0:
+        raise SegsynthError(f"--decode-max-distance {config.decode_max_distance}: give a distance > 0 (RGB units)")
     if not 0.0 <= config.cond_dropout < 1.0:
         raise SegsynthError(f"--cond-dropout {config.cond_dropout}: a probability in [0, 1)")
     dataset = open_dataset(config.data)
@@ -211,7 +212,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     budget, timer_start = config.max_minutes * 60.0, None
     bar = tqdm(total=config.iterations, initial=start, desc="train-text-generator", unit="it", dynamic_ncols=True,
                mininterval=1.0)
-    completed = start
+    completed, out_of_time = start, False
     unet.train()
     text_encoder.train()
     for iteration in range(start, config.iterations):
@@ -219,6 +220,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         if budget > 0:
             progress = max(progress, (time.time() - started) / budget)
             if progress >= 1.0:
+                out_of_time = True
                 break
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, iteration, progress)
@@ -270,8 +272,11 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
             _save(out, models, optimizer, ema, {**meta, "training": stats})
     bar.close()
 
-    # 5. The final model (EMA weights) with its training state, swapped in whole.
-    stats = _stats(config, completed, start, seconds_before, started, smoothed, finished=completed >= config.iterations)
+    # 5. The final model (EMA weights) with its training state, swapped in whole. A run that spent its
+    #    --max-minutes is finished too (its schedule was shortened to end there); --resume continues it.
+    stats = _stats(config, completed, start, seconds_before, started, smoothed,
+                   finished=completed >= config.iterations or out_of_time)
+    stats["stopped_by"] = "max_minutes" if out_of_time else "iterations"
     _save(out, models, optimizer, ema, {**meta, "training": stats})
     return out
 
@@ -346,7 +351,7 @@ def _meta(config: TrainTextGeneratorConfig, dataset, size, kind: str, tokenizer:
             "palette": [list(c) for c in dataset.palette],
             # how colour-mask samples are read back (text2mask:DIR): palette rows are the classes, then ignore
             "colour_coding": None if palette is None else {
-                "palette": palette.tolist(), "choice": config.palette, "max_distance": MAX_DISTANCE,
+                "palette": palette.tolist(), "choice": config.palette, "max_distance": config.decode_max_distance,
                 "min_component": MIN_COMPONENT},
             "size": list(size), "patch": PATCH, "target": config.target, "prompts": kind,
             "prompt_template": PROMPT_TEMPLATE if kind == "classes" else None,
