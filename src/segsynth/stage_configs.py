@@ -133,7 +133,8 @@ class TrainTextGeneratorConfig:
                                                   "0..441) from every palette colour decodes to ignore; stored with "
                                                   "the model")
     prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
-                                         "captions JSONL with one {\"id\", \"caption\"} line per training sample")
+                                         "captions file with a caption per training sample (`segsynth captions`: "
+                                         "JSONL {\"id\", \"caption\"} lines, or JSON {id: caption})")
     size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
     channels: list[int] = field([32, 64, 128], help="UNet widths per level; cross-attention on all but the first")
     layers_per_block: int = field(2, help="ResNet blocks per UNet level")

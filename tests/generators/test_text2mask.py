@@ -128,3 +128,16 @@ def test_decode_max_distance_defaults_to_the_colour_codings():
     from segsynth.methods.seggen.colour import MAX_DISTANCE
 
     assert TrainTextGeneratorConfig(data="x", out="y").decode_max_distance == MAX_DISTANCE
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"id": "toy_train_00000", "caption": "sky"}\n{"id": "street_9", "caption": "sky"}\n',
+     r"captions.jsonl: 1 id\(s\) are not masks of this split: 'street_9' \(line 2\)"),
+    ('{"id": "toy_train_00000", "caption": ""}\n', r"captions.jsonl:1: the caption of 'toy_train_00000' is empty"),
+])
+def test_training_refuses_captions_files_with_unknown_ids_or_empty_captions(tmp_path, text, message):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(text)
+    with pytest.raises(SegsynthError, match=message):
+        train_text_generator(TrainTextGeneratorConfig(data=TOY, out=str(tmp_path / "g"), target="colour-mask",
+                                                      prompts=str(captions), iterations=1, **TINY))

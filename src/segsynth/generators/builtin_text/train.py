@@ -71,7 +71,8 @@ from segsynth.generators.builtin_text.model import (
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
-                         read_json, read_jsonl, rewind_jsonl)
+                         read_json, rewind_jsonl)
+from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
 from segsynth.stage_configs import TrainTextGeneratorConfig
 
@@ -126,12 +127,9 @@ def class_prompt(class_names: Sequence[str]) -> str:
 
 
 def read_captions(path: str | os.PathLike, ids: Sequence[str]) -> list[str]:
-    """One caption per id from a JSONL of {"id", "caption"} lines; every id must have one."""
-    captions: dict[str, str] = {}
-    for number, record in enumerate(read_jsonl(path), 1):
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not isinstance(record.get("caption"), str):
-            raise SegsynthError(f"{path}:{number}: each line must be {{\"id\": ..., \"caption\": ...}} with string values")
-        captions.setdefault(record["id"], record["caption"])
+    """One caption per id from a captions file (SegGen's format: JSONL {"id", "caption"} lines or JSON {id: caption},
+    refused with file and line for ids not in `ids`, empty captions and repeated ids); every id must have one."""
+    captions = read_caption_file(path, ids)
     missing = [sample_id for sample_id in ids if sample_id not in captions]
     if missing:
         raise SegsynthError(f"{path}: no caption for {len(missing)} of the {len(ids)} training samples "
