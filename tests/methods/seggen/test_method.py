@@ -20,7 +20,7 @@ TINY_SEGGEN = dict(method="seggen", data="toy:n=12,n_val=4,size=32x40", seeds=[0
                    synthesize=dict(steps=2, batch_size=12))
 
 
-def test_seggen_run_end_to_end(tmp_path):
+def test_seggen_run_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     results = run(resolve_run_config({**TINY_SEGGEN, "out": str(out)}))
 
@@ -43,6 +43,14 @@ def test_seggen_run_end_to_end(tmp_path):
     assert (quality / "mask_quality.md").is_file() and (quality / "mask_quality_grid.png").is_file()
     assert "rendered_miou" in (quality / "mask_quality.json").read_text()
     assert (out / "arms" / "masksyn-replace" / "seed0" / "config.yaml").read_text().count("replace_from: pool") == 1
+
+    # A second run trains nothing again: every stage is done (synthesis finds every sample in its manifest).
+    capsys.readouterr()
+    again = run(resolve_run_config({**TINY_SEGGEN, "out": str(out)}))
+    printed = capsys.readouterr()
+    assert again["arms"] == results["arms"]
+    assert "[skip] train text -> mask generator" in printed.out + printed.err
+    assert all(summary["generated"] == 0 for name, summary in again["synthetic"].items()), again["synthetic"]
 
 
 def test_seggen_config_sections_and_arms():

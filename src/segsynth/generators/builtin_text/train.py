@@ -82,7 +82,8 @@ TRAINING_STATE = "training_state"
 MIN_CLASS_FRACTION = 0.005  # classes under 0.5% of an image's pixels are left out of its prompt
 PROMPT_TEMPLATE = "a photo of {classes}"
 # Settings a resumed run may change (everything else must match the saved run).
-RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device")
+RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device",
+                     "decode_max_distance")
 
 
 # --- what is generated, and from which prompt ---------------------------------------------
