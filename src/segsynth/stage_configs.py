@@ -268,7 +268,7 @@ RUN_SECTIONS = {
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
     "train_generator": (TrainGeneratorConfig, ("data", "out", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
-    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed")),
+    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),
