@@ -114,3 +114,15 @@ def test_evaluate_checkpoint_for_other_classes(trained, folder_root, capsys):
 def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", TOY_SPEC]) == 2
     assert "no segsynth checkpoint here" in capsys.readouterr().err
+
+
+def test_train_text_generator_verb_makes_a_text2mask_folder(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["train-text-generator", "--data", "toy:n=4,n_val=2,size=32", "--out", str(out), "--target",
+                 "colour-mask", "--size", "32,32", "--channels", "32,64", "--layers-per-block", "1", "--text-width",
+                 "32", "--iterations", "1", "--batch-size", "2", "--warmup", "1", "--device", "cpu"]) == 0
+    assert f"--generator text2mask:{out}" in capsys.readouterr().out
+    assert json.loads((out / "segsynth_generator.json").read_text())["colour_coding"]["choice"] == "separated"
+    assert main(["train-text-generator", "--data", "toy:n=4,n_val=2,size=32", "--out", str(tmp_path / "h"),
+                 "--target", "colour-mask", "--palette", "rainbow", "--device", "cpu"]) == 2
+    assert "palette 'rainbow': neither separated nor dataset" in capsys.readouterr().err

@@ -79,3 +79,59 @@ def test_read_plan_rejects_bad_plans(tmp_path, text, message):
 def test_read_plan_missing_file_says_how_to_make_one(tmp_path):
     with pytest.raises(SegsynthError, match="segsynth plan"):
         read_plan(tmp_path / "nope.jsonl")
+
+
+# --- the text plan ---------------------------------------------------------------------------
+
+
+def test_text_plan_gives_one_text_entry_per_caption_with_n_seeds(tmp_path):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"id": "toy_train_00001", "caption": "sky at the top"}\n'
+                        '{"id": "toy_train_00003", "caption": "a road across the bottom"}\n')
+    out = make_plan(PlanConfig(data=TOY, out=str(tmp_path / "text.jsonl"), captions=str(captions), per_caption=2,
+                               seed=5))
+    assert lines(out) == [
+        {"id": "toy_train_00001", "seeds": [5, 6], "kind": "text", "prompt": "sky at the top"},
+        {"id": "toy_train_00003", "seeds": [7, 8], "kind": "text", "prompt": "a road across the bottom"}]
+    assert [e.kind for e in read_plan(out)] == ["text", "text"]
+    # the CLI flags
+    assert main(["plan", "--data", TOY, "--captions", str(captions), "--per-caption", "1", "--out",
+                 str(tmp_path / "cli.jsonl")]) == 0
+    assert [e["seeds"] for e in lines(tmp_path / "cli.jsonl")] == [[0], [1]]
+
+
+def test_text_plan_ids_are_file_name_safe_and_distinct():
+    from segsynth.plan import safe_ids
+
+    assert safe_ids(["a/b c", "a_b_c", ".hidden", "ok-1.x"]) == ["a_b_c", "a_b_c-2", "hidden", "ok-1.x"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"id": "toy_train_00001", "caption": "sky"}\n{"id": "nope_7", "caption": "sky"}\n',
+     r"captions.jsonl: 1 id\(s\) are not masks of this split: 'nope_7' \(line 2\)"),
+    ('{"id": "toy_train_00001", "caption": "  "}\n', r"captions.jsonl:1: the caption of 'toy_train_00001' is empty"),
+])
+def test_text_plan_refuses_bad_captions_files(tmp_path, text, message):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(text)
+    with pytest.raises(SegsynthError, match=message):
+        make_plan(PlanConfig(data=TOY, out=str(tmp_path / "p.jsonl"), captions=str(captions), per_caption=1))
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_text_plan_needs_per_caption_and_only_one_mode(tmp_path, capsys):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"id": "toy_train_00001", "caption": "sky"}\n')
+    with pytest.raises(SegsynthError, match="--captions needs --per-caption N >= 1"):
+        make_plan(PlanConfig(data=TOY, out=str(tmp_path / "p.jsonl"), captions=str(captions)))
+    assert main(["plan", "--data", TOY, "--uniform", "1", "--captions", str(captions), "--per-caption", "1",
+                 "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert "choose exactly one plan mode (--uniform K, --stats FILE, --captions FILE --per-caption N); got uniform, " \
+           "text" in capsys.readouterr().err
+
+
+def test_cli_captions_writes_one_caption_per_mask(tmp_path, capsys):
+    assert main(["captions", "--data", TOY, "--out", str(tmp_path / "c")]) == 0
+    records = lines(tmp_path / "c" / "captions.jsonl")
+    assert [r["id"] for r in records] == [f"toy_train_{i:05d}" for i in range(12)]
+    assert all(r["caption"].strip() for r in records) and "plan --captions" in capsys.readouterr().out

@@ -15,8 +15,9 @@ import sys
 
 from segsynth import __version__
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (EvalConfig, FilterConfig, PlanConfig, RunConfig, StatsConfig, SynthesizeConfig,
-                                    TrainConfig, TrainGeneratorConfig)
+from segsynth.stage_configs import (CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig, PlanConfig, RunConfig,
+                                    StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
+                                    TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -98,6 +99,35 @@ def cmd_train_generator(args) -> int:
     return 0
 
 
+def cmd_train_text_generator(args) -> int:
+    from segsynth.generators.builtin_text import train_text_generator
+
+    config = config_from_args(TrainTextGeneratorConfig, args)
+    folder = train_text_generator(config)
+    use = f"--generator text2mask:{folder}" if config.target == "colour-mask" else f"its folder {folder}"
+    print(f"text generator: {folder} (use it with {use})")
+    return 0
+
+
+def cmd_captions(args) -> int:
+    from segsynth.methods.seggen.captions import make_captions
+
+    path = make_captions(config_from_args(CaptionConfig, args))
+    print(f"captions: {path} (train a text -> mask generator on them with train-text-generator --prompts {path}, "
+          f"or plan text requests with plan --captions {path})")
+    return 0
+
+
+def cmd_mask_quality(args) -> int:
+    from segsynth.methods.seggen.quality_report import format_report, write_mask_quality
+
+    config = config_from_args(MaskQualityConfig, args)
+    report = write_mask_quality(config)
+    print(format_report(report, report["classes"]))
+    print(f"written: {config.out}/mask_quality.json, mask_quality.md, mask_quality_grid.png")
+    return 0
+
+
 def cmd_run(args) -> int:
     from segsynth.run import resolve_run_config, run
 
@@ -110,10 +140,18 @@ VERBS = {
     "train": ("train a segmenter (recipes: real, synthetic, joint, pretrain-finetune, replace)", TrainConfig, cmd_train),
     "evaluate": ("mIoU of a checkpoint on a dataset split", EvalConfig, cmd_evaluate),
     "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
-    "plan": ("how many synthetic images per real mask, with their seeds (plan.jsonl)", PlanConfig, cmd_plan),
+    "plan": ("how many synthetic images per real mask (or per caption), with their seeds (plan.jsonl)", PlanConfig,
+             cmd_plan),
+    "captions": ("a caption per real mask (from the mask, a file or BLIP-2): captions.jsonl (SegGen)", CaptionConfig,
+                 cmd_captions),
     "train-generator": ("train the builtin mask-to-image diffusion model", TrainGeneratorConfig, cmd_train_generator),
+    "train-text-generator": ("train the builtin text-conditioned diffusion model (--target colour-mask: text -> mask, "
+                             "SegGen's MaskSyn; --target image: text -> image)", TrainTextGeneratorConfig,
+                             cmd_train_text_generator),
     "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
     "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
+    "mask-quality": ("generated masks vs the real ones, and the alignment of their rendered images (SegGen)",
+                     MaskQualityConfig, cmd_mask_quality),
     "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data) + table",
             RunConfig, cmd_run),
 }

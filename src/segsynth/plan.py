@@ -1,14 +1,19 @@
 """`segsynth plan`: how many samples to make for each entry of a split, and with which seeds.
 
-A planner is a function (config, dataset, ids) -> (counts per id, extra keys
+A planner is a function (config, dataset, ids) -> (counts per id, entry keys
 per id); `PLANNERS` maps a plan mode to it, and `make_plan` does the rest:
 distinct seeds, the plan file (format: `segsynth.formats.plan`), the resolved
-config beside it. Modes: uniform (K per mask, `--uniform K`) and FreeMask's
-hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py).
+config beside it. Entry keys are the plan format's (`kind`, `prompt`,
+`class_words`, and `id` when the entry is not named by its mask id) plus any
+extra key a planner records. Modes: uniform (K per mask, `--uniform K`),
+FreeMask's hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py)
+and the text plan (`--captions FILE --per-caption N`: one text entry per
+caption, for a text -> mask generator such as SegGen's MaskSyn).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +22,7 @@ from segsynth.data import Dataset, open_dataset
 from segsynth.formats.plan import PlanEntry, assign_seeds, write_plan
 from segsynth.io import SegsynthError
 from segsynth.methods.freemask.hardness import hardness_planner
+from segsynth.methods.seggen.captions import read_captions
 from segsynth.stage_configs import PlanConfig
 
 Planner = Callable[[PlanConfig, Dataset, list[str]], tuple[list[int], list[dict]]]
@@ -27,20 +33,51 @@ def uniform_planner(config: PlanConfig, dataset: Dataset, ids: list[str]) -> tup
     return [config.uniform] * len(ids), [{} for _ in ids]
 
 
-# plan mode -> (is it selected by this config?, planner).
-PLANNERS: dict[str, tuple[Callable[[PlanConfig], bool], Planner]] = {
-    "uniform": (lambda config: config.uniform > 0, uniform_planner),
-    "hardness": (lambda config: config.hardness or config.stats is not None, hardness_planner),
+def text_planner(config: PlanConfig, dataset: Dataset, ids: list[str]) -> tuple[list[int], list[dict]]:
+    """One text entry per caption of the planned masks, `--per-caption` seeds each; named by its mask id made
+    file-name safe. Masks without a caption get none."""
+    if config.per_caption < 1:
+        raise SegsynthError(f"--captions needs --per-caption N >= 1 (samples per caption), got {config.per_caption}")
+    captions = read_captions(config.captions, dataset.split(config.split).ids)
+    if not any(sample_id in captions for sample_id in ids):
+        raise SegsynthError(f"captions file {config.captions}: captions none of the {len(ids)} planned masks of "
+                            f"split {config.split!r}")
+    names = safe_ids(ids)
+    counts = [config.per_caption if sample_id in captions else 0 for sample_id in ids]
+    fields = [{"id": name, "kind": "text", "prompt": captions.get(sample_id, "")} for sample_id, name in zip(ids, names)]
+    return counts, fields
+
+
+def safe_ids(ids: list[str]) -> list[str]:
+    """Ids that can name files: characters other than letters, digits, '.', '_' and '-' become '_', no leading
+    '.', and a name made twice gets a counter."""
+    names, taken = [], set()
+    for sample_id in ids:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).lstrip(".") or "entry"
+        candidate, number = name, 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{name}-{number}"
+        taken.add(candidate)
+        names.append(candidate)
+    return names
+
+
+# plan mode -> (the flags that select it, is it selected by this config?, planner).
+PLANNERS: dict[str, tuple[str, Callable[[PlanConfig], bool], Planner]] = {
+    "uniform": ("--uniform K", lambda config: config.uniform > 0, uniform_planner),
+    "hardness": ("--stats FILE", lambda config: config.hardness or config.stats is not None, hardness_planner),
+    "text": ("--captions FILE --per-caption N", lambda config: config.captions is not None, text_planner),
 }
 
 
 def make_plan(config: PlanConfig) -> Path:
     """Write the plan file for `config`; returns its path."""
     # 1. Exactly one plan mode, and a readable split.
-    chosen = [name for name, (selected, _) in PLANNERS.items() if selected(config)]
+    chosen = [name for name, (_, selected, _) in PLANNERS.items() if selected(config)]
     if len(chosen) != 1:
-        raise SegsynthError(f"choose exactly one plan mode ({', '.join('--' + n for n in PLANNERS)}); got "
-                            f"{', '.join(chosen) or 'none'} (e.g. --uniform 2)")
+        modes = ", ".join(flags for flags, _, _ in PLANNERS.values())
+        raise SegsynthError(f"choose exactly one plan mode ({modes}); got {', '.join(chosen) or 'none'} (e.g. --uniform 2)")
     if config.limit < 0:
         raise SegsynthError(f"--limit must be >= 0, got {config.limit}")
     dataset = open_dataset(config.data)
@@ -49,11 +86,18 @@ def make_plan(config: PlanConfig) -> Path:
         ids = ids[: config.limit]
 
     # 2. Counts per mask from the planner, then distinct seeds in plan order.
-    counts, extras = PLANNERS[chosen[0]][1](config, dataset, ids)
+    counts, fields = PLANNERS[chosen[0]][2](config, dataset, ids)
     seeds = assign_seeds(counts, config.seed)
 
     # 3. Write the plan atomically, the resolved config beside it.
-    out = write_plan(config.out, [PlanEntry(sample_id, sample_seeds, extra)
-                                  for sample_id, sample_seeds, extra in zip(ids, seeds, extras)])
+    out = write_plan(config.out, [plan_entry(sample_id, sample_seeds, entry_fields)
+                                  for sample_id, sample_seeds, entry_fields in zip(ids, seeds, fields)])
     save_config(config, out.with_name(out.name + ".config.yaml"))
     return out
+
+
+def plan_entry(sample_id: str, seeds: list[int], fields: dict) -> PlanEntry:
+    """A plan entry from a planner's keys: the format's own keys become fields, the rest stay extra."""
+    fields = dict(fields)
+    known = {key: fields.pop(key) for key in ("kind", "prompt", "class_words") if key in fields}
+    return PlanEntry(fields.pop("id", sample_id), seeds, fields, **known)

@@ -3,7 +3,8 @@
   1. check the data once
   2. train the real-only reference segmenters (the "real" arm; its first seed also
      scores pixels for the methods that need a real-data segmenter)
-  3. the method's stages (FreeMask: class statistics, plans, generator, synthesis, filter),
+  3. the method's stages (FreeMask: class statistics, plans, generator, synthesis, filter;
+     SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
      each a (name, action, done) triple from `Method.stages`
   4. every other arm with every seed, each evaluated on the held-out split
   5. results.json, results.md, the printed table and the method's grids (segsynth.report)
@@ -37,6 +38,7 @@ from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.freemask.method import FREEMASK
+from segsynth.methods.seggen.method import SEGGEN
 from segsynth.report import format_table, write_results
 from segsynth.stage_configs import RUN_SECTIONS, RunConfig, TrainConfig, TrainGeneratorConfig
 from segsynth.training.loop import train
@@ -46,6 +48,7 @@ TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
 # name -> method (methods/base.py). `segsynth run --method NAME`; a new method is one more row.
 METHODS = {
     "freemask": FREEMASK,
+    "seggen": SEGGEN,
 }
 
 # Sizes by data kind ("toy" for the built-in data, "real" for any other) and preset. Each preset is
@@ -58,15 +61,24 @@ BASE = {
     "synthesize": {"steps": 12, "batch_size": 16},
     "plan": {"nmax": 20},
     "filter": {"alpha": 1.25},
+    # SegGen's text -> mask model draws masks at half the toy resolution (the mask -> image generator scales them
+    # up, nearest): flat colour maps need few pixels, and a quarter of the pixels is a quarter of the CPU time.
+    # A model trained for minutes paints its colours 64-100 RGB units off the palette; the separated palette's
+    # colours are 155+ apart for up to 11 classes, so decoding up to 100 away still picks the intended colour
+    # (measured on the toy run's mask set: 80% of the pixels decoded to ignore at the default 64, 15% at 100).
+    "train_text_generator": {"size": [32, 40], "channels": [32, 64], "layers_per_block": 1, "iterations": 3000,
+                             "max_minutes": 1.0, "batch_size": 16, "lr": 1e-3, "warmup": 20,
+                             "decode_max_distance": 100.0},
 }
 PRESETS = {
     ("toy", "default"): {},
     ("toy", "quick"): {"data": "toy:n=120,n_val=40,size=64x80", "seeds": [0], "images_per_mask": 1, "grids": 4,
                        "train": {"iterations": 200}, "synthesize": {"steps": 8},
-                       "train_generator": {"max_minutes": 0.75}},
+                       "train_generator": {"max_minutes": 0.75}, "train_text_generator": {"max_minutes": 0.5}},
     ("real", "quick"): {"seeds": [0], "images_per_mask": 1,
                         "train": {"model": "segformer-tiny", "iterations": 300, "crop": [128, 160]},
-                        "train_generator": {"size": [64, 80], "max_minutes": 3.0}},
+                        "train_generator": {"size": [64, 80], "max_minutes": 3.0},
+                        "train_text_generator": {"size": [48, 64], "max_minutes": 3.0}},
     # Trained at the built-in generator's 96x128, so that real and synthetic images are equally sharp
     # (a 96x128 sample blown up to 180x240 is blurry next to a real photo); evaluated at 96x128 too,
     # predictions resized to the full-size labels. 2,000 x 16 = 87 epochs of CamVid per arm.
@@ -75,6 +87,9 @@ PRESETS = {
                                     "warmup": 100, "base_size": [96, 128], "crop": [96, 128], "eval_size": [96, 128]},
                           "train_generator": {"size": [96, 128], "channels": [64, 128, 256], "max_minutes": 20.0,
                                               "iterations": 20000},
+                          "train_text_generator": {"size": [96, 128], "channels": [32, 64, 128], "layers_per_block": 2,
+                                                   "max_minutes": 20.0, "iterations": 20000, "lr": 5e-4,
+                                                   "warmup": 100},
                           "synthesize": {"steps": 20}},
 }
 
@@ -224,7 +239,7 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
     pretrain = int(round(iterations * config.pretrain_fraction)) if arm.recipe == "pretrain-finetune" else 0
     train(context.stage_config(
         TrainConfig, "train", defaults={"save_every": max(100, iterations // 4), "log_every": max(10, iterations // 20)},
-        data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
+        **dict(arm.options), data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
         synthetic=[str(context.synthetic_set(name)) for name in arm.synthetic],
         iterations=iterations - pretrain, pretrain_iterations=pretrain, seed=seed, resume=True,
         eval_split=config.eval_split, device=config.device))

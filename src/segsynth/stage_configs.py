@@ -25,6 +25,9 @@ class TrainConfig:
     synthetic: list[str] = field([], help="synthetic set folder for the synthetic recipes")
     synthetic_masks: str = field("auto", help="auto (filtered when the set has them), filtered or raw")
     replace_probability: float = field(0.6, help="replace recipe: chance a real draw becomes a synthetic one (SegGen)")
+    replace_from: str = field("same-mask", help="replace recipe: same-mask (a synthetic sample of the drawn real mask) "
+                                                "or pool (any sample of the --synthetic sets, uniformly: SegGen's "
+                                                "MaskSyn samples have no real twin)")
     pretrain_iterations: int = field(0, help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
     init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")
     iterations: int = field(2000, help="training iterations")
@@ -73,9 +76,10 @@ class StatsConfig:
 
 @dataclass
 class PlanConfig:
-    data: str = field(help="real dataset spec whose masks are planned, e.g. camvid:PATH")
+    data: str = field(help="dataset spec whose masks are planned (text plan: whose mask ids the captions use), "
+                           "e.g. camvid:PATH or synthetic-raw:DIR")
     out: str = field(help="plan file to write (JSONL)")
-    split: str = field("train", help="split whose masks are planned")
+    split: str = field("train", help="split whose masks (or captions) are planned")
     uniform: int = field(0, help="uniform plan: K synthetic images for every mask")
     limit: int = field(0, help="plan only the first N masks of the split (0: all), for smoke runs")
     seed: int = field(0, help="first seed; each sample gets the next one, so seeds are distinct")
@@ -83,6 +87,9 @@ class PlanConfig:
     stats: str | None = field(None, help="hardness plan: class-stats JSON from `segsynth stats` (selects the hardness plan)")
     nmax: int = field(20, help="hardness plan: the hardest mask gets Nmax images, the easiest 1")
     budget: int = field(0, help="hardness plan: scale k so the plan renders exactly this many images in all")
+    captions: str | None = field(None, help="text plan: captions file (JSON {mask id: caption} or JSONL, e.g. from "
+                                            "`segsynth captions`) whose captions become text requests")
+    per_caption: int = field(0, help="text plan: N seeds (samples) per caption")
 
 
 @dataclass
@@ -112,10 +119,69 @@ class TrainGeneratorConfig:
 
 
 @dataclass
+class TrainTextGeneratorConfig:
+    data: str = field(help="dataset spec whose images (or masks) the generator learns, e.g. camvid:PATH")
+    out: str = field(help="output folder: a builtin text generator")
+    split: str = field("train", help="split to train on")
+    target: str = field("image", help="what is generated: image (real photos, image-level labels only) or "
+                                      "colour-mask (the mask drawn in --palette colours: SegGen's text -> mask)")
+    palette: str = field("separated", help="colour-mask target: class colours: separated (maximally far apart, "
+                                           "SegGen), dataset (the dataset's own) or a JSON file {class: [r, g, b]}; "
+                                           "stored with the model, which decodes by it")
+    # the default is methods.seggen.colour.MAX_DISTANCE (this module imports no numpy)
+    decode_max_distance: float = field(64.0, help="colour-mask target: a generated pixel farther than this (RGB, "
+                                                  "0..441) from every palette colour decodes to ignore; stored with "
+                                                  "the model")
+    prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
+                                         "captions file with a caption per training sample (`segsynth captions`: "
+                                         "JSONL {\"id\", \"caption\"} lines, or JSON {id: caption})")
+    size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
+    channels: list[int] = field([32, 64, 128], help="UNet widths per level; cross-attention on all but the first")
+    layers_per_block: int = field(2, help="ResNet blocks per UNet level")
+    text_width: int = field(64, help="text encoder width = the UNet's cross-attention dim")
+    text_layers: int = field(2, help="text encoder transformer layers")
+    max_length: int = field(0, help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
+    iterations: int = field(4000, help="training iterations")
+    max_minutes: float = field(0.0, help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+    batch_size: int = field(16, help="images per iteration")
+    lr: float = field(5e-4, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int = field(100, help="warm-up iterations")
+    ema_decay: float = field(0.9995, help="largest EMA decay (EMA warm-up ramps towards it)")
+    min_snr_gamma: float = field(5.0, help="Min-SNR-style cap on the x0-loss weight SNR+1 of nearly clean steps (0: plain v-MSE)")
+    cond_dropout: float = field(0.1, help="probability of training on the empty prompt (for classifier-free guidance)")
+    flip: bool = field(True, help="random horizontal flips")
+    sample_steps: int = field(20, help="default sampling steps stored with the model")
+    sample_scheduler: str = field("dpm++", help="default sampling scheduler stored with the model")
+    guidance: float = field(3.0, help="default classifier-free guidance scale stored with the model")
+    seed: int = field(0, help="run seed")
+    save_every: int = field(500, help="write the model and its training state every N iterations")
+    log_every: int = field(50, help="write a OUT/train_log.jsonl line every N iterations")
+    device: str = field("auto", help="auto, cpu or cuda")
+    resume: bool = field(False, help="continue from OUT/training_state if it exists")
+
+
+@dataclass
+class CaptionConfig:
+    data: str = field(help="real dataset spec whose masks get captions, e.g. camvid:PATH")
+    out: str = field(help="output folder: captions.jsonl and captions.config.yaml are written there")
+    split: str = field("train", help="split to caption")
+    captioner: str = field("mask", help="mask (describe each mask's classes and their places), file (a given "
+                                        "--captions file), or a BLIP-2 hub id / folder captioning the images, "
+                                        "e.g. Salesforce/blip2-opt-2.7b")
+    captions: str | None = field(None, help="captions file for --captioner file: JSON {mask id: caption} or JSONL")
+    min_fraction: float = field(0.01, help="mask captions leave out classes under this share of the pixels")
+    batch_size: int = field(8, help="images per BLIP-2 call")
+    max_new_tokens: int = field(30, help="longest BLIP-2 caption, in tokens")
+    device: str = field("auto", help="auto, cpu or cuda (BLIP-2)")
+    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (BLIP-2)")
+
+
+@dataclass
 class SynthesizeConfig:
-    data: str = field(help="real dataset spec the plan's masks come from, e.g. camvid:PATH")
+    data: str = field(help="dataset spec the plan's masks come from, e.g. camvid:PATH, or synthetic-raw:DIR for a "
+                           "mask set a text -> mask generator made (each record then names its source sample)")
     plan: str = field(help="plan file (JSONL) from `segsynth plan`")
-    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE or controlnet-sdxl:BASE")
+    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE, controlnet-sdxl:BASE or text2mask:DIR")
     out: str = field(help="output folder (a folder: dataset); rerun with the same arguments to resume")
     split: str = field("train", help="split the plan's mask ids belong to")
     batch_size: int = field(4, help="masks per model call (does not change any sample's pixels)")
@@ -147,13 +213,31 @@ class FilterConfig:
 
 
 @dataclass
+class MaskQualityConfig:
+    masks: str = field(help="mask set folder: text -> mask samples (`segsynth synthesize --generator text2mask:DIR`)")
+    data: str = field(help="real dataset spec whose training masks the generated ones are compared with")
+    out: str = field(help="output folder: mask_quality.json, mask_quality.md, mask_quality_grid.png")
+    rendered: list[str] = field([], help="synthetic set(s) rendered from the mask set (MaskSyn images), for the "
+                                         "alignment score and the grid")
+    segmenter: str | None = field(None, help="real-trained segmenter checkpoint; alignment = its mIoU on the rendered "
+                                             "images against their generated masks (and on real --eval-split images)")
+    split: str = field("train", help="real split whose masks the generated ones are compared with")
+    eval_split: str = field("val", help="real split the segmenter's yardstick mIoU is measured on")
+    size: list[int] = field([], help="segmenter inference size H,W (default: each image's own)")
+    batch_size: int = field(8, help="images per forward pass")
+    grid_rows: int = field(6, help="rows in mask_quality_grid.png")
+    device: str = field("auto", help="auto, cpu or cuda")
+
+
+@dataclass
 class RunConfig:
     """`segsynth run`: a method's stages and arms on one dataset. The run's own keys are below; each
     stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig, StatsConfig,
-    PlanConfig, SynthesizeConfig, FilterConfig) that every use of the stage in the run shares. What
-    the run decides itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
+    PlanConfig, SynthesizeConfig, FilterConfig, CaptionConfig, TrainTextGeneratorConfig) that every use
+    of the stage in the run shares; a method uses the sections of its own stages. What the run decides
+    itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
 
-    method: str = field("freemask", help="method whose stages and arms run (see segsynth.run.METHODS)")
+    method: str = field("freemask", help="method whose stages and arms run: freemask or seggen (segsynth.run.METHODS)")
     data: str = field("toy:n=240,n_val=80,size=64x80", help="dataset spec (default: the embedded toy dataset)")
     out: str = field("runs/segsynth", help="output folder")
     preset: str = field("default", help="quick or default: sizes for toy or real data (any key overrides them)")
@@ -173,6 +257,9 @@ class RunConfig:
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
     filter: dict = field({}, help="FilterConfig keys, e.g. alpha=1.25")
+    captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
+                                                "max_minutes=20")
 
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
@@ -181,7 +268,9 @@ RUN_SECTIONS = {
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
     "train_generator": (TrainGeneratorConfig, ("data", "out", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
-    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed")),
+    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
+    "captions": (CaptionConfig, ("data", "out", "split", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device")),
 }

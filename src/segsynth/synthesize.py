@@ -10,6 +10,13 @@ a synthetic set (formats/manifest.py); besides the samples it holds:
     synthesize.config.yaml      the resolved config of the last run
     summary.json                the last run's counts and images/s
 
+`--data` may itself be a synthetic set (`synthetic-raw:MASKSET`, the masks a
+text -> mask generator made: SegGen's MaskSyn). Each new record then says
+where its mask came from, so a sample's whole history is in one manifest:
+record["meta"]["source"] = {"set", "id", "prompt", "generator"} -- the
+source set's folder, its sample id, the prompt and the generator identity
+that made the mask (record["generator"] is the one that rendered the image).
+
 Guarantees, and how:
 * Deterministic: every sample's noise comes from its own seed (see
   `segsynth.generators.base`), so batch size, batch composition and the number
@@ -48,7 +55,7 @@ from segsynth.data import open_dataset
 from segsynth.data.base import Split
 from segsynth.data.validate import quick_check
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
-from segsynth.formats.manifest import merge_manifests, read_records, sample_record, write_set_info
+from segsynth.formats.manifest import merge_manifests, read_manifest, read_records, sample_record, write_set_info
 from segsynth.formats.plan import plan_requests, read_plan
 from segsynth.generators import Generator, GeneratorSettings, open_generator
 from segsynth.generators.base import Condition, GeneratedSample, Request, resize_mask
@@ -109,7 +116,8 @@ def synthesize(config: SynthesizeConfig) -> dict:
         # 5. Loader thread -> model (here) -> writer thread.
         manifest = out / (MANIFEST if info.world_size == 1 else f"manifest.rank{info.rank}.jsonl")
         started = time.time()
-        generated = render(generator, split, dataset, mine, config, identity, out, manifest, show=info.is_main and config.progress)
+        generated = render(generator, split, dataset, mine, config, identity, out, manifest,
+                           show=info.is_main and config.progress, sources=source_provenance(config.data))
         seconds = time.time() - started
 
         # 6. Merge the rank manifests, then summarise over all ranks.
@@ -137,6 +145,19 @@ def generator_settings(config: SynthesizeConfig, device: torch.device) -> Genera
                              controlnet_scale=config.controlnet_scale, lcm_lora=config.lcm_lora,
                              colour_map=config.colour_map, captions=config.captions, resolution=resolution,
                              dtype=config.dtype, device=str(device))
+
+
+def source_provenance(spec: str) -> dict[str, dict] | None:
+    """For `--data` that is a synthetic set: per sample id, where that sample came from (set, id, prompt,
+    generator); None for any other dataset."""
+    kind, _, argument = spec.partition(":")
+    if kind.strip().lower() not in ("synthetic", "synthetic-raw"):
+        return None
+    folder = Path(argument)
+    return {record["id"]: {"set": str(folder.resolve()), "id": record["id"],
+                           "prompt": record.get("prompt") or (record.get("meta") or {}).get("prompt"),
+                           "generator": record.get("generator")}
+            for record in read_manifest(folder)}
 
 
 # --- checks before compute -------------------------------------------------------------------
@@ -229,8 +250,9 @@ def lock_output(out: Path):
 
 
 def render(generator: Generator, split: Split, dataset, requests: list[Request], config: SynthesizeConfig,
-           identity: dict, out: Path, manifest: Path, show: bool) -> int:
-    """Make `requests`; returns how many samples were written. Any thread's error stops all three and is raised here."""
+           identity: dict, out: Path, manifest: Path, show: bool, sources: dict[str, dict] | None = None) -> int:
+    """Make `requests`; returns how many samples were written. Any thread's error stops all three and is raised here.
+    `sources`: provenance per mask id, recorded in each sample's meta (see `source_provenance`)."""
     if not requests:
         return 0
     bar = tqdm(total=len(requests), desc="synthesize", unit="img", disable=not show, dynamic_ncols=True,
@@ -245,7 +267,7 @@ def render(generator: Generator, split: Split, dataset, requests: list[Request],
         return batch
 
     def write(batch: dict) -> None:
-        _write_batch(batch, out, manifest, dataset.palette, fields, generator.uses_prompts)
+        _write_batch(batch, out, manifest, dataset.palette, fields, generator.uses_prompts, sources)
         written[0] += len(batch["samples"])
         bar.update(len(batch["samples"]))
 
@@ -283,7 +305,8 @@ def _prepare(generator: Generator, conditions: list[Condition]) -> dict:
     return {"conditions": conditions, "prepared": generator.prepare(conditions)}
 
 
-def _write_batch(batch: dict, out: Path, manifest: Path, palette, fields: dict, uses_prompts: bool) -> None:
+def _write_batch(batch: dict, out: Path, manifest: Path, palette, fields: dict, uses_prompts: bool,
+                 sources: dict[str, dict] | None = None) -> None:
     """Every file of every sample (temp + rename), then the batch's manifest lines in one fsync'd append."""
     lines = []
     for condition, sample in zip(batch["conditions"], batch["samples"]):
@@ -292,8 +315,11 @@ def _write_batch(batch: dict, out: Path, manifest: Path, palette, fields: dict, 
         record = sample_record(request.id, files, kind=request.kind, source=request.source, seed=request.seed,
                                prompt=condition.prompt if uses_prompts else None, **fields,
                                size=list(sample.image.shape[:2]), seconds=round(batch["seconds"], 4))
-        if sample.meta:
-            record["meta"] = sample.meta
+        meta = dict(sample.meta)
+        if sources is not None and request.source in sources:
+            meta["source"] = sources[request.source]
+        if meta:
+            record["meta"] = meta
         lines.append(json.dumps(record) + "\n")
     append_text(manifest, "".join(lines))
 

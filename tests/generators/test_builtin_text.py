@@ -82,12 +82,12 @@ def test_class_prompts_list_present_classes_in_class_order():
     assert class_prompt(["sky", "road"]) == "a photo of sky, road" and class_prompt([]) == ""
 
 
-def test_colour_mask_target_uses_the_palette_and_an_unused_ignore_colour():
-    palette = [(0, 0, 0), (10, 20, 30)]
+def test_colour_mask_target_uses_the_coding_palette_with_ignore_last():
+    palette = [(0, 0, 0), (10, 20, 30), (255, 255, 255)]  # classes 0 and 1, then the ignore colour
     sample = Sample("s", np.zeros((2, 2, 3), np.uint8), np.array([[0, 1], [255, 1]], np.uint8))
     colours = target_image(sample, "colour-mask", palette)
     assert colours[0, 1].tolist() == [10, 20, 30] and colours[0, 0].tolist() == [0, 0, 0]
-    assert colours[1, 0].tolist() == [255, 255, 255]  # black is a class colour here
+    assert colours[1, 0].tolist() == [255, 255, 255]
     assert target_image(sample, "image", palette) is not None
     with pytest.raises(SegsynthError, match="options: image, colour-mask"):
         target_image(sample, "depth", palette)
@@ -255,3 +255,10 @@ def test_the_prompt_decides_the_colour_after_brief_training(tmp_path):
         ["a photo of red", "a photo of blue"], [5, 5]))
     redness = [(image[..., 0] - image[..., 2]).mean() for image in (red, blue)]
     assert redness[0] - redness[1] > 100, redness
+
+
+def test_a_run_that_spends_its_time_budget_is_finished(tmp_path):
+    folder = train_text_generator(TrainTextGeneratorConfig(data=TOY, out=str(tmp_path / "g"), iterations=1000,
+                                                           max_minutes=1e-7, **TINY))
+    training = json.loads((folder / "segsynth_generator.json").read_text())["training"]
+    assert training["finished"] and training["stopped_by"] == "max_minutes" and training["iterations"] < 1000

@@ -69,6 +69,40 @@ def test_replace_swaps_real_for_same_mask_synthetic_at_p(tmp_path, synthetic):
     assert abs(replaced / draws - 0.6) < 0.07
 
 
+def test_replace_from_pool_draws_any_synthetic_sample_at_p_deterministically(tmp_path, synthetic):
+    from segsynth.data.base import Split
+
+    # A second set whose masks have no real twin (made from the val split), as SegGen's MaskSyn.
+    twinless = write_synthetic_set(tmp_path / "twinless", open_dataset(TOY), split="val", copies=3)  # 12 samples
+    with pytest.raises(SegsynthError, match="or --replace-from pool"):
+        RECIPES["replace"](_config(tmp_path, recipe="replace", synthetic=[str(twinless)]), open_dataset(TOY))
+    with pytest.raises(SegsynthError, match="--replace-from 'twin'; options: same-mask, pool"):
+        RECIPES["replace"](_config(tmp_path, recipe="replace", synthetic=[str(twinless)], replace_from="twin"),
+                           open_dataset(TOY))
+    config = _config(tmp_path, recipe="replace", synthetic=[str(synthetic), str(twinless)], replace_from="pool",
+                     replace_probability=0.6)
+
+    def picks(seed, draws=300):
+        (source,) = RECIPES["replace"](config, open_dataset(TOY))
+        assert source.alternative_index is None and len(source.alternatives) == 24 + 12
+        pool, loaded = source.alternatives, []
+        source.alternatives = Split("pool", pool.ids, lambda i: (loaded.append(pool.ids[i]), pool[i])[1])
+        stream = SampleStream([source], AugmentConfig(crop=(32, 40), base=(32, 40)), seed=seed)
+        result = []
+        for draw in range(draws):
+            loaded.clear()
+            stream[draw]
+            result.append(loaded[0] if loaded else None)
+        return result
+
+    first = picks(0)
+    replaced = [sample_id for sample_id in first if sample_id is not None]
+    assert abs(len(replaced) / len(first) - 0.6) < 0.07
+    from_twinless = sum(sample_id.startswith("toy_val_") for sample_id in replaced)
+    assert abs(from_twinless / len(replaced) - 12 / 36) < 0.1  # uniform over all 36 pooled samples
+    assert picks(0) == first and picks(1) != first  # a pure function of (seed, draw)
+
+
 def test_filtered_masks_reach_training_as_ignore(tmp_path, synthetic):
     # Mark every filtered mask as all-ignore but the first row; training must see 255 there.
     lines = []

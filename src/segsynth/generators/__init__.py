@@ -2,7 +2,9 @@
 
 A generator spec is 'NAME:ARGUMENT', as dataset specs are:
 
-  builtin:DIR                 a `segsynth train-generator` folder
+  builtin:DIR                 a `segsynth train-generator` folder (mask -> image)
+  text2mask:DIR               a `segsynth train-text-generator --target colour-mask` folder (text -> colour-coded
+                              mask, decoded to labels: SegGen's MaskSyn)
   controlnet:BASE             Stable Diffusion 1.x/2.x + a ControlNet (settings.controlnet), hub id or folder
   controlnet-sdxl:BASE        SDXL + an SDXL ControlNet
 """
@@ -33,11 +35,18 @@ def _controlnet_sdxl(argument: str, settings: GeneratorSettings) -> Generator:
     return ControlNetGenerator(argument, settings, sdxl=True)
 
 
+def _text2mask(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.builtin_text.text2mask import TextToMaskGenerator
+
+    return TextToMaskGenerator(argument, settings)
+
+
 # name -> builder(argument, settings). A new backend is one more row.
 GENERATORS = {
     "builtin": _builtin,
     "controlnet": _controlnet,
     "controlnet-sdxl": _controlnet_sdxl,
+    "text2mask": _text2mask,
 }
 
 

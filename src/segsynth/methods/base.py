@@ -18,6 +18,7 @@ class Arm:
     recipe: str  # a training recipe (segsynth.training.recipes)
     synthetic: tuple[str, ...] = ()  # names of the synthetic sets it trains on (OUT/synthetic/<name>)
     masks: str = "raw"  # raw or filtered masks of those sets
+    options: tuple[tuple[str, object], ...] = ()  # other TrainConfig keys this arm sets, e.g. (("replace_from", "pool"),)
 
 
 @dataclass

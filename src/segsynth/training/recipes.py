@@ -4,8 +4,10 @@
   synthetic          the synthetic sets only
   joint              real repeated to match the synthetic count, one shuffled stream (FreeMask)
   pretrain-finetune  a synthetic stage, then a real stage (train.py runs the two stages)
-  replace            each real draw replaced by a synthetic sample of the same mask with
-                     probability p (SegGen, p = 0.6)
+  replace            each real draw replaced by a synthetic sample with probability p
+                     (SegGen, p = 0.6): one of the same real mask (--replace-from
+                     same-mask), or any sample of the synthetic sets, uniformly
+                     (--replace-from pool: SegGen's MaskSyn masks have no real twin)
 Synthetic sets are read with their filtered masks when they have them
 (`--synthetic-masks auto`), so filter-ignored pixels reach the loss as 255.
 """
@@ -21,6 +23,7 @@ from segsynth.io import SegsynthError
 from segsynth.training.stream import Source
 
 SYNTHETIC_MASK_CHOICES = ("auto", "filtered", "raw")
+REPLACE_FROM_CHOICES = ("same-mask", "pool")
 
 
 def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
@@ -62,12 +65,17 @@ def joint_sources(config, real: Dataset):
 
 
 def replace_sources(config, real: Dataset):
-    """SegGen: a real draw becomes a synthetic sample of the same real mask with probability p."""
+    """SegGen: a real draw becomes a synthetic sample with probability p -- of the same real mask (same-mask),
+    or drawn uniformly from every synthetic sample (pool)."""
     if not 0.0 <= config.replace_probability <= 1.0:
         raise SegsynthError(f"--replace-probability must be in [0, 1], got {config.replace_probability}")
+    if config.replace_from not in REPLACE_FROM_CHOICES:
+        raise SegsynthError(f"--replace-from {config.replace_from!r}; options: {', '.join(REPLACE_FROM_CHOICES)}")
     sets = open_synthetic_sets(config, real)
     pool: Split = concat_splits("synthetic", [s.split("train") for s in sets])
     real_split = real.split("train")
+    if config.replace_from == "pool":  # no index: every draw may become any pooled sample (training/stream.py)
+        return [Source("real+replace", real_split, 1.0, alternatives=pool, replace_probability=config.replace_probability)]
     alternatives: dict[int, list[int]] = {}
     offset = 0
     for folder, dataset in zip(config.synthetic, sets):
@@ -77,8 +85,8 @@ def replace_sources(config, real: Dataset):
                 alternatives.setdefault(real_split.index_of(source), []).append(offset + index)
         offset += len(dataset.split("train"))
     if not alternatives:
-        raise SegsynthError("no synthetic sample names a real training mask as its source; "
-                            "the replace recipe needs sets made by `segsynth synthesize` from this dataset")
+        raise SegsynthError("no synthetic sample names a real training mask as its source; the replace recipe "
+                            "needs sets made by `segsynth synthesize` from this dataset, or --replace-from pool")
     return [Source("real+replace", real_split, 1.0, alternatives=pool, alternative_index=alternatives,
                    replace_probability=config.replace_probability)]
 

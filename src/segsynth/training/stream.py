@@ -30,7 +30,8 @@ class Source:
     name: str
     split: Split
     repeat: float = 1.0
-    # SegGen's replace: draw of item i becomes alternatives[j], j from alternative_index[i], with this probability.
+    # SegGen's replace: draw of item i becomes alternatives[j], j from alternative_index[i], with this probability;
+    # without an index (pool), j is any index of `alternatives`.
     alternatives: Split | None = None
     alternative_index: dict[int, list[int]] | None = None
     replace_probability: float = 0.0
@@ -80,7 +81,10 @@ class SampleStream(TorchDataset):
         source_index, item = self.locate(draw)
         source = self.sources[source_index]
         rng = np.random.default_rng([self.seed, 13, draw])
-        choices = source.alternative_index.get(item) if source.alternative_index else None
+        if source.alternative_index is not None:
+            choices = source.alternative_index.get(item)
+        else:
+            choices = range(len(source.alternatives)) if source.alternatives is not None else None
         if choices and rng.random() < source.replace_probability:
             alternative = choices[int(rng.integers(len(choices)))]
             sample = self.cache.get((source_index, 1, alternative), lambda: source.alternatives[alternative])

@@ -25,11 +25,13 @@ A trained generator is a diffusers-style folder:
     DIR/tokenizer/vocab.json         the word vocabulary and prompt length
     DIR/scheduler/scheduler_config.json   the training noise schedule
     DIR/segsynth_generator.json      classes, palette, size, target, prompts, sampling defaults, training stats
+                                     (and for --target colour-mask the colour coding the samples decode by)
     DIR/training_state/              raw weights, EMA, AdamW state and iteration (for --resume)
 
 Modules: tokenizer (WordTokenizer), model (the networks and tensor packing),
-train (TrainTextGeneratorConfig, train_text_generator), sample
-(BuiltinTextGenerator).
+train (train_text_generator; its config is stage_configs.TrainTextGeneratorConfig),
+sample (BuiltinTextGenerator), text2mask (TextToMaskGenerator, `text2mask:DIR`:
+a colour-mask model whose samples are decoded to labels).
 """
 
 from segsynth.generators.builtin_text.sample import BuiltinTextGenerator, check_text_generator_folder

@@ -6,8 +6,12 @@ What it learns from (`--target`):
   Only image-level labels are used (which classes an image holds -- the
   Attn2mask / DiffuMask setting); no pixel label reaches the loss, so any
   class localisation must come from the cross-attention.
-* "colour-mask": the label map drawn in colours (`target_image`; the dataset's
-  palette for now), so the model generates masks from text (SegGen's MaskSyn).
+* "colour-mask": the label map drawn in colours (`target_image`) with SegGen's
+  colour coding (segsynth.methods.seggen.colour): by default the class colours
+  are as far apart as possible (`separated_palette`), so sampling errors do not
+  move a pixel to another class. The palette (class rows, then the ignore
+  colour) is stored in segsynth_generator.json under "colour_coding"; the
+  `text2mask:DIR` generator decodes its samples by it (SegGen's MaskSyn).
 
 Prompts (`--prompts`): "classes" makes "a photo of sky, road, car" from the
 classes covering at least 0.5% of an image, in the dataset's class order (the
@@ -37,7 +41,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -51,8 +54,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
-from segsynth import IGNORE_INDEX, __version__
-from segsynth.config import field, save_config, to_dict
+from segsynth import __version__
+from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
 from segsynth.generators.base import resolve_device
@@ -68,7 +71,10 @@ from segsynth.generators.builtin_text.model import (
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
-                         read_json, read_jsonl, rewind_jsonl)
+                         read_json, rewind_jsonl)
+from segsynth.methods.seggen.captions import read_captions as read_caption_file
+from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
+from segsynth.stage_configs import TrainTextGeneratorConfig
 
 GENERATOR_FILE = "segsynth_generator.json"
 FORMAT = "segsynth-builtin-text-generator/1"
@@ -76,68 +82,26 @@ TRAINING_STATE = "training_state"
 MIN_CLASS_FRACTION = 0.005  # classes under 0.5% of an image's pixels are left out of its prompt
 PROMPT_TEMPLATE = "a photo of {classes}"
 # Settings a resumed run may change (everything else must match the saved run).
-RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device")
-
-
-@dataclass
-class TrainTextGeneratorConfig:
-    data: str = field(help="dataset spec whose images (or masks) the generator learns, e.g. camvid:PATH")
-    out: str = field(help="output folder: a builtin text generator")
-    split: str = field("train", help="split to train on")
-    target: str = field("image", help="what is generated: image (real photos, image-level labels only) or "
-                                      "colour-mask (the mask drawn in the dataset's palette)")
-    prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
-                                         "captions JSONL with one {\"id\", \"caption\"} line per training sample")
-    size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
-    channels: list[int] = field([32, 64, 128], help="UNet widths per level; cross-attention on all but the first")
-    layers_per_block: int = field(2, help="ResNet blocks per UNet level")
-    text_width: int = field(64, help="text encoder width = the UNet's cross-attention dim")
-    text_layers: int = field(2, help="text encoder transformer layers")
-    max_length: int = field(0, help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
-    iterations: int = field(4000, help="training iterations")
-    max_minutes: float = field(0.0, help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
-    batch_size: int = field(16, help="images per iteration")
-    lr: float = field(5e-4, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
-    warmup: int = field(100, help="warm-up iterations")
-    ema_decay: float = field(0.9995, help="largest EMA decay (EMA warm-up ramps towards it)")
-    min_snr_gamma: float = field(5.0, help="Min-SNR-style cap on the x0-loss weight SNR+1 of nearly clean steps (0: plain v-MSE)")
-    cond_dropout: float = field(0.1, help="probability of training on the empty prompt (for classifier-free guidance)")
-    flip: bool = field(True, help="random horizontal flips")
-    sample_steps: int = field(20, help="default sampling steps stored with the model")
-    sample_scheduler: str = field("dpm++", help="default sampling scheduler stored with the model")
-    guidance: float = field(3.0, help="default classifier-free guidance scale stored with the model")
-    seed: int = field(0, help="run seed")
-    save_every: int = field(500, help="write the model and its training state every N iterations")
-    log_every: int = field(50, help="write a OUT/train_log.jsonl line every N iterations")
-    device: str = field("auto", help="auto, cpu or cuda")
-    resume: bool = field(False, help="continue from OUT/training_state if it exists")
+RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device",
+                     "decode_max_distance")
 
 
 # --- what is generated, and from which prompt ---------------------------------------------
 
 
-def ignore_colour(palette: Sequence[Sequence[int]]) -> tuple[int, int, int]:
-    """The colour of ignore (255) pixels in a colour mask: black, white or grey, whichever no class uses."""
-    used = {tuple(int(v) for v in colour) for colour in palette}
-    for candidate in ((0, 0, 0), (255, 255, 255), (128, 128, 128)):
-        if candidate not in used:
-            return candidate
-    return (1, 2, 3)  # a palette with all three: a colour nobody picks by hand
-
-
-def colour_mask(label: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """HxW labels -> HxWx3 uint8 colours (class i in palette[i], ignore in `ignore_colour`)."""
-    table = np.zeros((256, 3), np.uint8)
-    table[: len(palette)] = np.asarray(palette, np.uint8)
-    table[IGNORE_INDEX] = ignore_colour(palette)
-    return table[label]
-
-
-# target name -> (the HxWx3 uint8 picture of a sample, how it is resized to the working size)
+# target name -> (the HxWx3 uint8 picture of a sample given the colour-coding palette, how it is resized to the
+# working size)
 TARGETS = {
     "image": (lambda sample, palette: sample.image, Image.BILINEAR),
-    "colour-mask": (lambda sample, palette: colour_mask(sample.label, palette), Image.NEAREST),
+    "colour-mask": (lambda sample, palette: encode_mask(sample.label, palette), Image.NEAREST),
 }
+
+
+def coding_palette(config: TrainTextGeneratorConfig, dataset) -> np.ndarray | None:
+    """The colour-mask target's palette ((C + 1) x 3 uint8, the ignore colour last); None for other targets."""
+    if config.target != "colour-mask":
+        return None
+    return resolve_palette(ColourCodingConfig(palette=config.palette), dataset.classes, dataset.palette)
 
 
 def check_target(target: str) -> str:
@@ -146,8 +110,9 @@ def check_target(target: str) -> str:
     return target
 
 
-def target_image(sample, target: str, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """The picture the generator learns to make for `sample` (HxWx3 uint8, the sample's own size)."""
+def target_image(sample, target: str, palette: Sequence[Sequence[int]] | None) -> np.ndarray:
+    """The picture the generator learns to make for `sample` (HxWx3 uint8, the sample's own size); `palette` is
+    the colour coding of the colour-mask target (class colours, then the ignore colour; `coding_palette`)."""
     return np.ascontiguousarray(TARGETS[check_target(target)][0](sample, palette), dtype=np.uint8)
 
 
@@ -163,12 +128,9 @@ def class_prompt(class_names: Sequence[str]) -> str:
 
 
 def read_captions(path: str | os.PathLike, ids: Sequence[str]) -> list[str]:
-    """One caption per id from a JSONL of {"id", "caption"} lines; every id must have one."""
-    captions: dict[str, str] = {}
-    for number, record in enumerate(read_jsonl(path), 1):
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not isinstance(record.get("caption"), str):
-            raise SegsynthError(f"{path}:{number}: each line must be {{\"id\": ..., \"caption\": ...}} with string values")
-        captions.setdefault(record["id"], record["caption"])
+    """One caption per id from a captions file (SegGen's format: JSONL {"id", "caption"} lines or JSON {id: caption},
+    refused with file and line for ids not in `ids`, empty captions and repeated ids); every id must have one."""
+    captions = read_caption_file(path, ids)
     missing = [sample_id for sample_id in ids if sample_id not in captions]
     if missing:
         raise SegsynthError(f"{path}: no caption for {len(missing)} of the {len(ids)} training samples "
@@ -201,6 +163,8 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     scheduler_name(config.sample_scheduler)
     if config.batch_size < 1 or config.iterations < 1:
         raise SegsynthError("--batch-size and --iterations must be >= 1")
+    if config.target == "colour-mask" and config.decode_max_distance <= 0:
+        raise SegsynthError(f"--decode-max-distance {config.decode_max_distance}: give a distance > 0 (RGB units)")
     if not 0.0 <= config.cond_dropout < 1.0:
         raise SegsynthError(f"--cond-dropout {config.cond_dropout}: a probability in [0, 1)")
     dataset = open_dataset(config.data)
@@ -208,7 +172,8 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     quick_check(dataset, [config.split])
 
     # 2. Every target at working size and every prompt, in memory (small images; read once).
-    targets, prompts = _load_training_set(config, dataset, split, size, kind)
+    palette = coding_palette(config, dataset)
+    targets, prompts = _load_training_set(config, dataset, split, size, kind, palette)
     tokenizer = WordTokenizer.build(prompts, phrases=dataset.classes, max_length=config.max_length)
     token_ids = tokenizer(prompts)
     empty_ids = tokenizer([""])[0]
@@ -235,7 +200,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         rewind_jsonl(log_path, keep=lambda record: record.get("iteration", 0) <= start)
     else:
         log_path.unlink(missing_ok=True)
-    meta = _meta(config, dataset, size, kind, tokenizer, unet, text_encoder)
+    meta = _meta(config, dataset, size, kind, tokenizer, unet, text_encoder, palette)
     models = (unet, text_encoder, tokenizer, noise_schedule)
     if start >= config.iterations:
         tqdm.write(f"{out}: already trained for {start} iterations (--iterations {config.iterations}); nothing to do")
@@ -246,7 +211,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     budget, timer_start = config.max_minutes * 60.0, None
     bar = tqdm(total=config.iterations, initial=start, desc="train-text-generator", unit="it", dynamic_ncols=True,
                mininterval=1.0)
-    completed = start
+    completed, out_of_time = start, False
     unet.train()
     text_encoder.train()
     for iteration in range(start, config.iterations):
@@ -254,6 +219,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         if budget > 0:
             progress = max(progress, (time.time() - started) / budget)
             if progress >= 1.0:
+                out_of_time = True
                 break
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, iteration, progress)
@@ -305,20 +271,23 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
             _save(out, models, optimizer, ema, {**meta, "training": stats})
     bar.close()
 
-    # 5. The final model (EMA weights) with its training state, swapped in whole.
-    stats = _stats(config, completed, start, seconds_before, started, smoothed, finished=completed >= config.iterations)
+    # 5. The final model (EMA weights) with its training state, swapped in whole. A run that spent its
+    #    --max-minutes is finished too (its schedule was shortened to end there); --resume continues it.
+    stats = _stats(config, completed, start, seconds_before, started, smoothed,
+                   finished=completed >= config.iterations or out_of_time)
+    stats["stopped_by"] = "max_minutes" if out_of_time else "iterations"
     _save(out, models, optimizer, ema, {**meta, "training": stats})
     return out
 
 
-def _load_training_set(config: TrainTextGeneratorConfig, dataset, split, size, kind: str):
+def _load_training_set(config: TrainTextGeneratorConfig, dataset, split, size, kind: str, palette):
     """(N, 3, H, W) uint8 targets at working size, and one prompt per sample."""
     resample = TARGETS[config.target][1]
     targets, prompts = [], []
     captions = read_captions(config.prompts, split.ids) if kind == "captions" else None
     for index in tqdm(range(len(split)), desc="load", unit="img", leave=False):
         sample = split[index]
-        picture = Image.fromarray(target_image(sample, config.target, dataset.palette))
+        picture = Image.fromarray(target_image(sample, config.target, palette))
         picture = np.asarray(picture.resize((size[1], size[0]), resample))
         targets.append(torch.from_numpy(picture.copy()).permute(2, 0, 1))
         if captions is None:  # image-level labels: which classes are present, read once here
@@ -376,9 +345,13 @@ def _loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: 
 
 
 def _meta(config: TrainTextGeneratorConfig, dataset, size, kind: str, tokenizer: WordTokenizer,
-          unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> dict:
+          unet: UNet2DConditionModel, text_encoder: CLIPTextModel, palette: np.ndarray | None) -> dict:
     return {"format": FORMAT, "segsynth_version": __version__, "classes": list(dataset.classes),
-            "palette": [list(c) for c in dataset.palette], "ignore_colour": list(ignore_colour(dataset.palette)),
+            "palette": [list(c) for c in dataset.palette],
+            # how colour-mask samples are read back (text2mask:DIR): palette rows are the classes, then ignore
+            "colour_coding": None if palette is None else {
+                "palette": palette.tolist(), "choice": config.palette, "max_distance": config.decode_max_distance,
+                "min_component": MIN_COMPONENT},
             "size": list(size), "patch": PATCH, "target": config.target, "prompts": kind,
             "prompt_template": PROMPT_TEMPLATE if kind == "classes" else None,
             "min_class_fraction": MIN_CLASS_FRACTION if kind == "classes" else None,

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from segsynth import IGNORE_INDEX
-from segsynth.config import field, save_config
+from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
 from segsynth.generators.base import resolve_device, resolve_dtype
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_text, read_jsonl, rewind_jsonl
 from segsynth.methods.seggen.colour import connected_components
+from segsynth.stage_configs import CaptionConfig
 
 CAPTIONS_FILE = "captions.jsonl"
 CONFIG_FILE = "captions.config.yaml"
@@ -233,22 +233,6 @@ def write_captions(path: str | Path, captions: Mapping[str, str]) -> None:
 
 
 # --- the stage ------------------------------------------------------------------------------------
-
-
-@dataclass
-class CaptionConfig:
-    data: str = field(help="real dataset spec whose masks get captions, e.g. camvid:PATH")
-    out: str = field(help=f"output folder: {CAPTIONS_FILE} and {CONFIG_FILE} are written there")
-    split: str = field("train", help="split to caption")
-    captioner: str = field("mask", help="mask (describe each mask's classes and their places), file (a given "
-                                        "--captions file), or a BLIP-2 hub id / folder captioning the images, "
-                                        "e.g. Salesforce/blip2-opt-2.7b")
-    captions: str | None = field(None, help="captions file for --captioner file: JSON {mask id: caption} or JSONL")
-    min_fraction: float = field(0.01, help="mask captions leave out classes under this share of the pixels")
-    batch_size: int = field(8, help="images per BLIP-2 call")
-    max_new_tokens: int = field(30, help="longest BLIP-2 caption, in tokens")
-    device: str = field("auto", help="auto, cpu or cuda (BLIP-2)")
-    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (BLIP-2)")
 
 
 def make_captions(config: CaptionConfig) -> Path:
