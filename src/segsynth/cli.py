@@ -15,8 +15,8 @@ import sys
 
 from segsynth import __version__
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (EvalConfig, FilterConfig, PlanConfig, RunConfig, StatsConfig, SynthesizeConfig,
-                                    TrainConfig, TrainGeneratorConfig)
+from segsynth.stage_configs import (AttentionQualityConfig, EvalConfig, FilterConfig, PlanConfig, RunConfig, StatsConfig,
+                                    SynthesizeConfig, TrainConfig, TrainGeneratorConfig, TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -98,6 +98,23 @@ def cmd_train_generator(args) -> int:
     return 0
 
 
+def cmd_train_text_generator(args) -> int:
+    from segsynth.generators.builtin_text import train_text_generator
+
+    config = config_from_args(TrainTextGeneratorConfig, args)
+    folder = train_text_generator(config)
+    usage = f" (use it with --generator attention:{folder})" if config.target == "image" else ""
+    print(f"text generator: {folder}{usage}")
+    return 0
+
+
+def cmd_attention_quality(args) -> int:
+    from segsynth.methods.attn2mask.quality import attention_quality, format_quality
+
+    print(format_quality(attention_quality(config_from_args(AttentionQualityConfig, args))))
+    return 0
+
+
 def cmd_run(args) -> int:
     from segsynth.run import resolve_run_config, run
 
@@ -112,8 +129,12 @@ VERBS = {
     "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
     "plan": ("how many synthetic images per real mask, with their seeds (plan.jsonl)", PlanConfig, cmd_plan),
     "train-generator": ("train the builtin mask-to-image diffusion model", TrainGeneratorConfig, cmd_train_generator),
+    "train-text-generator": ("train the builtin text-to-image (or text-to-mask) diffusion model",
+                             TrainTextGeneratorConfig, cmd_train_text_generator),
     "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
     "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
+    "attention-quality": ("score attention pseudo-masks of real held-out images against their labels, per recipe",
+                          AttentionQualityConfig, cmd_attention_quality),
     "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data) + table",
             RunConfig, cmd_run),
 }

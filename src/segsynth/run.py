@@ -35,6 +35,7 @@ from segsynth.data.validate import quick_check
 from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
 from segsynth.methods.base import Arm, Method, Stage
+from segsynth.methods.attn2mask.method import ATTN2MASK
 from segsynth.methods.freemask.method import FREEMASK
 from segsynth.report import format_table, write_results
 from segsynth.stage_configs import RUN_SECTIONS, RunConfig, TrainConfig, TrainGeneratorConfig
@@ -45,10 +46,12 @@ TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
 # name -> method (methods/base.py). `segsynth run --method NAME`; a new method is one more row.
 METHODS = {
     "freemask": FREEMASK,
+    "attn2mask": ATTN2MASK,
 }
 
 # Sizes by data kind ("toy" for the built-in data, "real" for any other) and preset. Each preset is
-# merged over BASE, key by key inside sections; the user's keys are merged over the result.
+# merged over BASE, key by key inside sections, then the method's own `presets` entry; the user's keys
+# are merged over the result.
 BASE = {
     "images_per_mask": 2, "seeds": [0, 1], "grids": 6,
     "train": {"model": "segformer-tiny", "iterations": 600, "batch_size": 8, "lr": 2e-3, "warmup": 50, "workers": 1},
@@ -57,6 +60,8 @@ BASE = {
     "synthesize": {"steps": 12, "batch_size": 16},
     "plan": {"nmax": 20},
     "filter": {"alpha": 1.25},
+    "train_text_generator": {"size": [64, 80], "channels": [32, 64, 128], "iterations": 3000, "max_minutes": 1.5,
+                             "batch_size": 16},
 }
 PRESETS = {
     ("toy", "default"): {},
@@ -74,7 +79,8 @@ PRESETS = {
                                     "warmup": 100, "base_size": [96, 128], "crop": [96, 128], "eval_size": [96, 128]},
                           "train_generator": {"size": [96, 128], "channels": [64, 128, 256], "max_minutes": 20.0,
                                               "iterations": 20000},
-                          "synthesize": {"steps": 20}},
+                          "synthesize": {"steps": 20},
+                          "train_text_generator": {"size": [96, 128], "max_minutes": 20.0, "iterations": 20000}},
 }
 
 
@@ -87,7 +93,9 @@ def resolve_run_config(values: dict) -> RunConfig:
         raise SegsynthError(f"unknown preset {preset!r}; options: {', '.join(names)}")
     data = values.get("data") or PRESETS[("toy", preset)].get("data") or RunConfig.data
     kind = "toy" if data.split(":")[0] == "toy" else "real"
-    merged = _merge(_merge(BASE, PRESETS[(kind, preset)]), values)
+    method = METHODS.get(values.get("method", RunConfig.method))
+    method_sizes = method.presets.get((kind, preset), {}) if method else {}
+    merged = _merge(_merge(_merge(BASE, PRESETS[(kind, preset)]), method_sizes), values)
     config = build_config(RunConfig, merged, "run config")
     method = method_of(config)
     for section, (stage_config, owned) in RUN_SECTIONS.items():
@@ -225,7 +233,7 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
         **defaults, **config.train, "data": config.data, "out": str(folder), "recipe": arm.recipe,
         "synthetic": [str(context.synthetic_set(name)) for name in arm.synthetic], "synthetic_masks": arm.masks,
         "iterations": iterations - pretrain, "pretrain_iterations": pretrain, "seed": seed, "resume": True,
-        "eval_split": config.eval_split, "device": config.device}, "run config section 'train'"))
+        "eval_split": config.eval_split, "device": config.device, **dict(arm.train)}, "run config section 'train'"))
 
 
 def shipped_toy_generator(dataset) -> str | None:

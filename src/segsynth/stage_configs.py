@@ -46,6 +46,10 @@ class TrainConfig:
     resume: bool = field(False, help="continue from OUT/checkpoint if it exists")
     device: str = field("auto", help="auto, cpu or cuda")
     log_every: int = field(20, help="write a metrics.jsonl line every N iterations")
+    loss: str = field("ce", help="ce (cross-entropy, per-pixel weights) or reliable (per predicted class, only the "
+                                 "most confident share of pixels in full: training on noisy pseudo-masks, Attn2mask)")
+    reliable_share: float = field(0.5, help="loss reliable: share of each predicted class's pixels trusted in full")
+    unreliable_weight: float = field(0.0, help="loss reliable: weight of the other pixels (0: dropped)")
 
 
 @dataclass
@@ -83,6 +87,8 @@ class PlanConfig:
     stats: str | None = field(None, help="hardness plan: class-stats JSON from `segsynth stats` (selects the hardness plan)")
     nmax: int = field(20, help="hardness plan: the hardest mask gets Nmax images, the easiest 1")
     budget: int = field(0, help="hardness plan: scale k so the plan renders exactly this many images in all")
+    class_prompts: int = field(0, help="text plan: N images for each real image's class set, prompted 'a photo of "
+                                       "road, car' (image-level labels only), for text -> image generators")
 
 
 @dataclass
@@ -112,10 +118,45 @@ class TrainGeneratorConfig:
 
 
 @dataclass
+class TrainTextGeneratorConfig:
+    data: str = field(help="dataset spec whose images (or masks) the generator learns, e.g. camvid:PATH")
+    out: str = field(help="output folder: a builtin text generator")
+    split: str = field("train", help="split to train on")
+    target: str = field("image", help="what is generated: image (real photos, image-level labels only) or "
+                                      "colour-mask (the mask drawn in the dataset's palette)")
+    prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
+                                         "captions JSONL with one {\"id\", \"caption\"} line per training sample")
+    size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
+    channels: list[int] = field([32, 64, 128], help="UNet widths per level; cross-attention on all but the first")
+    layers_per_block: int = field(2, help="ResNet blocks per UNet level")
+    text_width: int = field(64, help="text encoder width = the UNet's cross-attention dim")
+    text_layers: int = field(2, help="text encoder transformer layers")
+    max_length: int = field(0, help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
+    iterations: int = field(4000, help="training iterations")
+    max_minutes: float = field(0.0, help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+    batch_size: int = field(16, help="images per iteration")
+    lr: float = field(5e-4, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int = field(100, help="warm-up iterations")
+    ema_decay: float = field(0.9995, help="largest EMA decay (EMA warm-up ramps towards it)")
+    min_snr_gamma: float = field(5.0, help="Min-SNR-style cap on the x0-loss weight SNR+1 of nearly clean steps (0: plain v-MSE)")
+    cond_dropout: float = field(0.1, help="probability of training on the empty prompt (for classifier-free guidance)")
+    flip: bool = field(True, help="random horizontal flips")
+    sample_steps: int = field(20, help="default sampling steps stored with the model")
+    sample_scheduler: str = field("dpm++", help="default sampling scheduler stored with the model")
+    guidance: float = field(3.0, help="default classifier-free guidance scale stored with the model")
+    seed: int = field(0, help="run seed")
+    save_every: int = field(500, help="write the model and its training state every N iterations")
+    log_every: int = field(50, help="write a OUT/train_log.jsonl line every N iterations")
+    device: str = field("auto", help="auto, cpu or cuda")
+    resume: bool = field(False, help="continue from OUT/training_state if it exists")
+
+
+@dataclass
 class SynthesizeConfig:
     data: str = field(help="real dataset spec the plan's masks come from, e.g. camvid:PATH")
     plan: str = field(help="plan file (JSONL) from `segsynth plan`")
-    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE or controlnet-sdxl:BASE")
+    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE, controlnet-sdxl:BASE, attention:DIR "
+                                  "or attention-sd:BASE")
     out: str = field(help="output folder (a folder: dataset); rerun with the same arguments to resume")
     split: str = field("train", help="split the plan's mask ids belong to")
     batch_size: int = field(4, help="masks per model call (does not change any sample's pixels)")
@@ -132,6 +173,25 @@ class SynthesizeConfig:
     dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
     device: str = field("auto", help="auto, cpu or cuda")
     progress: bool = field(True, help="show a progress bar")
+    pseudo_mask: str = field("dataset-diffusion", help="attention generators: pseudo-mask recipe (diffumask, "
+                                                       "dataset-diffusion or daam; methods/attn2mask/pseudo_mask.py)")
+    pseudo_mask_settings: dict = field({}, help="attention generators: PseudoMaskConfig keys over the recipe, e.g. "
+                                                "resolutions=[16,8] background_threshold=0.4")
+
+
+@dataclass
+class AttentionQualityConfig:
+    generator: str = field(help="attention generator spec: attention:DIR or attention-sd:BASE")
+    data: str = field(help="real dataset spec with labels, e.g. camvid:PATH or toy")
+    out: str = field(help="folder for attention_quality.json and attention_quality.md")
+    split: str = field("val", help="held-out split whose images are noised and labelled")
+    presets: list[str] = field(["diffumask", "dataset-diffusion", "daam"], help="pseudo-mask recipes to score")
+    pseudo_mask_settings: dict = field({}, help="PseudoMaskConfig keys over every recipe, e.g. resolutions=[16,8]")
+    timestep: float = field(0.5, help="noise level: a fraction of the training schedule (0-1) or a timestep (> 1)")
+    limit: int = field(0, help="score only the first N images of the split (0: all)")
+    seed: int = field(0, help="seed of the noise added to each image (image i uses seed + i)")
+    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (attention-sd)")
+    device: str = field("auto", help="auto, cpu or cuda")
 
 
 @dataclass
@@ -149,9 +209,10 @@ class FilterConfig:
 @dataclass
 class RunConfig:
     """`segsynth run`: a method's stages and arms on one dataset. The run's own keys are below; each
-    stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig, StatsConfig,
-    PlanConfig, SynthesizeConfig, FilterConfig) that every use of the stage in the run shares. What
-    the run decides itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
+    stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig,
+    TrainTextGeneratorConfig, StatsConfig, PlanConfig, SynthesizeConfig, FilterConfig) that every use
+    of the stage in the run shares. What the run decides itself (data, out, seeds, recipes, which
+    synthetic sets) is not a section key."""
 
     method: str = field("freemask", help="method whose stages and arms run (see segsynth.run.METHODS)")
     data: str = field("toy:n=240,n_val=80,size=64x80", help="dataset spec (default: the embedded toy dataset)")
@@ -169,6 +230,7 @@ class RunConfig:
     device: str = field("auto", help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (attn2mask), e.g. max_minutes=20")
     stats: dict = field({}, help="StatsConfig keys (default size: train's eval_size)")
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
@@ -180,8 +242,9 @@ RUN_SECTIONS = {
     "train": (TrainConfig, ("data", "out", "recipe", "synthetic", "synthetic_masks", "pretrain_iterations",
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
     "train_generator": (TrainGeneratorConfig, ("data", "out", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "device", "target", "prompts", "resume")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
-    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed")),
+    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "class_prompts")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
 }

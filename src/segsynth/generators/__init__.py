@@ -1,10 +1,12 @@
-"""Mask-to-image generators behind one small interface (see `segsynth.generators.base`).
+"""Generators behind one small interface (see `segsynth.generators.base`).
 
 A generator spec is 'NAME:ARGUMENT', as dataset specs are:
 
   builtin:DIR                 a `segsynth train-generator` folder
   controlnet:BASE             Stable Diffusion 1.x/2.x + a ControlNet (settings.controlnet), hub id or folder
   controlnet-sdxl:BASE        SDXL + an SDXL ControlNet
+  attention:DIR               text -> image + attention pseudo-mask, a `segsynth train-text-generator` folder
+  attention-sd:BASE           text -> image + attention pseudo-mask, Stable Diffusion 1.x/2.x, hub id or folder
 """
 
 from __future__ import annotations
@@ -31,11 +33,25 @@ def _controlnet_sdxl(argument: str, settings: GeneratorSettings) -> Generator:
     return ControlNetGenerator(argument, settings, sdxl=True)
 
 
+def _attention(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.attention_generator import BuiltinAttentionGenerator
+
+    return BuiltinAttentionGenerator(argument, settings)
+
+
+def _attention_sd(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.attention_generator import SDAttentionGenerator
+
+    return SDAttentionGenerator(argument, settings)
+
+
 # name -> builder(argument, settings). A new backend is one more row.
 GENERATORS = {
     "builtin": _builtin,
     "controlnet": _controlnet,
     "controlnet-sdxl": _controlnet_sdxl,
+    "attention": _attention,
+    "attention-sd": _attention_sd,
 }
 
 

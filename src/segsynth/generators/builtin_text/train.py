@@ -37,7 +37,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -52,7 +51,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel
 
 from segsynth import IGNORE_INDEX, __version__
-from segsynth.config import field, save_config, to_dict
+from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.validate import quick_check
 from segsynth.generators.base import resolve_device
@@ -69,6 +68,7 @@ from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
                          read_json, read_jsonl, rewind_jsonl)
+from segsynth.stage_configs import TrainTextGeneratorConfig  # the stage's config lives with the others
 
 GENERATOR_FILE = "segsynth_generator.json"
 FORMAT = "segsynth-builtin-text-generator/1"
@@ -77,40 +77,6 @@ MIN_CLASS_FRACTION = 0.005  # classes under 0.5% of an image's pixels are left o
 PROMPT_TEMPLATE = "a photo of {classes}"
 # Settings a resumed run may change (everything else must match the saved run).
 RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device")
-
-
-@dataclass
-class TrainTextGeneratorConfig:
-    data: str = field(help="dataset spec whose images (or masks) the generator learns, e.g. camvid:PATH")
-    out: str = field(help="output folder: a builtin text generator")
-    split: str = field("train", help="split to train on")
-    target: str = field("image", help="what is generated: image (real photos, image-level labels only) or "
-                                      "colour-mask (the mask drawn in the dataset's palette)")
-    prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
-                                         "captions JSONL with one {\"id\", \"caption\"} line per training sample")
-    size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
-    channels: list[int] = field([32, 64, 128], help="UNet widths per level; cross-attention on all but the first")
-    layers_per_block: int = field(2, help="ResNet blocks per UNet level")
-    text_width: int = field(64, help="text encoder width = the UNet's cross-attention dim")
-    text_layers: int = field(2, help="text encoder transformer layers")
-    max_length: int = field(0, help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
-    iterations: int = field(4000, help="training iterations")
-    max_minutes: float = field(0.0, help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
-    batch_size: int = field(16, help="images per iteration")
-    lr: float = field(5e-4, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
-    warmup: int = field(100, help="warm-up iterations")
-    ema_decay: float = field(0.9995, help="largest EMA decay (EMA warm-up ramps towards it)")
-    min_snr_gamma: float = field(5.0, help="Min-SNR-style cap on the x0-loss weight SNR+1 of nearly clean steps (0: plain v-MSE)")
-    cond_dropout: float = field(0.1, help="probability of training on the empty prompt (for classifier-free guidance)")
-    flip: bool = field(True, help="random horizontal flips")
-    sample_steps: int = field(20, help="default sampling steps stored with the model")
-    sample_scheduler: str = field("dpm++", help="default sampling scheduler stored with the model")
-    guidance: float = field(3.0, help="default classifier-free guidance scale stored with the model")
-    seed: int = field(0, help="run seed")
-    save_every: int = field(500, help="write the model and its training state every N iterations")
-    log_every: int = field(50, help="write a OUT/train_log.jsonl line every N iterations")
-    device: str = field("auto", help="auto, cpu or cuda")
-    resume: bool = field(False, help="continue from OUT/training_state if it exists")
 
 
 # --- what is generated, and from which prompt ---------------------------------------------
