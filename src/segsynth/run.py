@@ -60,8 +60,8 @@ BASE = {
     "synthesize": {"steps": 12, "batch_size": 16},
     "plan": {"nmax": 20},
     "filter": {"alpha": 1.25},
-    "train_text_generator": {"size": [64, 80], "channels": [32, 64, 128], "iterations": 3000, "max_minutes": 1.5,
-                             "batch_size": 16},
+    "train_text_generator": {"size": [64, 80], "channels": [32, 64, 128], "layers_per_block": 1, "iterations": 3000,
+                             "max_minutes": 1.25, "batch_size": 16},
 }
 PRESETS = {
     ("toy", "default"): {},

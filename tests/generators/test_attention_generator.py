@@ -63,6 +63,8 @@ def test_samples_have_an_attention_label_confidence_and_heat_map(text_generator,
         assert 0.0 <= sample.weight.min() and sample.weight.max() <= 1.0
         assert np.all(sample.weight[sample.label == 255] == 0)  # no background class in toy: ignored, weight 0
         assert sample.extras["attention"].shape == (32, 32, 3)
+        raw = sample.extras["raw_label"]  # no band, no threshold: every pixel its top class, agreeing with the label
+        assert set(np.unique(raw)) <= allowed and np.array_equal(raw[sample.label != 255], sample.label[sample.label != 255])
         assert sample.meta["preset"] == "dataset-diffusion"
     assert samples[1].meta["classes"] == ["building", "tree"]
     # Batch-independent: the second request alone gives the same image and label.

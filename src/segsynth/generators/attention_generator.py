@@ -25,9 +25,12 @@ the toy data: every pixel is some class) label those pixels ignore (255) with
 weight 0 -- they are not known to be anything; set background_threshold=0 to
 give every pixel its best class instead.
 
-Each sample keeps, besides image / label / weight, an "attention" extra: the
-winning class's colour scaled by its score (dark = little attention), and meta
-{prompt, preset, classes, coverage}.
+Each sample keeps, besides image / label / weight, two extras and meta
+{prompt, preset, classes, coverage}:
+  attention   the winning class's colour scaled by its score (dark = little attention)
+  raw_label   the same scores labelled with no uncertain band (and, without a
+              background class, no threshold: every pixel its top class) -- the
+              plain pseudo-mask the ablations compare against, from the same image
 """
 
 from __future__ import annotations
@@ -99,6 +102,12 @@ def class_words_of(request: Request, classes: Sequence[str], words_in_prompt) ->
     return found
 
 
+def raw_recipe(config: PseudoMaskConfig, has_background: bool) -> PseudoMaskConfig:
+    """The recipe without an uncertain band; without a background class, also without a threshold."""
+    return dataclasses.replace(config, uncertain_band=[],
+                               background_threshold=config.background_threshold if has_background else 0.0)
+
+
 def heat_map(scores: torch.Tensor, class_ids: Sequence[int], palette: Sequence[Sequence[int]]) -> np.ndarray:
     """HxWx3 uint8: each pixel in its top class's colour, scaled by that class's score."""
     if scores.shape[0] == 0:
@@ -129,6 +138,7 @@ class _AttentionLabelling:
         self.classes = tuple(classes)
         self.palette = tuple(tuple(int(v) for v in colour) for colour in palette)
         self.background_id = background_class(classes)
+        self.raw_recipe = raw_recipe(self.pseudo_mask, self.background_id != IGNORE_INDEX)
 
     def _classes_or_error(self) -> tuple[str, ...]:
         if self.classes is None:
@@ -166,12 +176,14 @@ class _AttentionLabelling:
             self_attention = capture.self_attention(row) if self.pseudo_mask.refine_power else None
             scores = class_scores(cross, self_attention, self.pseudo_mask, image.shape[:2]).cpu()
             label, confidence = scores_to_mask(scores, self.pseudo_mask, class_ids, self.background_id)
+            raw, _ = scores_to_mask(scores, self.raw_recipe, class_ids, self.background_id)
             meta = {"prompt": condition.prompt, "preset": self.preset,
                     "classes": [self.classes[c] for c in class_ids],
                     "coverage": round(float((label != IGNORE_INDEX).mean()), 4)}
             weight = None if self.pseudo_mask.confidence == "none" else confidence
             samples.append(GeneratedSample(image, label, weight,
-                                           {"attention": heat_map(scores, class_ids, self.palette)}, meta))
+                                           {"attention": heat_map(scores, class_ids, self.palette), "raw_label": raw},
+                                           meta))
         return samples
 
     @torch.no_grad()
@@ -399,4 +411,4 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
 
 
 __all__ = ["BuiltinAttentionGenerator", "SDAttentionGenerator", "background_class", "class_words_of", "heat_map",
-           "pseudo_mask_config"]
+           "pseudo_mask_config", "raw_recipe"]

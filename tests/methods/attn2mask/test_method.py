@@ -10,7 +10,7 @@ from PIL import Image
 
 from segsynth.cli import main
 from segsynth.io import SegsynthError
-from segsynth.methods.attn2mask.method import ARMS, attention_heights, set_settings
+from segsynth.methods.attn2mask.method import ARMS, attention_heights
 from segsynth.run import resolve_run_config, run
 
 TOY = "toy:n=6,n_val=3,size=32x40"
@@ -24,10 +24,6 @@ TINY_RUN = {"method": "attn2mask", "data": TOY, "preset": "quick", "device": "cp
 def test_attention_heights_follow_the_builtin_text_unet():
     assert attention_heights([64, 80], [32, 64, 128]) == [16, 8]  # 32x40 packed; levels 2 and 3
     assert attention_heights([96, 128], [32, 64, 128]) == [24, 12]
-    raw = set_settings("attention-raw", {"resolutions": [8]}, has_background=False)
-    assert raw == {"resolutions": [8], "uncertain_band": [], "confidence": "none", "background_threshold": 0.0}
-    assert "background_threshold" not in set_settings("attention-raw", {}, has_background=True)
-    assert set_settings("attention-band", {}, has_background=False) == {"confidence": "score"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +45,11 @@ def test_a_tiny_attn2mask_run_trains_every_arm_on_equal_budgets(tiny_run):
         # the same images, labelled two ways: raw labels every pixel and has no weights
         assert np.array_equal(np.array(Image.open(raw / first["image"])), np.array(Image.open(band / second["image"])))
         assert "weight" not in first and "weight" in second
-        assert (np.array(Image.open(raw / first["mask"])) != 255).all()
+        raw_mask, band_mask = (np.array(Image.open(folder / record["mask"])) for folder, record in
+                               ((raw, first), (band, second)))
+        assert (raw_mask != 255).all()  # toy has no background class: every pixel its top class
+        labelled = band_mask != 255  # where the band set commits, both agree
+        assert np.array_equal(raw_mask[labelled], band_mask[labelled])
     text = (out / "arms" / "synthetic-attention-reliable" / "seed0" / "config.yaml").read_text()
     assert "loss: reliable" in text and "loss: ce" in (out / "arms" / "synthetic-attention-band" / "seed0" /
                                                         "config.yaml").read_text()
@@ -81,3 +81,13 @@ def test_run_config_checks_the_text_generator_section():
     config = resolve_run_config({"method": "attn2mask", "out": "unused"})
     assert config.seeds == [0] and config.images_per_mask == 1  # the method's toy sizes over run.PRESETS
     assert resolve_run_config({"out": "unused"}).seeds == [0, 1]  # FreeMask's unchanged
+
+
+def test_relabelling_needs_the_raw_label_extra(tiny_run, tmp_path):
+    from segsynth.methods.attn2mask.variants import derive_label_set
+
+    out, _ = tiny_run
+    with pytest.raises(SegsynthError, match="no 'heat' extra"):
+        derive_label_set(out / "synthetic" / "attention-band", tmp_path / "x", "heat")
+    with pytest.raises(SegsynthError, match="no finished samples"):
+        derive_label_set(tmp_path / "empty", tmp_path / "y")

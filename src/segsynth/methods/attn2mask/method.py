@@ -12,18 +12,18 @@ no pixel label is used anywhere. Stages, after the real-only reference:
      as FreeMask's uniform plan
   3. pseudo-mask quality on real held-out images, per recipe
      (`segsynth attention-quality`): a diagnostic, nothing is chosen from it
-  4. synthesize the plan twice, one sample per request each time with the
-     same seeds, so the images are identical and only the labels differ:
-       attention-raw   every pixel its top class (datasets with a background
-                       class: background below the threshold), no uncertain
-                       band, no per-pixel weights
-       attention-band  the recipe as published: pixels in the uncertain band
-                       (and, without a background class, below the threshold)
-                       ignored, the rest weighted by their confidence
+  4. synthesize the plan once with the recipe as published ("attention-band"):
+     pixels in the uncertain band (and, without a background class, below
+     the threshold) ignored, the rest weighted by their confidence
+  5. relabel the same images with the plain pseudo-mask each sample also
+     keeps ("attention-raw", variants.py): no band, every pixel its top class
+     (or background, where the dataset has that class), no weights -- the
+     two sets differ only in their labels
 Arms: real (reference); synthetic-attention-raw; synthetic-attention-band
 (+ ignore band and confidence weights); synthetic-attention-reliable (the
 band set, trained with the reliability-aware loss: per predicted class only
 the most confident share of pixels in full, BECO-style, as Attn2mask does).
+All synthetic arms train on the same images_per_mask x N images.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from PIL import Image
 from segsynth.config import build_config
 from segsynth.formats.manifest import read_manifest
 from segsynth.io import atomic_write_png, read_json
+from segsynth.methods.attn2mask.variants import derive_label_set
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.plan import make_plan
 from segsynth.stage_configs import AttentionQualityConfig, PlanConfig, SynthesizeConfig, TrainTextGeneratorConfig
@@ -51,7 +52,7 @@ ARMS = {
     "synthetic-attention-reliable": Arm("synthetic-attention-reliable", "synthetic", ("attention-band",), "raw",
                                         (("loss", "reliable"),)),
 }
-SETS = ("attention-raw", "attention-band")
+SETS = ("attention-band", "attention-raw")
 PRESET = "dataset-diffusion"  # the recipe when the synthesize section names none
 
 
@@ -62,21 +63,9 @@ def attention_heights(size, channels) -> list[int]:
     return sorted({math.ceil(height / 2 ** level) for level in range(1, len(channels))}, reverse=True)
 
 
-def set_settings(name: str, base: dict, has_background: bool) -> dict:
-    """Pseudo-mask overrides of one synthetic set (module docstring, stage 4) over the run's own."""
-    if name == "attention-band":
-        return {"confidence": "score", **base}
-    raw = {**base, "uncertain_band": [], "confidence": "none"}
-    if not has_background:
-        raw["background_threshold"] = 0.0  # no class to give low-score pixels: each takes its best class
-    return raw
-
-
 def stages(context, arms: list[Arm]) -> list[Stage]:
     """Attn2mask's stages for the arms being trained (sets no arm uses are not made)."""
-    from segsynth.generators.attention_generator import background_class
-
-    config, out, dataset = context.config, context.out, context.dataset
+    config, out = context.config, context.out
     plan = out / "plans" / "class_prompts.jsonl"
     section = dict(config.synthesize)
     pseudo_mask = section.pop("pseudo_mask", PRESET)
@@ -105,16 +94,15 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
         generator=generator, data=config.data, out=str(quality), split=config.eval_split, pseudo_mask_settings=overrides,
         device=config.device)), (quality / "attention_quality.json").is_file))
 
-    # 4. Synthesize each set an arm uses (each resumes on its own).
-    has_background = background_class(dataset.classes) != 255
-    for name in SETS:
-        if not any(name in arm.synthetic for arm in arms):
-            continue
-        settings = set_settings(name, overrides, has_background)
-        folder = context.synthetic_set(name)
-        result.append(Stage(f"synthesize {name}", lambda f=folder, s=settings: synthesize(context.stage_config(
-            SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator, out=str(f),
-            device=config.device, pseudo_mask=pseudo_mask, pseudo_mask_settings=s))))
+    # 4-5. Render the band set once; relabel its images for the raw set (each resumes on its own).
+    band, raw = (context.synthetic_set(name) for name in SETS)
+    if any(arm.synthetic for arm in arms):
+        result.append(Stage("synthesize attention-band", lambda: synthesize(context.stage_config(
+            SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator, out=str(band),
+            device=config.device, pseudo_mask=pseudo_mask, pseudo_mask_settings=overrides))))
+    if any("attention-raw" in arm.synthetic for arm in arms):
+        result.append(Stage("relabel attention-raw", lambda: derive_label_set(band, raw, "raw_label"),
+                            lambda: _relabelled(band, raw)))
     return result
 
 
@@ -137,6 +125,11 @@ def _finished(folder: Path, max_minutes: float) -> bool:
         return False
     training = read_json(meta).get("training", {})
     return bool(training.get("finished")) or (max_minutes > 0 and training.get("seconds", 0) >= 60 * max_minutes - 1)
+
+
+def _relabelled(band: Path, raw: Path) -> bool:
+    """The raw set lists every sample the band set has (a resumed synthesis may have added some)."""
+    return (raw / "manifest.jsonl").is_file() and len(read_manifest(raw)) == len(read_manifest(band))
 
 
 def grids(context) -> list:
@@ -174,10 +167,10 @@ def write_attention_grid(root: Path, path: Path, palette, rows: int) -> Path | N
     return path
 
 
-# Sizes for this method over run.PRESETS: one seed and one image per real mask keep the toy run within
-# about five minutes on two cores (four arms; two label variants of the same images).
+# Sizes for this method over run.PRESETS (which holds the text generator's): one seed, one image per
+# real mask and shorter trainings keep the toy run near five minutes on two cores (four arms).
 PRESETS = {
-    ("toy", "default"): {"seeds": [0], "images_per_mask": 1, "train": {"iterations": 500}, "synthesize": {"steps": 10}},
+    ("toy", "default"): {"seeds": [0], "images_per_mask": 1, "train": {"iterations": 400}, "synthesize": {"steps": 8}},
     ("toy", "quick"): {"seeds": [0], "images_per_mask": 1, "train": {"iterations": 200}, "synthesize": {"steps": 6},
                        "train_text_generator": {"max_minutes": 0.5}},
     ("real", "default"): {"images_per_mask": 1},
