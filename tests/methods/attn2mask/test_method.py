@@ -91,3 +91,22 @@ def test_relabelling_needs_the_raw_label_extra(tiny_run, tmp_path):
         derive_label_set(out / "synthetic" / "attention-band", tmp_path / "x", "heat")
     with pytest.raises(SegsynthError, match="no finished samples"):
         derive_label_set(tmp_path / "empty", tmp_path / "y")
+
+
+def test_a_run_with_a_given_text_generator_reads_its_attention_heights(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    given = resolve_run_config({**TINY_RUN, "out": str(tmp_path / "given"), "generator": f"attention:{out / 'text_generator'}",
+                                "arms": ["real", "synthetic-attention-band"]})
+    run(given)
+    assert not (tmp_path / "given" / "text_generator").exists()
+    state = json.loads((tmp_path / "given" / "synthetic" / "attention-band" / "synthesis.json").read_text())
+    assert state["generator"]["pseudo_mask"]["resolutions"] == [8]
+    assert not (tmp_path / "given" / "synthetic" / "attention-raw").exists()  # no arm uses it
+
+
+def test_train_text_generator_verb(tmp_path, capsys):
+    code = main(["train-text-generator", "--data", TOY, "--out", str(tmp_path / "gen"), "--size", "32,40",
+                 "--channels", "32,64", "--layers-per-block", "1", "--text-width", "32", "--iterations", "1",
+                 "--batch-size", "2", "--warmup", "1", "--device", "cpu"])
+    assert code == 0 and f"--generator attention:{tmp_path / 'gen'}" in capsys.readouterr().out
+    assert (tmp_path / "gen" / "segsynth_generator.json").is_file()

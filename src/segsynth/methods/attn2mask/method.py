@@ -6,7 +6,10 @@ for class prompts, labelled by the cross-attention each class word receives;
 no pixel label is used anywhere. Stages, after the real-only reference:
   1. the text -> image generator: the builtin one trained here on the real
      images with image-level labels only ("a photo of road, car"), or a given
-     attention:DIR / attention-sd:BASE (`RunConfig.generator`)
+     attention:DIR / attention-sd:BASE (`RunConfig.generator`). For a builtin
+     one the pseudo-mask resolutions default to all its cross-attention maps
+     (self-attention refinement at the largest); for SD give them in
+     `synthesize.pseudo_mask_settings`
   2. the class-prompt plan: images_per_mask images for each real training
      image's class set (`segsynth plan --class-prompts N`), the same budget
      as FreeMask's uniform plan
@@ -85,6 +88,13 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
         generator = f"attention:{folder}"
         heights = attention_heights(train_config.size, train_config.channels)
         overrides = {"resolutions": heights, "self_attention_resolution": heights[0], **overrides}
+
+    elif generator.startswith("attention:"):  # a given builtin text generator: its own attention heights
+        meta = Path(generator.partition(":")[2]) / "segsynth_generator.json"
+        trained = read_json(meta).get("train_config", {}) if meta.is_file() else {}
+        if trained.get("size") and trained.get("channels"):
+            heights = attention_heights(trained["size"], trained["channels"])
+            overrides = {"resolutions": heights, "self_attention_resolution": heights[0], **overrides}
 
     # 2-3. The class-prompt plan; pseudo-mask quality on real held-out images.
     result.append(Stage("class-prompt plan", lambda: make_plan(context.stage_config(
