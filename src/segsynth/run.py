@@ -191,15 +191,15 @@ def run(config: RunConfig) -> dict:
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
         f"seeds {config.seeds}")
 
-    # 2. Real-only reference segmenters.
+    # 2. Real-only reference segmenters (the method's stage list is made first: it checks its settings).
+    arms = [method.arms[name] for name in config.arms]
+    stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
     for seed in config.seeds:
         _run_stage(context, Stage(f"train real seed {seed}", lambda s=seed: train_arm(context, method.arms["real"], s)))
 
     # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).
-    arms = [method.arms[name] for name in config.arms]
-    if any(arm.synthetic for arm in arms):
-        for stage in method.stages(context, arms):
-            _run_stage(context, stage)
+    for stage in stages:
+        _run_stage(context, stage)
 
     # 4. Every other arm, every seed.
     for arm in arms:

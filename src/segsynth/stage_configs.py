@@ -225,7 +225,8 @@ class RunConfig:
                                          "synthetic data gets the same total")
     pretrain_fraction: float = field(0.5, help="pretrain-finetune arms: share of train.iterations on synthetic data")
     generator: str = field("auto", help="mask-to-image generator: auto (the shipped toy generator on toy data, else "
-                                        "train one), train, or a spec such as builtin:DIR")
+                                        "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
+                                        "the builtin text generator, attention:DIR or attention-sd:BASE)")
     grids: int = field(6, help="rows in each visual grid")
     device: str = field("auto", help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")

@@ -75,9 +75,12 @@ def test_attention_quality_verb_scores_each_recipe(tiny_run, tmp_path, capsys):
     assert code == 2 and "no cross-attention at resolution(s) [3]" in capsys.readouterr().err
 
 
-def test_run_config_checks_the_text_generator_section():
+def test_run_config_checks_the_text_generator_section(tmp_path):
     with pytest.raises(SegsynthError, match="section 'train_text_generator': unknown key.*target"):
         resolve_run_config({**TINY_RUN, "out": "unused", "train_text_generator": {"target": "colour-mask"}})
+    with pytest.raises(SegsynthError, match="attn2mask needs a text -> image generator"):
+        run(resolve_run_config({**TINY_RUN, "out": str(tmp_path / "wrong"), "generator": "builtin:somewhere"}))
+    assert not (tmp_path / "wrong" / "arms").exists()  # refused before the real arm trained
     config = resolve_run_config({"method": "attn2mask", "out": "unused"})
     assert config.seeds == [0] and config.images_per_mask == 1  # the method's toy sizes over run.PRESETS
     assert resolve_run_config({"out": "unused"}).seeds == [0, 1]  # FreeMask's unchanged

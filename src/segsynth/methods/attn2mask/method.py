@@ -39,7 +39,7 @@ from PIL import Image
 
 from segsynth.config import build_config
 from segsynth.formats.manifest import read_manifest
-from segsynth.io import atomic_write_png, read_json
+from segsynth.io import SegsynthError, atomic_write_png, read_json
 from segsynth.methods.attn2mask.variants import derive_label_set
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.plan import make_plan
@@ -77,7 +77,10 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
 
     # 1. The generator: given, or the builtin text generator trained here on image-level labels.
     generator = config.generator
-    if not generator.startswith(("attention:", "attention-sd:")):
+    if generator not in ("auto", "train") and not generator.startswith(("attention:", "attention-sd:")):
+        raise SegsynthError(f"--generator {generator}: attn2mask needs a text -> image generator with attention: "
+                            "auto or train (the builtin one, trained here), attention:DIR or attention-sd:BASE")
+    if generator in ("auto", "train"):
         folder = out / "text_generator"
         train_config = build_config(TrainTextGeneratorConfig, {
             "sample_steps": config.synthesize.get("steps", 20), **config.train_text_generator, "data": config.data,
