@@ -15,8 +15,8 @@ import sys
 
 from segsynth import __version__
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig, PlanConfig, RunConfig,
-                                    StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
+from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig,
+                                    PlanConfig, RunConfig, StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
                                     TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
@@ -104,7 +104,7 @@ def cmd_train_text_generator(args) -> int:
 
     config = config_from_args(TrainTextGeneratorConfig, args)
     folder = train_text_generator(config)
-    use = f"--generator text2mask:{folder}" if config.target == "colour-mask" else f"its folder {folder}"
+    use = f"--generator text2mask:{folder}" if config.target == "colour-mask" else f"--generator attention:{folder}"
     print(f"text generator: {folder} (use it with {use})")
     return 0
 
@@ -125,6 +125,13 @@ def cmd_mask_quality(args) -> int:
     report = write_mask_quality(config)
     print(format_report(report, report["classes"]))
     print(f"written: {config.out}/mask_quality.json, mask_quality.md, mask_quality_grid.png")
+    return 0
+
+
+def cmd_attention_quality(args) -> int:
+    from segsynth.methods.attn2mask.quality import attention_quality, format_quality
+
+    print(format_quality(attention_quality(config_from_args(AttentionQualityConfig, args))))
     return 0
 
 
@@ -152,6 +159,8 @@ VERBS = {
     "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
     "mask-quality": ("generated masks vs the real ones, and the alignment of their rendered images (SegGen)",
                      MaskQualityConfig, cmd_mask_quality),
+    "attention-quality": ("score attention pseudo-masks of real held-out images against their labels, per recipe",
+                          AttentionQualityConfig, cmd_attention_quality),
     "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data) + table",
             RunConfig, cmd_run),
 }

@@ -8,7 +8,8 @@ config beside it. Entry keys are the plan format's (`kind`, `prompt`,
 extra key a planner records. Modes: uniform (K per mask, `--uniform K`),
 FreeMask's hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py)
 and the text plan (`--captions FILE --per-caption N`: one text entry per
-caption, for a text -> mask generator such as SegGen's MaskSyn).
+caption, for a text -> mask generator such as SegGen's MaskSyn) and text entries from
+each real image's class set (`--class-prompts N`, Attn2mask).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable
 from segsynth.config import save_config
 from segsynth.data import Dataset, open_dataset
 from segsynth.formats.plan import PlanEntry, assign_seeds, write_plan
+from segsynth.generators.builtin_text.train import class_prompt, present_classes
 from segsynth.io import SegsynthError
 from segsynth.methods.freemask.hardness import hardness_planner
 from segsynth.methods.seggen.captions import read_captions
@@ -63,11 +65,27 @@ def safe_ids(ids: list[str]) -> list[str]:
     return names
 
 
+def class_prompt_planner(config: PlanConfig, dataset: Dataset, ids: list[str]) -> tuple[list[int], list[dict]]:
+    """Text entries for text -> image generators (Attn2mask, DiffuMask): N images for each real image's set
+    of classes, prompted as the builtin text generator was trained ('a photo of road, car': the classes
+    covering at least 0.5% of the image, in class order). Only which classes are present is read from a
+    label, so the plan repeats the real data's class combinations and their frequencies, and the budget
+    matches a uniform plan of N per mask. Each class word is the class name itself."""
+    split = dataset.split(config.split)
+    extras = []
+    for sample_id in ids:
+        names = [dataset.classes[c] for c in present_classes(split.label(split.index_of(sample_id)), dataset.num_classes)]
+        extras.append({"kind": "text", "prompt": class_prompt(names), "class_words": {name: [name] for name in names}})
+    keep = [1 if extra["class_words"] else 0 for extra in extras]  # an all-ignore label names no class
+    return [config.class_prompts * k for k in keep], extras
+
+
 # plan mode -> (the flags that select it, is it selected by this config?, planner).
 PLANNERS: dict[str, tuple[str, Callable[[PlanConfig], bool], Planner]] = {
     "uniform": ("--uniform K", lambda config: config.uniform > 0, uniform_planner),
     "hardness": ("--stats FILE", lambda config: config.hardness or config.stats is not None, hardness_planner),
     "text": ("--captions FILE --per-caption N", lambda config: config.captions is not None, text_planner),
+    "class-prompts": ("--class-prompts N", lambda config: config.class_prompts > 0, class_prompt_planner),
 }
 
 

@@ -37,6 +37,7 @@ from segsynth.data.validate import quick_check
 from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
 from segsynth.methods.base import Arm, Method, Stage
+from segsynth.methods.attn2mask.method import ATTN2MASK
 from segsynth.methods.freemask.method import FREEMASK
 from segsynth.methods.seggen.method import SEGGEN
 from segsynth.report import format_table, write_results
@@ -49,10 +50,12 @@ TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
 METHODS = {
     "freemask": FREEMASK,
     "seggen": SEGGEN,
+    "attn2mask": ATTN2MASK,
 }
 
 # Sizes by data kind ("toy" for the built-in data, "real" for any other) and preset. Each preset is
-# merged over BASE, key by key inside sections; the user's keys are merged over the result.
+# merged over BASE, key by key inside sections, then the method's own `presets` entry; the user's keys
+# are merged over the result.
 BASE = {
     "images_per_mask": 2, "seeds": [0, 1], "grids": 6,
     "train": {"model": "segformer-tiny", "iterations": 600, "batch_size": 8, "lr": 2e-3, "warmup": 50, "workers": 1},
@@ -61,14 +64,8 @@ BASE = {
     "synthesize": {"steps": 12, "batch_size": 16},
     "plan": {"nmax": 20},
     "filter": {"alpha": 1.25},
-    # SegGen's text -> mask model draws masks at half the toy resolution (the mask -> image generator scales them
-    # up, nearest): flat colour maps need few pixels, and a quarter of the pixels is a quarter of the CPU time.
-    # A model trained for minutes paints its colours 64-100 RGB units off the palette; the separated palette's
-    # colours are 155+ apart for up to 11 classes, so decoding up to 100 away still picks the intended colour
-    # (measured on the toy run's mask set: 80% of the pixels decoded to ignore at the default 64, 15% at 100).
-    "train_text_generator": {"size": [32, 40], "channels": [32, 64], "layers_per_block": 1, "iterations": 3000,
-                             "max_minutes": 1.0, "batch_size": 16, "lr": 1e-3, "warmup": 20,
-                             "decode_max_distance": 100.0},
+    "train_text_generator": {"size": [64, 80], "channels": [32, 64, 128], "layers_per_block": 1, "iterations": 3000,
+                             "max_minutes": 1.25, "batch_size": 16},
 }
 PRESETS = {
     ("toy", "default"): {},
@@ -87,10 +84,10 @@ PRESETS = {
                                     "warmup": 100, "base_size": [96, 128], "crop": [96, 128], "eval_size": [96, 128]},
                           "train_generator": {"size": [96, 128], "channels": [64, 128, 256], "max_minutes": 20.0,
                                               "iterations": 20000},
+                          "synthesize": {"steps": 20},
                           "train_text_generator": {"size": [96, 128], "channels": [32, 64, 128], "layers_per_block": 2,
                                                    "max_minutes": 20.0, "iterations": 20000, "lr": 5e-4,
-                                                   "warmup": 100},
-                          "synthesize": {"steps": 20}},
+                                                   "warmup": 100}},
 }
 
 
@@ -103,7 +100,9 @@ def resolve_run_config(values: dict) -> RunConfig:
         raise SegsynthError(f"unknown preset {preset!r}; options: {', '.join(names)}")
     data = values.get("data") or PRESETS[("toy", preset)].get("data") or RunConfig.data
     kind = "toy" if data.split(":")[0] == "toy" else "real"
-    merged = _merge(_merge(BASE, PRESETS[(kind, preset)]), values)
+    method = METHODS.get(values.get("method", RunConfig.method))
+    method_sizes = method.presets.get((kind, preset), {}) if method else {}
+    merged = _merge(_merge(_merge(BASE, PRESETS[(kind, preset)]), method_sizes), values)
     config = build_config(RunConfig, merged, "run config")
     method = method_of(config)
     for section, (stage_config, owned) in RUN_SECTIONS.items():
@@ -200,15 +199,15 @@ def run(config: RunConfig) -> dict:
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
         f"seeds {config.seeds}")
 
-    # 2. Real-only reference segmenters.
+    # 2. Real-only reference segmenters (the method's stage list is made first: it checks its settings).
+    arms = [method.arms[name] for name in config.arms]
+    stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
     for seed in config.seeds:
         _run_stage(context, Stage(f"train real seed {seed}", lambda s=seed: train_arm(context, method.arms["real"], s)))
 
     # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).
-    arms = [method.arms[name] for name in config.arms]
-    if any(arm.synthetic for arm in arms):
-        for stage in method.stages(context, arms):
-            _run_stage(context, stage)
+    for stage in stages:
+        _run_stage(context, stage)
 
     # 4. Every other arm, every seed.
     for arm in arms:
@@ -239,7 +238,7 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
     pretrain = int(round(iterations * config.pretrain_fraction)) if arm.recipe == "pretrain-finetune" else 0
     train(context.stage_config(
         TrainConfig, "train", defaults={"save_every": max(100, iterations // 4), "log_every": max(10, iterations // 20)},
-        **dict(arm.options), data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
+        **dict(arm.train), data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
         synthetic=[str(context.synthetic_set(name)) for name in arm.synthetic],
         iterations=iterations - pretrain, pretrain_iterations=pretrain, seed=seed, resume=True,
         eval_split=config.eval_split, device=config.device))

@@ -49,6 +49,10 @@ class TrainConfig:
     resume: bool = field(False, help="continue from OUT/checkpoint if it exists")
     device: str = field("auto", help="auto, cpu or cuda")
     log_every: int = field(20, help="write a metrics.jsonl line every N iterations")
+    loss: str = field("ce", help="ce (cross-entropy, per-pixel weights) or reliable (per predicted class, only the "
+                                 "most confident share of pixels in full: training on noisy pseudo-masks, Attn2mask)")
+    reliable_share: float = field(0.5, help="loss reliable: share of each predicted class's pixels trusted in full")
+    unreliable_weight: float = field(0.0, help="loss reliable: weight of the other pixels (0: dropped)")
 
 
 @dataclass
@@ -90,6 +94,8 @@ class PlanConfig:
     captions: str | None = field(None, help="text plan: captions file (JSON {mask id: caption} or JSONL, e.g. from "
                                             "`segsynth captions`) whose captions become text requests")
     per_caption: int = field(0, help="text plan: N seeds (samples) per caption")
+    class_prompts: int = field(0, help="text plan: N images for each real image's class set, prompted 'a photo of "
+                                       "road, car' (image-level labels only), for text -> image generators")
 
 
 @dataclass
@@ -181,7 +187,8 @@ class SynthesizeConfig:
     data: str = field(help="dataset spec the plan's masks come from, e.g. camvid:PATH, or synthetic-raw:DIR for a "
                            "mask set a text -> mask generator made (each record then names its source sample)")
     plan: str = field(help="plan file (JSONL) from `segsynth plan`")
-    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE, controlnet-sdxl:BASE or text2mask:DIR")
+    generator: str = field(help="generator spec: builtin:DIR, controlnet:BASE, controlnet-sdxl:BASE, text2mask:DIR, "
+                                "attention:DIR or attention-sd:BASE")
     out: str = field(help="output folder (a folder: dataset); rerun with the same arguments to resume")
     split: str = field("train", help="split the plan's mask ids belong to")
     batch_size: int = field(4, help="masks per model call (does not change any sample's pixels)")
@@ -198,6 +205,25 @@ class SynthesizeConfig:
     dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
     device: str = field("auto", help="auto, cpu or cuda")
     progress: bool = field(True, help="show a progress bar")
+    pseudo_mask: str = field("dataset-diffusion", help="attention generators: pseudo-mask recipe (diffumask, "
+                                                       "dataset-diffusion or daam; methods/attn2mask/pseudo_mask.py)")
+    pseudo_mask_settings: dict = field({}, help="attention generators: PseudoMaskConfig keys over the recipe, e.g. "
+                                                "resolutions=[16,8] background_threshold=0.4")
+
+
+@dataclass
+class AttentionQualityConfig:
+    generator: str = field(help="attention generator spec: attention:DIR or attention-sd:BASE")
+    data: str = field(help="real dataset spec with labels, e.g. camvid:PATH or toy")
+    out: str = field(help="folder for attention_quality.json and attention_quality.md")
+    split: str = field("val", help="held-out split whose images are noised and labelled")
+    presets: list[str] = field(["diffumask", "dataset-diffusion", "daam"], help="pseudo-mask recipes to score")
+    pseudo_mask_settings: dict = field({}, help="PseudoMaskConfig keys over every recipe, e.g. resolutions=[16,8]")
+    timestep: float = field(0.5, help="noise level: a fraction of the training schedule (0-1) or a timestep (> 1)")
+    limit: int = field(0, help="score only the first N images of the split (0: all)")
+    seed: int = field(0, help="seed of the noise added to each image (image i uses seed + i)")
+    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (attention-sd)")
+    device: str = field("auto", help="auto, cpu or cuda")
 
 
 @dataclass
@@ -248,11 +274,13 @@ class RunConfig:
                                          "synthetic data gets the same total")
     pretrain_fraction: float = field(0.5, help="pretrain-finetune arms: share of train.iterations on synthetic data")
     generator: str = field("auto", help="mask-to-image generator: auto (the shipped toy generator on toy data, else "
-                                        "train one), train, or a spec such as builtin:DIR")
+                                        "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
+                                        "the builtin text generator, attention:DIR or attention-sd:BASE)")
     grids: int = field(6, help="rows in each visual grid")
     device: str = field("auto", help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (attn2mask), e.g. max_minutes=20")
     stats: dict = field({}, help="StatsConfig keys (default size: train's eval_size)")
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
@@ -267,8 +295,10 @@ RUN_SECTIONS = {
     "train": (TrainConfig, ("data", "out", "recipe", "synthetic", "synthetic_masks", "pretrain_iterations",
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
     "train_generator": (TrainGeneratorConfig, ("data", "out", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "device", "target", "prompts", "resume")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
-    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption")),
+    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
+                          "class_prompts")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),

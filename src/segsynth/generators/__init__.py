@@ -7,6 +7,8 @@ A generator spec is 'NAME:ARGUMENT', as dataset specs are:
                               mask, decoded to labels: SegGen's MaskSyn)
   controlnet:BASE             Stable Diffusion 1.x/2.x + a ControlNet (settings.controlnet), hub id or folder
   controlnet-sdxl:BASE        SDXL + an SDXL ControlNet
+  attention:DIR               text -> image + attention pseudo-mask, a `segsynth train-text-generator` folder
+  attention-sd:BASE           text -> image + attention pseudo-mask, Stable Diffusion 1.x/2.x, hub id or folder
 """
 
 from __future__ import annotations
@@ -41,12 +43,26 @@ def _text2mask(argument: str, settings: GeneratorSettings) -> Generator:
     return TextToMaskGenerator(argument, settings)
 
 
+def _attention(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.attention_generator import BuiltinAttentionGenerator
+
+    return BuiltinAttentionGenerator(argument, settings)
+
+
+def _attention_sd(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.attention_generator import SDAttentionGenerator
+
+    return SDAttentionGenerator(argument, settings)
+
+
 # name -> builder(argument, settings). A new backend is one more row.
 GENERATORS = {
     "builtin": _builtin,
     "controlnet": _controlnet,
     "controlnet-sdxl": _controlnet_sdxl,
     "text2mask": _text2mask,
+    "attention": _attention,
+    "attention-sd": _attention_sd,
 }
 
 

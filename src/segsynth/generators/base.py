@@ -69,6 +69,8 @@ class GeneratorSettings:
     resolution: tuple[int, int] | None = None
     dtype: str = "auto"
     device: str = "auto"
+    pseudo_mask: str = "dataset-diffusion"  # attention generators: a pseudo_mask.PRESETS recipe
+    pseudo_mask_settings: dict = field(default_factory=dict)  # ... with these PseudoMaskConfig fields overridden
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ method's stages, then every other arm, and reports them side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -18,7 +18,7 @@ class Arm:
     recipe: str  # a training recipe (segsynth.training.recipes)
     synthetic: tuple[str, ...] = ()  # names of the synthetic sets it trains on (OUT/synthetic/<name>)
     masks: str = "raw"  # raw or filtered masks of those sets
-    options: tuple[tuple[str, object], ...] = ()  # other TrainConfig keys this arm sets, e.g. (("replace_from", "pool"),)
+    train: tuple[tuple[str, object], ...] = ()  # other TrainConfig keys this arm sets, e.g. (("loss", "reliable"),)
 
 
 @dataclass
@@ -37,3 +37,4 @@ class Method:
     arms: dict[str, Arm]  # table order; "real" first
     stages: Callable  # (run context, arms to train) -> list[Stage], in order
     grids: Callable  # (run context) -> list of grid PNGs written
+    presets: dict = field(default_factory=dict)  # (data kind, preset) -> run values over run.PRESETS for this method

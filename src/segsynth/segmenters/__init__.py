@@ -4,7 +4,8 @@ A segmenter is an `nn.Module` that takes uint8-range RGB images (B, 3, H, W,
 float) and owns its normalisation, so a checkpoint is self-contained:
 
   forward(images)                  -> per-pixel class logits at the model's output stride
-  forward(images, labels, weights) -> scalar training loss (255 ignored, optional per-pixel weights)
+  forward(images, labels, weights[, loss]) -> scalar training loss (255 ignored, optional per-pixel
+                                   weights; `loss` from segmenters.losses.LOSSES, default weighted CE)
   predict(images, size)            -> logits resized to `size`
   save(directory)                  -> config.json + model.safetensors
 

@@ -1,11 +1,19 @@
-"""Per-pixel losses every segmenter and stage shares (255 = ignore everywhere)."""
+"""Per-pixel losses every segmenter and stage shares (255 = ignore everywhere).
+
+Training losses are `(logits at label size, labels, weights or None) -> scalar`; `LOSSES` maps
+`TrainConfig.loss` to a builder of one from the config, and the segmenter's forward applies it (so
+DistributedDataParallel still sees the loss inside forward).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from segsynth import IGNORE_INDEX
+from segsynth.io import SegsynthError
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -24,3 +32,29 @@ def pixel_losses(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     logits = model(images)
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def _reliable(config):
+    """Attn2mask's reliability-aware loss (methods/attn2mask/reliability.py) with the config's share and weight."""
+    from segsynth.methods.attn2mask.reliability import reliability_loss
+
+    share, unreliable_weight = float(config.reliable_share), float(config.unreliable_weight)
+    if not 0.0 < share <= 1.0:
+        raise SegsynthError(f"--reliable-share must be in (0, 1], got {share}")
+    if not 0.0 <= unreliable_weight <= 1.0:
+        raise SegsynthError(f"--unreliable-weight must be in [0, 1], got {unreliable_weight}")
+    return functools.partial(reliability_loss, share=share, unreliable_weight=unreliable_weight)
+
+
+# TrainConfig.loss -> builder(config) -> loss(logits, labels, weights). A new loss is one more row.
+LOSSES = {
+    "ce": lambda config: weighted_cross_entropy,
+    "reliable": _reliable,
+}
+
+
+def training_loss(config):
+    """The loss function `config.loss` names (a TrainConfig), or an error listing the options."""
+    if config.loss not in LOSSES:
+        raise SegsynthError(f"unknown --loss {config.loss!r}; options: {', '.join(LOSSES)}")
+    return LOSSES[config.loss](config)

@@ -53,12 +53,12 @@ class SegFormerSegmenter(nn.Module):
         return self.model.config.num_labels
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None, loss=weighted_cross_entropy) -> torch.Tensor:
         logits = self.model(pixel_values=(images - self.mean) / self.std).logits
         if labels is None:
             return logits
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return weighted_cross_entropy(logits, labels, weights)
+        return loss(logits, labels, weights)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from segsynth.formats.checkpoint import (checkpoint_meta, has_checkpoint, load_o
                                          save_checkpoint)
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl
 from segsynth.segmenters import create_segmenter, load_segmenter
+from segsynth.segmenters.losses import training_loss
 from segsynth.stage_configs import TrainConfig
 from segsynth.training.evaluate import confusion_over_split, metrics_from_confusion
 from segsynth.training.recipes import RECIPES
@@ -77,6 +78,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         raise SegsynthError(f"unknown recipe {config.recipe!r}; options: {', '.join(RECIPES)}")
     if config.synthetic and config.recipe == "real":
         raise SegsynthError("--synthetic was given but --recipe is real; choose synthetic, joint, pretrain-finetune or replace")
+    criterion = training_loss(config)
     sources = sources or RECIPES[config.recipe](config, dataset)
     first = sources[0].split[0]
     native = list(first.label.shape)
@@ -128,7 +130,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         images = images.to(info.device, non_blocking=True).float()
         labels = labels.to(info.device, non_blocking=True)
         weights = weights.to(info.device, non_blocking=True)
-        loss = train_model(images, labels, weights)
+        loss = train_model(images, labels, weights, criterion)
         check_finite(loss, iteration + 1, config.iterations, config.lr,
                      f" or lengthen --warmup, and run `segsynth check-data {config.data}`", _saved_note(out), bar.close)
         optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ Confidence, per `confidence`:
   'margin'  distance to the decision, scaled to [0, 1]: a class pixel's
             (top - max(second, threshold)) / (1 - threshold); a background
             pixel's (threshold - top) / threshold
+  'none'    1 everywhere: no per-pixel weighting (attention generators then write no weight map)
 Ignore (uncertain-band) pixels get confidence 0.
 
 Recipes (`PRESETS`, plain dicts of config values):
@@ -54,7 +55,7 @@ from segsynth.training.evaluate import confusion_matrix, metrics_from_confusion
 NORMALISATIONS = ("max", "min-max")
 NORMALISE_AT = ("each-resolution", "combined")
 UPSAMPLINGS = ("bilinear", "bicubic")
-CONFIDENCES = ("score", "margin")
+CONFIDENCES = ("score", "margin", "none")
 
 
 @dataclass
@@ -72,7 +73,8 @@ class PseudoMaskConfig:
     upsampling: str = field("bicubic", help="bilinear or bicubic")
     background_threshold: float = field(0.5, help="a pixel whose top class score is below this is background")
     uncertain_band: list[float] = field([], help="[low, high): top scores in it are labelled ignore (255); [] = none")
-    confidence: str = field("score", help="score (the winner's normalised score) or margin (distance to the decision)")
+    confidence: str = field("score", help="score (the winner's normalised score), margin (distance to the "
+                                          "decision) or none (1: no per-pixel weights)")
 
 
 # name -> config values. Each cites its recipe; see the module docstring for the details.
@@ -213,13 +215,18 @@ def scores_to_mask(scores: torch.Tensor, config: PseudoMaskConfig, class_ids: Se
     scores = torch.as_tensor(scores).float()
     if scores.shape[0] != len(class_ids):
         raise SegsynthError(f"{scores.shape[0]} class maps but {len(class_ids)} class ids")
-    bad = [c for c in list(class_ids) + [background_id] if not 0 <= int(c) < IGNORE_INDEX]
-    if bad:
-        raise SegsynthError(f"class ids must be in 0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} is ignore), got {bad}")
+    bad = [c for c in class_ids if not 0 <= int(c) < IGNORE_INDEX]
+    if bad or not 0 <= int(background_id) <= IGNORE_INDEX:
+        raise SegsynthError(f"class ids must be in 0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} is ignore), got "
+                            f"{bad or [background_id]}")
+    # A dataset without a background class labels no-class pixels ignore (255): they are not known to be
+    # anything, so they get confidence 0 too.
+    background_ignored = int(background_id) == IGNORE_INDEX
     threshold = config.background_threshold
     height, width = scores.shape[1:]
     if scores.shape[0] == 0:  # no class in the prompt: all background, and sure of it
-        return np.full((height, width), background_id, np.uint8), np.ones((height, width), np.float32)
+        sure = 0.0 if background_ignored else 1.0
+        return np.full((height, width), background_id, np.uint8), np.full((height, width), sure, np.float32)
 
     # 1. winner and runner-up
     ranked = scores.topk(min(2, scores.shape[0]), dim=0)
@@ -237,13 +244,16 @@ def scores_to_mask(scores: torch.Tensor, config: PseudoMaskConfig, class_ids: Se
         label = torch.where(uncertain, torch.full_like(label, IGNORE_INDEX), label)
 
     # 3. confidence
-    if config.confidence == "score":
+    if config.confidence == "none":
+        confidence = torch.ones_like(top)
+    elif config.confidence == "score":
         confidence = torch.where(is_class, top, 1.0 - top)
     else:
         class_margin = (top - torch.maximum(second, torch.full_like(top, threshold))) / max(1.0 - threshold, 1e-12)
         background_margin = (threshold - top) / max(threshold, 1e-12)
         confidence = torch.where(is_class, class_margin, background_margin)
-    confidence = torch.where(uncertain, torch.zeros_like(confidence), confidence).clamp(0.0, 1.0)
+    unknown = uncertain | (~is_class if background_ignored else torch.zeros_like(is_class))
+    confidence = torch.where(unknown, torch.zeros_like(confidence), confidence).clamp(0.0, 1.0)
     return label.numpy().astype(np.uint8), confidence.numpy().astype(np.float32)
 
 
@@ -253,7 +263,8 @@ def attention_to_mask(cross: Mapping[int, torch.Tensor], self_attention, config:
     """Per-class attention maps -> (label HxW uint8 with 255 = uncertain, confidence HxW float32 in [0, 1]).
 
     cross: {resolution: (C, h, w)}, row c the attention of class `class_ids[c]`'s word (its tokens averaged);
-    self_attention: see `class_scores`; out_size: (H, W) of the image; pixels with no class get `background_id`.
+    self_attention: see `class_scores`; out_size: (H, W) of the image; pixels with no class get `background_id`
+    (255 for datasets without a background class: ignored, confidence 0).
     """
     scores = class_scores(cross, self_attention, config, out_size)
     return scores_to_mask(scores.cpu(), config, class_ids, background_id)

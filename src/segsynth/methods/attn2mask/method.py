@@ -1,0 +1,194 @@
+"""Attn2mask / DiffuMask as a method of `segsynth run`: text -> image samples labelled by their own attention.
+
+Attn2mask (Yoshihashi et al. 2023, arXiv 2309.01369) and DiffuMask (Wu et al.,
+ICCV 2023) train a segmenter on images a text -> image diffusion model draws
+for class prompts, labelled by the cross-attention each class word receives;
+no pixel label is used anywhere. Stages, after the real-only reference:
+  1. the text -> image generator: the builtin one trained here on the real
+     images with image-level labels only ("a photo of road, car"), or a given
+     attention:DIR / attention-sd:BASE (`RunConfig.generator`). For a builtin
+     one the pseudo-mask resolutions default to all its cross-attention maps
+     (self-attention refinement at the largest); for SD give them in
+     `synthesize.pseudo_mask_settings`
+  2. the class-prompt plan: images_per_mask images for each real training
+     image's class set (`segsynth plan --class-prompts N`), the same budget
+     as FreeMask's uniform plan
+  3. pseudo-mask quality on real held-out images, per recipe
+     (`segsynth attention-quality`): a diagnostic, nothing is chosen from it
+  4. synthesize the plan once with the recipe as published ("attention-band"):
+     pixels in the uncertain band (and, without a background class, below
+     the threshold) ignored, the rest weighted by their confidence
+  5. relabel the same images with the plain pseudo-mask each sample also
+     keeps ("attention-raw", variants.py): no band, every pixel its top class
+     (or background, where the dataset has that class), no weights -- the
+     two sets differ only in their labels
+Arms: real (reference); synthetic-attention-raw; synthetic-attention-band
+(+ ignore band and confidence weights); synthetic-attention-reliable (the
+band set, trained with the reliability-aware loss: per predicted class only
+the most confident share of pixels in full, BECO-style, as Attn2mask does).
+All synthetic arms train on the same images_per_mask x N images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segsynth.config import build_config
+from segsynth.formats.manifest import read_manifest
+from segsynth.io import SegsynthError, atomic_write_png, read_json
+from segsynth.methods.attn2mask.variants import derive_label_set
+from segsynth.methods.base import Arm, Method, Stage
+from segsynth.plan import make_plan
+from segsynth.stage_configs import AttentionQualityConfig, PlanConfig, SynthesizeConfig, TrainTextGeneratorConfig
+from segsynth.synthesize import synthesize
+
+ARMS = {
+    "real": Arm("real", "real"),
+    "synthetic-attention-raw": Arm("synthetic-attention-raw", "synthetic", ("attention-raw",), "raw",
+                                   (("loss", "ce"),)),
+    "synthetic-attention-band": Arm("synthetic-attention-band", "synthetic", ("attention-band",), "raw",
+                                    (("loss", "ce"),)),
+    "synthetic-attention-reliable": Arm("synthetic-attention-reliable", "synthetic", ("attention-band",), "raw",
+                                        (("loss", "reliable"),)),
+}
+SETS = ("attention-band", "attention-raw")
+PRESET = "dataset-diffusion"  # the recipe when the synthesize section names none
+
+
+def attention_heights(size, channels) -> list[int]:
+    """Cross-attention map heights of a builtin text generator: its UNet runs on the 2x2-packed image and
+    has cross-attention on every level but the first (generators/builtin_text/model.py)."""
+    height = int(size[0]) // 2
+    return sorted({math.ceil(height / 2 ** level) for level in range(1, len(channels))}, reverse=True)
+
+
+def stages(context, arms: list[Arm]) -> list[Stage]:
+    """Attn2mask's stages for the arms being trained (sets no arm uses are not made)."""
+    config, out = context.config, context.out
+    plan = out / "plans" / "class_prompts.jsonl"
+    section = dict(config.synthesize)
+    pseudo_mask = section.pop("pseudo_mask", PRESET)
+    overrides = dict(section.pop("pseudo_mask_settings", {}) or {})
+    result = []
+
+    # 1. The generator: given, or the builtin text generator trained here on image-level labels.
+    generator = config.generator
+    if generator not in ("auto", "train") and not generator.startswith(("attention:", "attention-sd:")):
+        raise SegsynthError(f"--generator {generator}: attn2mask needs a text -> image generator with attention: "
+                            "auto or train (the builtin one, trained here), attention:DIR or attention-sd:BASE")
+    if generator in ("auto", "train"):
+        folder = out / "text_generator"
+        train_config = build_config(TrainTextGeneratorConfig, {
+            "sample_steps": config.synthesize.get("steps", 20), **config.train_text_generator, "data": config.data,
+            "out": str(folder), "device": config.device, "target": "image", "prompts": "classes", "resume": True},
+            "run config section 'train_text_generator'")
+        result.append(Stage("train text generator", lambda: _train_text_generator(train_config),
+                            lambda: _finished(folder, train_config.max_minutes)))
+        generator = f"attention:{folder}"
+        heights = attention_heights(train_config.size, train_config.channels)
+        overrides = {"resolutions": heights, "self_attention_resolution": heights[0], **overrides}
+
+    elif generator.startswith("attention:"):  # a given builtin text generator: its own attention heights
+        meta = Path(generator.partition(":")[2]) / "segsynth_generator.json"
+        trained = read_json(meta).get("train_config", {}) if meta.is_file() else {}
+        if trained.get("size") and trained.get("channels"):
+            heights = attention_heights(trained["size"], trained["channels"])
+            overrides = {"resolutions": heights, "self_attention_resolution": heights[0], **overrides}
+
+    # 2-3. The class-prompt plan; pseudo-mask quality on real held-out images.
+    result.append(Stage("class-prompt plan", lambda: make_plan(context.stage_config(
+        PlanConfig, "plan", data=config.data, out=str(plan), class_prompts=config.images_per_mask)), plan.is_file))
+    quality = out / "attention_quality"
+    result.append(Stage("attention quality", lambda: _attention_quality(AttentionQualityConfig(
+        generator=generator, data=config.data, out=str(quality), split=config.eval_split, pseudo_mask_settings=overrides,
+        device=config.device)), (quality / "attention_quality.json").is_file))
+
+    # 4-5. Render the band set once; relabel its images for the raw set (each resumes on its own).
+    band, raw = (context.synthetic_set(name) for name in SETS)
+    if any(arm.synthetic for arm in arms):
+        result.append(Stage("synthesize attention-band", lambda: synthesize(context.stage_config(
+            SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator, out=str(band),
+            device=config.device, pseudo_mask=pseudo_mask, pseudo_mask_settings=overrides))))
+    if any("attention-raw" in arm.synthetic for arm in arms):
+        result.append(Stage("relabel attention-raw", lambda: derive_label_set(band, raw, "raw_label"),
+                            lambda: _relabelled(band, raw)))
+    return result
+
+
+def _train_text_generator(config: TrainTextGeneratorConfig):
+    from segsynth.generators.builtin_text import train_text_generator
+
+    return train_text_generator(config)
+
+
+def _attention_quality(config: AttentionQualityConfig):
+    from segsynth.methods.attn2mask.quality import attention_quality
+
+    return attention_quality(config)
+
+
+def _finished(folder: Path, max_minutes: float) -> bool:
+    """All iterations done, or the time budget spent (a resumed run would only train past it)."""
+    meta = folder / "segsynth_generator.json"
+    if not meta.is_file():
+        return False
+    training = read_json(meta).get("training", {})
+    return bool(training.get("finished")) or (max_minutes > 0 and training.get("seconds", 0) >= 60 * max_minutes - 1)
+
+
+def _relabelled(band: Path, raw: Path) -> bool:
+    """The raw set lists every sample the band set has (a resumed synthesis may have added some)."""
+    return (raw / "manifest.jsonl").is_file() and len(read_manifest(raw)) == len(read_manifest(band))
+
+
+def grids(context) -> list:
+    """Per synthetic set: rows of image | attention heat map | pseudo-mask | ignored pixels (red on the image)."""
+    written = []
+    for name in SETS:
+        path = write_attention_grid(context.synthetic_set(name), context.out / "grids" / f"{name}.png",
+                                    context.dataset.palette, context.config.grids)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def write_attention_grid(root: Path, path: Path, palette, rows: int) -> Path | None:
+    """The grid of one attention-labelled set (see `grids`); None when it has no samples."""
+    if not root.is_dir() or not read_manifest(root):
+        return None
+    colours = np.zeros((256, 3), np.uint8)
+    colours[: len(palette)] = np.asarray(palette, np.uint8)
+    tiles = []
+    for record in read_manifest(root)[:rows]:
+        image = np.array(Image.open(root / record["image"]).convert("RGB"))
+        mask = np.array(Image.open(root / record["mask"]))
+        extras = record.get("extras") or {}
+        heat = (np.array(Image.open(root / extras["attention"]).convert("RGB")) if "attention" in extras
+                else np.zeros_like(image))
+        ignored = image.copy()
+        hole = mask == 255
+        ignored[hole] = (0.35 * ignored[hole] + 0.65 * np.array([255, 0, 0])).astype(np.uint8)
+        tiles.append(np.concatenate([image, heat, colours[mask], ignored], axis=1))
+    grid = np.concatenate(tiles, axis=0)
+    scale = max(1, 256 // grid.shape[1] + 1) if grid.shape[1] < 512 else 1
+    big = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST))
+    atomic_write_png(path, big)
+    return path
+
+
+# Sizes for this method over run.PRESETS (which holds the text generator's): one seed, one image per
+# real mask and shorter trainings keep the toy run near five minutes on two cores (four arms).
+PRESETS = {
+    ("toy", "default"): {"seeds": [0], "images_per_mask": 1, "train": {"iterations": 400}, "synthesize": {"steps": 8}},
+    ("toy", "quick"): {"seeds": [0], "images_per_mask": 1, "train": {"iterations": 200}, "synthesize": {"steps": 6},
+                       "train_text_generator": {"max_minutes": 0.5}},
+    ("real", "default"): {"images_per_mask": 1},
+    ("real", "quick"): {"images_per_mask": 1},
+}
+
+ATTN2MASK = Method("attn2mask", "Attn2mask / DiffuMask: text -> image samples labelled by their cross-attention",
+                   ARMS, stages, grids, PRESETS)
