@@ -25,8 +25,10 @@ setup: $(VENV)/.setup-done
 demo: setup
 	$(BIN)/segsynth run --out runs/demo
 
+# Two workers: the suite's tiny models keep about one core busy, and many tests wait on subprocesses
+# (SIGKILL resumes, torchrun), so two workers finish it in about 60 % of the serial time on 2 cores.
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2
 
 # The fault-injection tier: 20 seeded SIGKILLs per stage, a real full tmpfs (root), a killed rank.
 test-fault: setup
