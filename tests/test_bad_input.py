@@ -426,7 +426,7 @@ def test_checkpoint_for_a_different_number_of_classes(tmp_path, capsys, trained,
         synthetic = write_synthetic_set(tmp_path / "syn", open_dataset(spec))
         before = listing(synthetic)
         err = fails(capsys, ["filter", "--synthetic", synthetic, "--segmenter", out, "--lanes", "1", "--device", "cpu"])
-        assert f"the segmenter has 9 classes" in err and f"but {synthetic / 'classes.json'} has 3" in err
+        assert "the segmenter has 9 classes" in err and f"but {synthetic / 'classes.json'} has 3" in err
         assert "filter with a segmenter trained on the set's real dataset" in err
         assert listing(synthetic) == before
 

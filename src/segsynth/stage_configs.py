@@ -295,7 +295,6 @@ RUN_SECTIONS = {
     "train": (TrainConfig, ("data", "out", "recipe", "synthetic", "synthetic_masks", "pretrain_iterations",
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
     "train_generator": (TrainGeneratorConfig, ("data", "out", "device")),
-    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "device", "target", "prompts", "resume")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
                           "class_prompts")),

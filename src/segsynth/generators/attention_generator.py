@@ -56,6 +56,10 @@ from segsynth.generators.base import (
     resolve_device,
     resolve_dtype,
 )
+from segsynth.generators.builtin_text import BuiltinTextGenerator
+from segsynth.generators.builtin_text.model import decode_images, encode_images, encode_text
+from segsynth.generators.builtin_text.tokenizer import normalise
+from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError
 from segsynth.methods.attn2mask.pseudo_mask import (
     PseudoMaskConfig,
@@ -230,8 +234,6 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
     uses_prompts = True
 
     def __init__(self, folder: str | os.PathLike, settings: GeneratorSettings):
-        from segsynth.generators.builtin_text import BuiltinTextGenerator
-
         self.text = BuiltinTextGenerator(folder, settings)
         if self.text.target != "image":
             raise SegsynthError(f"{folder}: a text generator trained with --target {self.text.target}; attention "
@@ -248,8 +250,6 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
         return self._known(name) and bool(self.tokenizer.token_index(prompt, name))
 
     def _known(self, word: str) -> bool:
-        from segsynth.generators.builtin_text.tokenizer import normalise
-
         return normalise(word) in self.tokenizer.ids
 
     def _positions(self, request: Request, word: str) -> list[int]:
@@ -269,16 +269,12 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
         return self.text.size
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        from segsynth.generators.builtin_text.model import encode_images
-
         return encode_images(pixels).to(self.text.device)
 
     def _noise_schedule_config(self):
         return self.text.noise_schedule_config
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        from segsynth.generators.builtin_text.model import encode_text
-
         return encode_text(self.text.text_encoder, self.tokenizer([prompt]).to(self.text.device))
 
     def prepare(self, conditions: list[Condition]) -> Prepared:
@@ -287,8 +283,6 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
         return prepared
 
     def run(self, prepared: Prepared) -> list[GeneratedSample]:
-        from segsynth.generators.builtin_text.model import decode_images
-
         batch = "second-half" if self.guidance != 1.0 else "all"
         with self._capture([groups for _, groups in prepared.tensors["groups"]], batch) as capture:
             sample = self.text.denoise(prepared, on_step=lambda index, timestep: capture.step(index))
@@ -310,8 +304,6 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
         from diffusers.utils import logging as diffusers_logging
 
         from segsynth.generators.controlnet import _check_model_location
-        from segsynth.generators.schedulers import make_scheduler, scheduler_name
-
         diffusers_logging.disable_progress_bar()
         # 1. Settings and files first.
         unused = [name for name, value in (("controlnet", settings.controlnet), ("captions", settings.captions))

@@ -37,6 +37,9 @@ transformers_logging.disable_progress_bar()  # its own "Loading weights" bars wo
 
 IMAGE_CHANNELS = 3 * PATCH * PATCH
 
+__all__ = ["IMAGE_CHANNELS", "PATCH", "build_text_encoder", "build_unet", "decode_images", "encode_images", "encode_text",
+           "training_noise_schedule", "working_size"]
+
 
 # --- the two networks -----------------------------------------------------------------------
 

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -70,8 +69,7 @@ from segsynth.generators.builtin_text.model import (
 )
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, default_mode, disk_full_error, is_disk_full,
-                         read_json, rewind_jsonl)
+from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl, staged_swap
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
 from segsynth.stage_configs import TrainTextGeneratorConfig
@@ -382,9 +380,8 @@ def _save(out: Path, models, optimizer, ema: EMAModel, meta: dict) -> None:
     always finds a whole one (or its `.old` copy when the kill fell between the two renames)."""
     unet, text_encoder, tokenizer, noise_schedule = models
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    staging = Path(tempfile.mkdtemp(prefix=".text-generator-", dir=out))
-    os.chmod(staging, default_mode(directory=True))  # mkdtemp makes 0700; a model folder should be shareable
-    try:
+    names = [TRAINING_STATE, "unet", "text_encoder", "tokenizer", "scheduler", GENERATOR_FILE]
+    with staged_swap(out, names, what="text-generator") as staging:
         _save_training_state(staging / TRAINING_STATE, unet, text_encoder, tokenizer, optimizer, ema, meta)
         ema.store(parameters)
         ema.copy_to(parameters)
@@ -396,23 +393,6 @@ def _save(out: Path, models, optimizer, ema: EMAModel, meta: dict) -> None:
         tokenizer.save(staging / "tokenizer")
         noise_schedule.save_pretrained(staging / "scheduler")
         atomic_write_json(staging / GENERATOR_FILE, meta)
-    except BaseException as error:  # the previous save stays; the staging folder goes
-        shutil.rmtree(staging, ignore_errors=True)
-        if is_disk_full(error):
-            raise disk_full_error(out, error) from error
-        raise
-    for name in (TRAINING_STATE, "unet", "text_encoder", "tokenizer", "scheduler", GENERATOR_FILE):
-        old = out / f".{name}.old"
-        _remove(old)
-        if (out / name).exists():
-            os.replace(out / name, old)
-        os.replace(staging / name, out / name)
-        _remove(old)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _save_training_state(folder: Path, unet, text_encoder, tokenizer: WordTokenizer, optimizer, ema: EMAModel,
