@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segsynth.io import SegsynthError
+from segsynth.io import SegsynthError, read_json
 
 # A weights file bigger than this is fingerprinted by its size and its first and
 # last MiB: hashing a 5 GB SDXL UNet in full would cost more than loading it.
@@ -230,6 +230,26 @@ def folder_fingerprint(folder: str | os.PathLike, suffixes: Sequence[str] = (".j
                 handle.seek(size - (1 << 20))
                 digest.update(handle.read())
     return digest.hexdigest()[:16]
+
+
+def check_model_folder(folder: Path, required: Sequence[str], meta_file: str, format_name: str, what: str,
+                       verb: str) -> dict:
+    """A built-in generator folder, checked before anything is loaded: it exists, holds every `required`
+    file, and its `meta_file` names `format_name`. Returns the metadata. Errors name the folder or file and
+    the `segsynth VERB` that makes one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegsynthError(f"{what} folder {folder} does not exist; train one with "
+                            f"`segsynth {verb} --data SPEC --out {folder}`")
+    missing = [name for name in required if not (folder / name).is_file()]
+    if missing:
+        raise SegsynthError(f"{folder}: not a {what}, missing {', '.join(missing)}; "
+                            f"give a `segsynth {verb} --out` folder (or rerun that training)")
+    meta = read_json(folder / meta_file)
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != format_name:
+        raise SegsynthError(f"{folder / meta_file}: format {found!r}, expected {format_name!r}")
+    return meta
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:

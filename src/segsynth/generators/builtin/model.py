@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from segsynth import IGNORE_INDEX
-from segsynth.io import SegsynthError, read_json
+from segsynth.generators.base import check_model_folder
+from segsynth.io import SegsynthError
 
 GENERATOR_FILE = "segsynth_generator.json"
 FORMAT = "segsynth-builtin-generator/1"
@@ -85,16 +86,6 @@ def training_noise_schedule() -> DDPMScheduler:
                          clip_sample=False, timestep_spacing="trailing")
 
 
-def check_generator_folder(folder: Path) -> None:
-    """A clear error naming the missing files, before anything is loaded."""
-    if not folder.is_dir():
-        raise SegsynthError(f"builtin generator folder {folder} does not exist; train one with "
-                            f"`segsynth train-generator --data SPEC --out {folder}`")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise SegsynthError(f"{folder}: not a builtin generator, missing {', '.join(missing)}; "
-                            "give a `segsynth train-generator --out` folder (or rerun that training)")
-    meta = read_json(folder / GENERATOR_FILE)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SegsynthError(f"{folder / GENERATOR_FILE}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                            f"expected {FORMAT!r}")
+def check_generator_folder(folder: Path) -> dict:
+    """A clear error naming the missing files, before anything is loaded; returns the metadata."""
+    return check_model_folder(folder, REQUIRED_FILES, GENERATOR_FILE, FORMAT, "builtin generator", "train-generator")

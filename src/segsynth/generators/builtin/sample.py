@@ -12,9 +12,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared, file_fingerprint,
                                       initial_noise, resolve_device)
-from segsynth.generators.builtin.model import GENERATOR_FILE, PATCH, check_generator_folder, decode_images, encode_masks
+from segsynth.generators.builtin.model import PATCH, check_generator_folder, decode_images, encode_masks
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
-from segsynth.io import SegsynthError, read_json
+from segsynth.io import SegsynthError
 
 
 class BuiltinGenerator(MaskToImageGenerator):
@@ -26,8 +26,7 @@ class BuiltinGenerator(MaskToImageGenerator):
     def __init__(self, folder: str | os.PathLike, settings: GeneratorSettings | None = None):
         settings = settings or GeneratorSettings()
         self.folder = Path(folder)
-        check_generator_folder(self.folder)
-        self.meta = read_json(self.folder / GENERATOR_FILE)
+        self.meta = check_generator_folder(self.folder)
         unused = [name for name, value in (("guidance", settings.guidance), ("controlnet", settings.controlnet),
                                            ("lcm_lora", settings.lcm_lora), ("captions", settings.captions))
                   if value is not None]

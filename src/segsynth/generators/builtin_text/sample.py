@@ -37,6 +37,7 @@ from segsynth.generators.base import (
     GeneratorSettings,
     Prepared,
     Request,
+    check_model_folder,
     folder_fingerprint,
     initial_noise,
     resolve_device,
@@ -45,7 +46,7 @@ from segsynth.generators.builtin_text.model import IMAGE_CHANNELS, PATCH, decode
 from segsynth.generators.builtin_text.train import FORMAT, GENERATOR_FILE
 from segsynth.generators.builtin_text.tokenizer import VOCAB_FILE, WordTokenizer
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
-from segsynth.io import SegsynthError, read_json
+from segsynth.io import SegsynthError
 
 REQUIRED_FILES = (
     GENERATOR_FILE,
@@ -60,19 +61,10 @@ REQUIRED_FILES = (
 MODEL_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
-def check_text_generator_folder(folder: Path) -> None:
-    """A clear error naming the missing files, before anything is loaded."""
-    if not folder.is_dir():
-        raise SegsynthError(f"builtin text generator folder {folder} does not exist; train one with "
-                            "train_text_generator(TrainTextGeneratorConfig(data=..., out=...))")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise SegsynthError(f"{folder}: not a builtin text generator, missing {', '.join(missing)}; give a trained "
-                            "text generator folder (or rerun its training with --resume to rewrite it)")
-    meta = read_json(folder / GENERATOR_FILE)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SegsynthError(f"{folder / GENERATOR_FILE}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                            f"expected {FORMAT!r}")
+def check_text_generator_folder(folder: Path) -> dict:
+    """A clear error naming the missing files, before anything is loaded; returns the metadata."""
+    return check_model_folder(folder, REQUIRED_FILES, GENERATOR_FILE, FORMAT, "builtin text generator",
+                              "train-text-generator")
 
 
 class BuiltinTextGenerator(Generator):
@@ -87,8 +79,7 @@ class BuiltinTextGenerator(Generator):
         self.folder = Path(folder)
 
         # 1. Files and settings first: nothing is loaded until they pass.
-        check_text_generator_folder(self.folder)
-        self.meta = read_json(self.folder / GENERATOR_FILE)
+        self.meta = check_text_generator_folder(self.folder)
         unused = [name for name, value in (("controlnet", settings.controlnet), ("lcm_lora", settings.lcm_lora),
                                            ("captions", settings.captions)) if value is not None]
         if unused:
