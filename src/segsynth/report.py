@@ -107,3 +107,16 @@ def write_synthetic_grid(root: Path, path: Path, palette, rows: int) -> Path | N
     big = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST))
     atomic_write_png(path, big)
     return path
+
+
+def write_set_grids(context, names, write_grid=None) -> list[Path]:
+    """One grid per synthetic set of the run (OUT/grids/<name>.png) by `write_grid(root, path, palette, rows)`
+    (default: `write_synthetic_grid`); sets without samples are skipped. Returns the grids written."""
+    write_grid = write_grid or write_synthetic_grid
+    written = []
+    for name in names:
+        path = write_grid(context.synthetic_set(name), context.out / "grids" / f"{name}.png",
+                          context.dataset.palette, context.config.grids)
+        if path is not None:
+            written.append(path)
+    return written

@@ -59,7 +59,8 @@ from segsynth.generators.base import (
 from segsynth.generators.builtin_text import BuiltinTextGenerator
 from segsynth.generators.builtin_text.model import decode_images, encode_images, encode_text
 from segsynth.generators.builtin_text.tokenizer import normalise
-from segsynth.generators.schedulers import make_scheduler, scheduler_name
+from segsynth.generators.controlnet import check_model_location, finish_pipeline
+from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import SegsynthError
 from segsynth.methods.attn2mask.pseudo_mask import (
     PseudoMaskConfig,
@@ -303,14 +304,13 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        from segsynth.generators.controlnet import _check_model_location
         diffusers_logging.disable_progress_bar()
         # 1. Settings and files first.
         unused = [name for name, value in (("controlnet", settings.controlnet), ("captions", settings.captions))
                   if value is not None]
         if unused:
             raise SegsynthError(f"the attention-sd generator takes no {', '.join(unused)}; leave those settings unset")
-        _check_model_location(base, "base model", [("model_index.json",)])
+        check_model_location(base, "base model", [("model_index.json",)])
         self.base, self.settings = base, settings
         lcm = settings.lcm_lora is not None
         self.scheduler_name = scheduler_name(settings.scheduler or ("lcm" if lcm else SD_DEFAULTS["scheduler"]))
@@ -326,12 +326,7 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
                                                                feature_extractor=None, requires_safety_checker=False)
         except (OSError, ValueError, EnvironmentError) as error:
             raise SegsynthError(f"cannot load Stable Diffusion from {base!r}: {str(error).splitlines()[0]}") from None
-        if lcm:
-            pipeline.load_lora_weights(settings.lcm_lora)
-            pipeline.fuse_lora()
-        pipeline.scheduler = make_scheduler(self.scheduler_name, pipeline.scheduler.config)
-        pipeline.set_progress_bar_config(disable=True)
-        self.pipeline = pipeline.to(self.device)
+        self.pipeline = finish_pipeline(pipeline, settings.lcm_lora if lcm else None, self.scheduler_name, self.device)
         self.unet, self.tokenizer = pipeline.unet, pipeline.tokenizer
 
         # 3. The working size, and the recipe checked against the UNet at that size.

@@ -143,7 +143,7 @@ def read_captions(path: str) -> dict[str, str]:
     return captions
 
 
-def _check_model_location(name: str, what: str, required: Sequence[Sequence[str]]) -> None:
+def check_model_location(name: str, what: str, required: Sequence[Sequence[str]]) -> None:
     """A local folder must hold the expected files; anything else is taken as a hub id (checked when loaded)."""
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -154,6 +154,17 @@ def _check_model_location(name: str, what: str, required: Sequence[Sequence[str]
     missing = [" or ".join(options) for options in required if not any((path / o).is_file() for o in options)]
     if missing:
         raise SegsynthError(f"{what} {name}: not a diffusers folder, missing {', '.join(missing)}")
+
+
+def finish_pipeline(pipeline, lcm_lora: str | None, scheduler: str, device):
+    """What every diffusers backend does after loading its pipeline: fuse an LCM-LoRA when given, sample with
+    the chosen scheduler on the pipeline's own noise schedule, no progress bars of its own, on the device."""
+    if lcm_lora:
+        pipeline.load_lora_weights(lcm_lora)
+        pipeline.fuse_lora()
+    pipeline.scheduler = make_scheduler(scheduler, pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
 
 
 class ControlNetGenerator(MaskToImageGenerator):
@@ -173,8 +184,8 @@ class ControlNetGenerator(MaskToImageGenerator):
         if not settings.controlnet:
             raise SegsynthError(f"the {self.name} generator needs --controlnet (a hub id or folder), e.g. "
                                 + ("diffusers/controlnet-... for SDXL" if sdxl else "lllyasviel/control_v11p_sd15_seg"))
-        _check_model_location(base, "base model", [("model_index.json",)])
-        _check_model_location(settings.controlnet, "ControlNet", [
+        check_model_location(base, "base model", [("model_index.json",)])
+        check_model_location(settings.controlnet, "ControlNet", [
             ("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                                "diffusion_pytorch_model.fp16.safetensors")])
         lcm = settings.lcm_lora is not None
@@ -204,12 +215,7 @@ class ControlNetGenerator(MaskToImageGenerator):
         except (OSError, ValueError, EnvironmentError) as error:
             raise SegsynthError(f"cannot load {self.name} from base {base!r} and ControlNet {settings.controlnet!r}: "
                                 f"{str(error).splitlines()[0]}") from None
-        if lcm:
-            pipeline.load_lora_weights(settings.lcm_lora)
-            pipeline.fuse_lora()
-        pipeline.scheduler = make_scheduler(self.scheduler_name, pipeline.scheduler.config)
-        pipeline.set_progress_bar_config(disable=True)
-        self.pipeline = pipeline.to(self.device)
+        self.pipeline = finish_pipeline(pipeline, settings.lcm_lora if lcm else None, self.scheduler_name, self.device)
 
         # 3. Sizes must divide through the VAE and every UNet downsampling.
         self.latent_factor = pipeline.vae_scale_factor

@@ -43,6 +43,7 @@ from segsynth.io import SegsynthError, atomic_write_png, read_json
 from segsynth.methods.attn2mask.variants import derive_label_set
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.plan import make_plan
+from segsynth.report import write_set_grids
 from segsynth.stage_configs import AttentionQualityConfig, PlanConfig, SynthesizeConfig, TrainTextGeneratorConfig
 from segsynth.synthesize import synthesize
 
@@ -147,13 +148,7 @@ def _relabelled(band: Path, raw: Path) -> bool:
 
 def grids(context) -> list:
     """Per synthetic set: rows of image | attention heat map | pseudo-mask | ignored pixels (red on the image)."""
-    written = []
-    for name in SETS:
-        path = write_attention_grid(context.synthetic_set(name), context.out / "grids" / f"{name}.png",
-                                    context.dataset.palette, context.config.grids)
-        if path is not None:
-            written.append(path)
-    return written
+    return write_set_grids(context, SETS, write_attention_grid)
 
 
 def write_attention_grid(root: Path, path: Path, palette, rows: int) -> Path | None:

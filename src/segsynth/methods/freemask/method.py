@@ -16,7 +16,7 @@ from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.freemask.filter import filter_synthetic
 from segsynth.methods.freemask.stats import compute_class_stats
 from segsynth.plan import make_plan
-from segsynth.report import write_synthetic_grid
+from segsynth.report import write_set_grids
 from segsynth.stage_configs import FilterConfig, PlanConfig, StatsConfig, SynthesizeConfig
 from segsynth.synthesize import synthesize
 
@@ -79,13 +79,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
 
 def grids(context) -> list:
     """Per synthetic set: rows of real mask | synthetic image | pixels the filter ignored (red)."""
-    written = []
-    for name in SETS:
-        path = write_synthetic_grid(context.synthetic_set(name), context.out / "grids" / f"{name}.png",
-                                    context.dataset.palette, context.config.grids)
-        if path is not None:
-            written.append(path)
-    return written
+    return write_set_grids(context, SETS)
 
 
 FREEMASK = Method("freemask", "FreeMask: images for real masks, pixel filter, hardness-aware re-sampling",

@@ -45,7 +45,7 @@ from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.seggen.captions import make_captions
 from segsynth.methods.seggen.quality_report import write_mask_quality
 from segsynth.plan import make_plan
-from segsynth.report import write_synthetic_grid
+from segsynth.report import write_set_grids
 from segsynth.stage_configs import (CaptionConfig, MaskQualityConfig, PlanConfig, SynthesizeConfig,
                                     TrainTextGeneratorConfig)
 from segsynth.synthesize import synthesize
@@ -159,12 +159,7 @@ def grids(context) -> list:
     quality_grid = context.out / "mask_quality" / "mask_quality_grid.png"
     if quality_grid.is_file():
         written.append(quality_grid)
-    for name in ("imgsyn-a", "masksyn-a"):
-        path = write_synthetic_grid(context.synthetic_set(name), context.out / "grids" / f"{name}.png",
-                                    context.dataset.palette, context.config.grids)
-        if path is not None:
-            written.append(path)
-    return written
+    return written + write_set_grids(context, ("imgsyn-a", "masksyn-a"))
 
 
 # SegGen's text -> mask model draws masks at half the toy resolution (the mask -> image generator scales them
