@@ -85,7 +85,7 @@ MASK2FORMER_VARIANTS = {
                   train_num_points=2048)),
     "mask2former-tiny": dict(
         backbone=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=4, drop_path_rate=0.0),
-        head=dict(hidden_dim=32, feature_size=32, mask_feature_size=32, num_queries=8, decoder_layers=3,
+        head=dict(hidden_dim=32, feature_size=64, mask_feature_size=32, num_queries=8, decoder_layers=4,
                   encoder_layers=1, num_attention_heads=2, dim_feedforward=64, encoder_feedforward_dim=64,
                   train_num_points=256)),
 }
@@ -124,8 +124,15 @@ def _sample_weights(weight_maps: torch.Tensor, coordinates: torch.Tensor) -> tor
     return sample_point(weight_maps, coordinates, align_corners=False, padding_mode="border")
 
 
+def _unit_mean(point_weights: torch.Tensor) -> torch.Tensor:
+    """Point weights scaled to mean 1 over the last dimension: unit weights stay as they are, a uniform scale
+    changes nothing (as in the weighted cross-entropy), and dice's +1 smoothing meets the usual point count."""
+    return point_weights / point_weights.mean(-1, keepdim=True).clamp_min(1e-6)
+
+
 def _pair_costs(point_logits, point_targets, point_weights):
     """Weighted pairwise sigmoid cross-entropy and dice: (Q, P) logits x (T, P) targets, (P,) weights -> (Q, T)."""
+    point_weights = _unit_mean(point_weights)
     total = point_weights.sum().clamp_min(1e-6)
     positive = F.binary_cross_entropy_with_logits(point_logits, torch.ones_like(point_logits), reduction="none")
     negative = F.binary_cross_entropy_with_logits(point_logits, torch.zeros_like(point_logits), reduction="none")
@@ -195,11 +202,10 @@ def layer_loss(class_logits, mask_logits, classes, masks, weight_maps, num_masks
             coordinates = _uncertain_points(
                 predicted, lambda xy: _sample_weights(weight, xy)[:, 0], config)
             point_targets = sample_point(target, coordinates, align_corners=False).squeeze(1)
-            point_weights = _sample_weights(weight, coordinates).squeeze(1)
+            point_weights = _unit_mean(_sample_weights(weight, coordinates).squeeze(1))
         point_logits = sample_point(predicted, coordinates, align_corners=False).squeeze(1)
         per_point = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none")
-        weight_sum = point_weights.sum(1)
-        loss_mask = ((per_point * point_weights).sum(1) / weight_sum.clamp_min(1e-6)).sum() / num_masks
+        loss_mask = (per_point * point_weights).mean(1).sum() / num_masks  # = sum(w l) / sum(w): weights have mean 1
         probabilities = point_logits.sigmoid() * point_weights
         numerator = 2 * (probabilities * point_targets).sum(-1)
         denominator = probabilities.sum(-1) + (point_targets * point_weights).sum(-1)
@@ -302,7 +308,8 @@ def _with_swin_backbone(name: str, pretrained: str, swin_config, labels: dict):
     """The named variant's head around a pretrained Swin (its config and weights; stage outputs added)."""
     from transformers import SwinBackbone
 
-    swin_config = SwinConfig(**{**swin_config.to_dict(), "out_features": SWIN_STAGES})
+    settings = {k: v for k, v in swin_config.to_dict().items() if k not in ("out_features", "out_indices")}
+    swin_config = SwinConfig(**settings, out_features=SWIN_STAGES)
     config = Mask2FormerConfig(backbone_config=swin_config, **MASK2FORMER_VARIANTS[name]["head"], **labels)
     model = Mask2FormerForUniversalSegmentation(config)
     backbone = SwinBackbone.from_pretrained(pretrained, config=swin_config, use_safetensors=True)
