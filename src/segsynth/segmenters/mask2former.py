@@ -309,6 +309,8 @@ def _with_swin_backbone(name: str, pretrained: str, swin_config, labels: dict):
     from transformers import SwinBackbone
 
     settings = {k: v for k, v in swin_config.to_dict().items() if k not in ("out_features", "out_indices")}
+    # The checkpoint fixes the architecture; the regularisation is the preset's (the paper: drop path 0.3).
+    settings["drop_path_rate"] = MASK2FORMER_VARIANTS[name]["backbone"]["drop_path_rate"]
     swin_config = SwinConfig(**settings, out_features=SWIN_STAGES)
     config = Mask2FormerConfig(backbone_config=swin_config, **MASK2FORMER_VARIANTS[name]["head"], **labels)
     model = Mask2FormerForUniversalSegmentation(config)
