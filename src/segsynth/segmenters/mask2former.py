@@ -41,7 +41,9 @@ not count: each point's mask and dice terms carry the label's per-pixel weight
 cost too, and no importance-sampled point lands on a zero-weight pixel. With
 unit weights and no ignore pixels the loss is transformers' loss exactly
 (tests/segmenters/test_mask2former.py checks it). The class term is not
-weighted; a class whose every pixel has weight 0 is not a target.
+weighted; a class whose every pixel has weight 0 is not a target. As in the
+reference, an image with more classes than queries leaves the extra classes
+unmatched (100 queries for ADE20K's 150 classes: no image has that many).
 """
 
 from __future__ import annotations
