@@ -101,18 +101,23 @@ def load_pretrained(model_class, pretrained: str, labels: dict, backbones: dict 
     expected = model_class.config_class.model_type
     try:
         config = AutoConfig.from_pretrained(pretrained)
-        if config.model_type in (backbones or {}):
-            return backbones[config.model_type](config)
-        if config.model_type != expected:
-            kinds = " or ".join([expected, *(backbones or {})])
-            raise SegsynthError(f"--pretrained {pretrained}: a {config.model_type!r} model, not a {kinds} one; "
-                                f"give a {expected} checkpoint (hub id or save_pretrained folder) for this --model")
-        return model_class.from_pretrained(pretrained, use_safetensors=True, ignore_mismatched_sizes=True, **labels)
     except ValueError as error:  # a config.json transformers cannot read (unknown model_type, bad values)
         raise SegsynthError(f"--pretrained {pretrained}: not a transformers model config ({str(error).splitlines()[0]}); "
                             f"give a {expected} checkpoint (hub id or save_pretrained folder)") from None
     except OSError as error:
-        raise SegsynthError(
-            f"cannot load pretrained weights {pretrained!r}: {error}. Give a local folder saved with save_pretrained "
-            "(config.json + model.safetensors) or a hub id on a machine with network access"
-        ) from None
+        raise _unavailable(pretrained, error) from None
+    if config.model_type not in (backbones or {}) and config.model_type != expected:
+        kinds = " or ".join([expected, *(backbones or {})])
+        raise SegsynthError(f"--pretrained {pretrained}: a {config.model_type!r} model, not a {kinds} one; "
+                            f"give a {expected} checkpoint (hub id or save_pretrained folder) for this --model")
+    try:
+        if config.model_type != expected:
+            return backbones[config.model_type](config)
+        return model_class.from_pretrained(pretrained, use_safetensors=True, ignore_mismatched_sizes=True, **labels)
+    except OSError as error:
+        raise _unavailable(pretrained, error) from None
+
+
+def _unavailable(pretrained: str, error: OSError) -> SegsynthError:
+    return SegsynthError(f"cannot load pretrained weights {pretrained!r}: {error}. Give a local folder saved with "
+                         "save_pretrained (config.json + model.safetensors) or a hub id on a machine with network access")
