@@ -544,6 +544,35 @@ def test_unknown_name_or_bad_value(tmp_path, capsys, flags, needle):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["segformer-for-mask2former", "mask2former-for-segformer", "unreadable-config"])
+def test_pretrained_of_another_kind(tmp_path, capsys, kind):
+    from segsynth.segmenters import create_segmenter
+
+    folder, model, expected = tmp_path / "pretrained", "mask2former-tiny", "a 'segformer' model, not a mask2former or swin one"
+    if kind == "segformer-for-mask2former":
+        create_segmenter("segformer-tiny", 3).save(folder)
+    elif kind == "mask2former-for-segformer":
+        create_segmenter("mask2former-tiny", 3).save(folder)
+        model, expected = "segformer-tiny", "a 'mask2former' model, not a segformer one"
+    else:
+        write_json(folder / "config.json", {"model_type": "not-a-model"})
+        expected = "not a transformers model config"
+    before = listing(folder)
+    out = tmp_path / "out"
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--out", out, *TINY_TRAIN, "--model", model,
+                         "--pretrained", folder])
+    assert f"--pretrained {folder}: {expected}" in err
+    assert not out.exists() and listing(folder) == before
+
+
+def test_per_pixel_loss_for_a_mask_classification_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--out", out, *TINY_TRAIN, "--model", "mask2former-tiny",
+                         "--loss", "reliable"])
+    assert "--loss reliable needs a segmenter with per-pixel logits; mask2former-tiny trains with its own" in err
+    assert not out.exists()
+
+
 def test_unknown_generator_name(tmp_path, capsys):
     err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
                          "--generator", "magic:x", "--out", tmp_path / "set", "--no-progress"])

@@ -21,6 +21,9 @@ SMOKE = {
                      "--batch", "4", "--workers", "0"],
                     ["pipeline_images_per_s", "bare_images_per_s", "ratio", "after_first_epoch_ratio"]),
     "planning": (["--data", "toy:n=40,size=32"], []),
+    "segmenter_throughput": (["--models", "segformer-tiny,mask2former-tiny", "--size", "32x48", "--batch", "2",
+                              "--iterations", "2", "--rounds", "1"],
+                             ["a_images_per_s", "b_images_per_s", "ratio", "a_parameters", "b_parameters"]),
     "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
                    "--channels", "8,16,32"], ["ratio"]),
 }

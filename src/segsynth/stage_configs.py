@@ -19,7 +19,8 @@ from segsynth.config import field
 class TrainConfig:
     data: str = field(help="real dataset spec, e.g. camvid:PATH, folder:PATH or toy")
     out: str = field(help="output folder: checkpoint/, metrics.jsonl, config.yaml")
-    model: str = field("segformer-b0", help="segmenter name (see models.SEGMENTERS)")
+    model: str = field("segformer-b0", help="segmenter name: segformer-b0..b5, -small, -tiny; mask2former-swin-t/s/b/l, "
+                                            "-small, -tiny (segmenters.SEGMENTERS)")
     pretrained: str | None = field(None, help="hub id or local folder to initialise from")
     recipe: str = field("real", help="real, synthetic, joint, pretrain-finetune or replace (see segsynth.recipes)")
     synthetic: list[str] = field([], help="synthetic set folder for the synthetic recipes")
@@ -49,8 +50,9 @@ class TrainConfig:
     resume: bool = field(False, help="continue from OUT/checkpoint if it exists")
     device: str = field("auto", help="auto, cpu or cuda")
     log_every: int = field(20, help="write a metrics.jsonl line every N iterations")
-    loss: str = field("ce", help="ce (cross-entropy, per-pixel weights) or reliable (per predicted class, only the "
-                                 "most confident share of pixels in full: training on noisy pseudo-masks, Attn2mask)")
+    loss: str = field("ce", help="ce (cross-entropy, per-pixel weights; mask2former-*: its own set-prediction loss "
+                                 "with the weights) or reliable (per predicted class, only the most confident share "
+                                 "of pixels in full: training on noisy pseudo-masks, Attn2mask; segformer-* only)")
     reliable_share: float = field(0.5, help="loss reliable: share of each predicted class's pixels trusted in full")
     unreliable_weight: float = field(0.0, help="loss reliable: weight of the other pixels (0: dropped)")
 

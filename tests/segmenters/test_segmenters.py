@@ -8,6 +8,7 @@ import torch
 from segsynth.io import SegsynthError
 from segsynth.segmenters import SEGMENTERS, create_segmenter, load_segmenter
 from segsynth.segmenters.losses import weighted_cross_entropy
+from segsynth.segmenters.mask2former import MASK2FORMER_VARIANTS
 from segsynth.segmenters.segformer import SEGFORMER_VARIANTS, SegFormerSegmenter
 
 # The SegFormer paper's MiT encoders (Xie et al. 2021, Table 6).
@@ -27,7 +28,7 @@ def images(batch=2, height=32, width=48, seed=0):
 
 
 def test_every_preset_is_registered():
-    assert set(SEGMENTERS) == set(SEGFORMER_VARIANTS)
+    assert set(SEGMENTERS) == set(SEGFORMER_VARIANTS) | set(MASK2FORMER_VARIANTS)
     assert set(PAPER) | {"segformer-small", "segformer-tiny"} == set(SEGFORMER_VARIANTS)
 
 

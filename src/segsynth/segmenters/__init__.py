@@ -10,8 +10,11 @@ float) and owns its normalisation, so a checkpoint is self-contained:
   save(directory)                  -> config.json + model.safetensors
 
 The loss lives in forward() so DistributedDataParallel sees it, and so each
-architecture keeps its own (Mask2Former's set-prediction loss fits as one more
-module and one more `SEGMENTERS` row).
+architecture keeps its own: SegFormer applies the `loss` it is given to its
+logits; Mask2Former (`mask2former.py`) computes its Hungarian-matched set-prediction
+loss with the per-pixel weights and takes no other (`SegmenterKind.losses`).
+For Mask2Former, forward(images) and predict() return log-probabilities of its
+normalised per-pixel class scores, so every stage that reads logits works on it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from segsynth.formats.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from segsynth.io import SegsynthError
+from segsynth.segmenters.mask2former import MASK2FORMER_VARIANTS, create_mask2former, load_mask2former
 from segsynth.segmenters.segformer import SEGFORMER_VARIANTS, create_segformer, load_segformer
 
 
@@ -32,10 +36,15 @@ from segsynth.segmenters.segformer import SEGFORMER_VARIANTS, create_segformer, 
 class SegmenterKind:
     create: Callable[[str, int, str | None, list[str] | None], nn.Module]  # (name, classes, pretrained, names)
     load: Callable[[Path], nn.Module]  # a checkpoint folder -> the trained segmenter
+    losses: tuple[str, ...] | None = None  # the TrainConfig.loss names it trains with (None: every one in LOSSES)
 
 
 # name -> how to build it and how to load its checkpoints. A new architecture is one more row.
-SEGMENTERS = {name: SegmenterKind(create_segformer, load_segformer) for name in SEGFORMER_VARIANTS}
+SEGMENTERS = {
+    **{name: SegmenterKind(create_segformer, load_segformer) for name in SEGFORMER_VARIANTS},
+    # "ce" = its own set-prediction loss, with per-pixel weights (mask2former.py)
+    **{name: SegmenterKind(create_mask2former, load_mask2former, losses=("ce",)) for name in MASK2FORMER_VARIANTS},
+}
 
 
 def segmenter_kind(name: str, where: str = "") -> SegmenterKind:

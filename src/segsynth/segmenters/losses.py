@@ -27,10 +27,10 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
 
 
 def pixel_losses(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross-entropy of a segmenter's logits at label resolution (ignore pixels get 0):
-    what FreeMask's class statistics and filter score."""
-    logits = model(images)
-    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    """Per-pixel cross-entropy of a segmenter's prediction at label resolution (ignore pixels get 0):
+    what FreeMask's class statistics and filter score. SegFormer: its logits, resized bilinearly;
+    Mask2Former: its normalised semantic scores (segmenters/mask2former.py says how)."""
+    logits = model.predict(images, size=tuple(labels.shape[-2:]))
     return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
 
 
@@ -54,7 +54,15 @@ LOSSES = {
 
 
 def training_loss(config):
-    """The loss function `config.loss` names (a TrainConfig), or an error listing the options."""
+    """The loss function `config.loss` names (a TrainConfig), or an error listing the options; refused
+    before any compute when `config.model` trains with a loss of its own (segmenters.SEGMENTERS)."""
+    from segsynth.segmenters import segmenter_kind  # the table imports the architectures, which import this module
+
     if config.loss not in LOSSES:
         raise SegsynthError(f"unknown --loss {config.loss!r}; options: {', '.join(LOSSES)}")
+    allowed = segmenter_kind(config.model, "--model").losses
+    if allowed is not None and config.loss not in allowed:
+        raise SegsynthError(f"--loss {config.loss} needs a segmenter with per-pixel logits; {config.model} trains with "
+                            f"its own set-prediction loss (--loss {' / '.join(allowed)}, per-pixel weights kept). "
+                            "Use a segformer-* --model for this loss")
     return LOSSES[config.loss](config)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers import AutoConfig, SegformerConfig, SegformerForSemanticSegmentation
 from transformers.utils import logging as transformers_logging
 
 from segsynth import IGNORE_INDEX
@@ -70,18 +70,20 @@ class SegFormerSegmenter(nn.Module):
         self.model.save_pretrained(directory, safe_serialization=True)
 
 
+def label_info(num_classes: int, classes: list[str] | None) -> dict:
+    """The config keys that name the classes (id2label / label2id), shared by every transformers segmenter."""
+    id2label = {i: c for i, c in enumerate(classes or [f"class_{i}" for i in range(num_classes)])}
+    return dict(num_labels=num_classes, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+
+
 def create_segformer(name: str, num_classes: int, pretrained: str | None, classes: list[str] | None):
     """A SegFormer of the named variant, from scratch or from `pretrained` (hub id or local folder)."""
-    id2label = {i: c for i, c in enumerate(classes or [f"class_{i}" for i in range(num_classes)])}
-    label_info = dict(num_labels=num_classes, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-                      semantic_loss_ignore_index=IGNORE_INDEX)
+    labels = {**label_info(num_classes, classes), "semantic_loss_ignore_index": IGNORE_INDEX}
     if pretrained:
-        model = load_pretrained(SegformerForSemanticSegmentation, pretrained, label_info)
+        model = load_pretrained(SegformerForSemanticSegmentation, pretrained, labels)
     else:
-        model = SegformerForSemanticSegmentation(SegformerConfig(**SEGFORMER_VARIANTS[name], **label_info))
+        model = SegformerForSemanticSegmentation(SegformerConfig(**SEGFORMER_VARIANTS[name], **labels))
     return SegFormerSegmenter(model)
-
-
 
 
 def load_segformer(checkpoint: Path) -> SegFormerSegmenter:
@@ -89,14 +91,33 @@ def load_segformer(checkpoint: Path) -> SegFormerSegmenter:
     return SegFormerSegmenter(SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True))
 
 
-def load_pretrained(model_class, pretrained: str, label_info: dict):
-    """from_pretrained over a hub id or local dir, safetensors only; the head is re-made for our classes."""
+def load_pretrained(model_class, pretrained: str, labels: dict, backbones: dict | None = None):
+    """from_pretrained over a hub id or local dir, safetensors only; the head is re-made for our classes.
+
+    The folder's config.json must be of `model_class`'s kind, or of a kind in `backbones` (model_type ->
+    builder(that config) -> model: a bare backbone checkpoint wrapped in the segmenter's own head)."""
     if Path(pretrained).exists() and not (Path(pretrained) / "config.json").is_file():
         raise SegsynthError(f"{pretrained}: no config.json; a pretrained model folder needs config.json and model.safetensors")
+    expected = model_class.config_class.model_type
     try:
-        return model_class.from_pretrained(pretrained, use_safetensors=True, ignore_mismatched_sizes=True, **label_info)
+        config = AutoConfig.from_pretrained(pretrained)
+    except ValueError as error:  # a config.json transformers cannot read (unknown model_type, bad values)
+        raise SegsynthError(f"--pretrained {pretrained}: not a transformers model config ({str(error).splitlines()[0]}); "
+                            f"give a {expected} checkpoint (hub id or save_pretrained folder)") from None
     except OSError as error:
-        raise SegsynthError(
-            f"cannot load pretrained weights {pretrained!r}: {error}. Give a local folder saved with save_pretrained "
-            "(config.json + model.safetensors) or a hub id on a machine with network access"
-        ) from None
+        raise _unavailable(pretrained, error) from None
+    if config.model_type not in (backbones or {}) and config.model_type != expected:
+        kinds = " or ".join([expected, *(backbones or {})])
+        raise SegsynthError(f"--pretrained {pretrained}: a {config.model_type!r} model, not a {kinds} one; "
+                            f"give a {expected} checkpoint (hub id or save_pretrained folder) for this --model")
+    try:
+        if config.model_type != expected:
+            return backbones[config.model_type](config)
+        return model_class.from_pretrained(pretrained, use_safetensors=True, ignore_mismatched_sizes=True, **labels)
+    except OSError as error:
+        raise _unavailable(pretrained, error) from None
+
+
+def _unavailable(pretrained: str, error: OSError) -> SegsynthError:
+    return SegsynthError(f"cannot load pretrained weights {pretrained!r}: {error}. Give a local folder saved with "
+                         "save_pretrained (config.json + model.safetensors) or a hub id on a machine with network access")
