@@ -532,9 +532,11 @@ def test_unsafe_yaml_tag_in_a_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--model", "deeplab-v9"], "unknown segmenter 'deeplab-v9'; options: segformer-b0"),
-    (["--recipe", "magic"], "unknown recipe 'magic'; options: real, synthetic, joint, pretrain-finetune, replace"),
-    (["--crop", "4"], "--crop takes H,W (or one number for a square), each >= 8"),
+    (["--model", "deeplab-v9"], "--model deeplab-v9 is unknown: model must be one of: segformer-b0, "),
+    (["--recipe", "magic"], "--recipe magic is unknown: recipe must be one of: real, synthetic, joint, "
+                            "pretrain-finetune, replace"),
+    (["--crop", "4"], "--crop 4 has item 4 that is too small: crop must be a list of 0 to 2 integers each in "
+                      "8..8192 (H,W or one number for a square"),
     (["--iterations", "lots"], "command line: key 'iterations': cannot read 'lots' as int"),
 ], ids=["segmenter", "recipe", "crop", "not-a-number"])
 def test_unknown_name_or_bad_value(tmp_path, capsys, flags, needle):

@@ -86,7 +86,7 @@ def test_train_missing_required(capsys):
 def test_train_unknown_segmenter(tmp_path, capsys):
     assert main(["train", "--data", TOY_SPEC, "--out", str(tmp_path / "o"), "--model", "deeplab-v9"]) == 2
     err = capsys.readouterr().err
-    assert "unknown segmenter 'deeplab-v9'; options:" in err and "segformer-tiny" in err
+    assert "--model deeplab-v9 is unknown: model must be one of: segformer-b0" in err and "segformer-tiny" in err
 
 
 def test_train_and_evaluate(tmp_path, capsys):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from segsynth.config import build_config, save_config
+from segsynth.config import build_config, check_values, coerce_values, save_config
 from segsynth.data import Dataset, open_dataset
 from segsynth.data.toy import TOY_CLASSES
 from segsynth.data.validate import quick_check
@@ -121,12 +121,14 @@ def method_of(config: RunConfig) -> Method:
 
 
 def check_section(section: str, values: dict, stage_config: type, owned: tuple[str, ...]) -> None:
-    """A section may hold its stage config's keys, except those the run sets itself."""
+    """A section may hold its stage config's keys, except those the run sets itself, each in its range."""
     allowed = [f.name for f in dataclasses.fields(stage_config) if f.name not in owned]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise SegsynthError(f"run config section {section!r}: unknown key(s) {', '.join(unknown)} "
                             f"(the run sets {', '.join(owned)} itself); valid keys: {', '.join(allowed)}")
+    source = f"run config section {section!r}"
+    check_values(stage_config, coerce_values(stage_config, values, source), source)
 
 
 def _merge(base: dict, update: dict) -> dict:
