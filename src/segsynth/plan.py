@@ -96,8 +96,6 @@ def make_plan(config: PlanConfig) -> Path:
     if len(chosen) != 1:
         modes = ", ".join(flags for flags, _, _ in PLANNERS.values())
         raise SegsynthError(f"choose exactly one plan mode ({modes}); got {', '.join(chosen) or 'none'} (e.g. --uniform 2)")
-    if config.limit < 0:
-        raise SegsynthError(f"--limit must be >= 0, got {config.limit}")
     dataset = open_dataset(config.data)
     ids = list(dataset.split(config.split).ids)
     if config.limit:

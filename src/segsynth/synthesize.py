@@ -75,8 +75,6 @@ def synthesize(config: SynthesizeConfig) -> dict:
     out = Path(config.out)
 
     # 1. Everything that needs no model: dataset, plan, their agreement, and the output folder's contents.
-    if config.batch_size < 1:
-        raise SegsynthError(f"--batch-size must be >= 1, got {config.batch_size}")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     requests = plan_requests(read_plan(config.plan), config.plan)

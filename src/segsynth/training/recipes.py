@@ -22,16 +22,12 @@ from segsynth.formats.manifest import read_manifest
 from segsynth.io import SegsynthError
 from segsynth.training.stream import Source
 
-SYNTHETIC_MASK_CHOICES = ("auto", "filtered", "raw")
-REPLACE_FROM_CHOICES = ("same-mask", "pool")
 
 
 def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
     """Open every --synthetic folder with the chosen masks, checking it matches the real classes."""
     if not config.synthetic:
         raise SegsynthError(f"recipe {config.recipe!r} needs at least one --synthetic DIR")
-    if config.synthetic_masks not in SYNTHETIC_MASK_CHOICES:
-        raise SegsynthError(f"--synthetic-masks {config.synthetic_masks!r}; options: {', '.join(SYNTHETIC_MASK_CHOICES)}")
     sets = []
     for folder in config.synthetic:
         filtered_available = any(r.get("filtered_mask") for r in read_manifest(folder))
@@ -67,10 +63,6 @@ def joint_sources(config, real: Dataset):
 def replace_sources(config, real: Dataset):
     """SegGen: a real draw becomes a synthetic sample with probability p -- of the same real mask (same-mask),
     or drawn uniformly from every synthetic sample (pool)."""
-    if not 0.0 <= config.replace_probability <= 1.0:
-        raise SegsynthError(f"--replace-probability must be in [0, 1], got {config.replace_probability}")
-    if config.replace_from not in REPLACE_FROM_CHOICES:
-        raise SegsynthError(f"--replace-from {config.replace_from!r}; options: {', '.join(REPLACE_FROM_CHOICES)}")
     sets = open_synthetic_sets(config, real)
     pool: Split = concat_splits("synthetic", [s.split("train") for s in sets])
     real_split = real.split("train")

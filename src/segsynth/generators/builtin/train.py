@@ -21,7 +21,7 @@ from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, build_unet, encode_images, encode_masks,
                                                training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, staged_swap
+from segsynth.io import append_jsonl, atomic_write_json, staged_swap
 from segsynth.stage_configs import TrainGeneratorConfig
 from segsynth.training.schedule import check_finite, warmup_cosine
 
@@ -37,8 +37,6 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
     quick_check(dataset, [config.split])
     size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
-    if config.batch_size < 1 or config.iterations < 1:
-        raise SegsynthError("--batch-size and --iterations must be >= 1")
 
     # 2. Hold every training pair in memory at native size: crops are cut from originals each iteration.
     pairs = [split[i] for i in tqdm(range(len(split)), desc="load", unit="img", leave=False)]

@@ -159,12 +159,6 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     kind = prompts_kind(config.prompts)
     size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
-    if config.batch_size < 1 or config.iterations < 1:
-        raise SegsynthError("--batch-size and --iterations must be >= 1")
-    if config.target == "colour-mask" and config.decode_max_distance <= 0:
-        raise SegsynthError(f"--decode-max-distance {config.decode_max_distance}: give a distance > 0 (RGB units)")
-    if not 0.0 <= config.cond_dropout < 1.0:
-        raise SegsynthError(f"--cond-dropout {config.cond_dropout}: a probability in [0, 1)")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     quick_check(dataset, [config.split])

@@ -35,10 +35,6 @@ def attention_quality(config: AttentionQualityConfig) -> dict:
     from segsynth.generators.builtin_text.train import class_prompt, present_classes
 
     # 1. Data, recipes and generator, checked before any compute.
-    if not config.presets:
-        raise SegsynthError("--presets is empty: name at least one pseudo-mask recipe")
-    if config.limit < 0:
-        raise SegsynthError(f"--limit must be >= 0, got {config.limit}")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     recipes = {name: preset_config(name, **config.pseudo_mask_settings) for name in config.presets}

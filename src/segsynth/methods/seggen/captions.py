@@ -245,8 +245,6 @@ def make_captions(config: CaptionConfig) -> Path:
                             "drop one of them")
     if config.captioner not in CAPTIONERS:
         check_blip2_location(config.captioner)
-        if config.batch_size < 1 or config.max_new_tokens < 1:
-            raise SegsynthError("--batch-size and --max-new-tokens must be at least 1")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     out = Path(config.out)
