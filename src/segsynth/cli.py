@@ -138,7 +138,8 @@ def cmd_attention_quality(args) -> int:
 def cmd_run(args) -> int:
     from segsynth.run import resolve_run_config, run
 
-    run(resolve_run_config(values_from_args(RunConfig, args)))
+    source = f"config file {args.config}" if args.config else "command line"
+    run(resolve_run_config(values_from_args(RunConfig, args), source))
     return 0
 
 

@@ -91,22 +91,20 @@ PRESETS = {
 }
 
 
-def resolve_run_config(values: dict) -> RunConfig:
+def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     """Defaults < BASE < preset (toy or real-data variant) < the user's values; sections checked against
-    their stage configs, arms against the method's."""
+    their stage configs, arms against the method's. `source` names where the values came from in errors."""
+    check_values(RunConfig, coerce_values(RunConfig, values, source), source)  # the preset and method first
     preset = values.get("preset", "default")
-    names = sorted({name for _, name in PRESETS})
-    if preset not in names:
-        raise SegsynthError(f"unknown preset {preset!r}; options: {', '.join(names)}")
     data = values.get("data") or PRESETS[("toy", preset)].get("data") or RunConfig.data
     kind = "toy" if data.split(":")[0] == "toy" else "real"
     method = METHODS.get(values.get("method", RunConfig.method))
     method_sizes = method.presets.get((kind, preset), {}) if method else {}
     merged = _merge(_merge(_merge(BASE, PRESETS[(kind, preset)]), method_sizes), values)
-    config = build_config(RunConfig, merged, "run config")
+    config = build_config(RunConfig, merged, source)
     method = method_of(config)
     for section, (stage_config, owned) in RUN_SECTIONS.items():
-        check_section(section, getattr(config, section), stage_config, owned)
+        check_section(section, getattr(config, section), stage_config, owned, source)
     unknown = [arm for arm in config.arms if arm not in method.arms]
     if unknown:
         raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
@@ -120,15 +118,16 @@ def method_of(config: RunConfig) -> Method:
     return METHODS[config.method]
 
 
-def check_section(section: str, values: dict, stage_config: type, owned: tuple[str, ...]) -> None:
+def check_section(section: str, values: dict, stage_config: type, owned: tuple[str, ...],
+                  source: str = "run config") -> None:
     """A section may hold its stage config's keys, except those the run sets itself, each in its range."""
+    where = f"--{section.replace('_', '-')}" if source == "command line" else f"{source} section {section!r}"
     allowed = [f.name for f in dataclasses.fields(stage_config) if f.name not in owned]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise SegsynthError(f"run config section {section!r}: unknown key(s) {', '.join(unknown)} "
+        raise SegsynthError(f"{where}: unknown key(s) {', '.join(unknown)} "
                             f"(the run sets {', '.join(owned)} itself); valid keys: {', '.join(allowed)}")
-    source = f"run config section {section!r}"
-    check_values(stage_config, coerce_values(stage_config, values, source), source)
+    check_values(stage_config, coerce_values(stage_config, values, where), where)
 
 
 def _merge(base: dict, update: dict) -> dict:
