@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from segsynth.io import SegsynthError, atomic_write_text
+from segsynth.io import SegsynthError, atomic_write_text, read_text
 
 C = TypeVar("C")
 
@@ -176,10 +176,13 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SegsynthError(f"config file {path} does not exist")
+    text = read_text(path, "YAML config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise SegsynthError(f"config file {path} is not valid YAML: {error}") from None
+        raise SegsynthError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise SegsynthError(f"config file {path} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise SegsynthError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

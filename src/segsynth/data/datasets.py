@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from segsynth import IGNORE_INDEX
 from segsynth.data import palettes
 from segsynth.data.base import Dataset, Pair, file_split, label_table
-from segsynth.io import SegsynthError, read_json
+from segsynth.io import SegsynthError, read_json, read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -52,12 +52,12 @@ def pair_by_stem(
     expected = {pair.mask.resolve() for pair in pairs + missing}
     orphans = [m for m in _files(mask_dir, mask_suffixes, recursive) if m.resolve() not in expected]
     if missing or orphans:
-        lines = [f"  image without mask: {p.image} (expected {p.mask})" for p in missing[:5]]
-        lines += [f"  mask without image: {m}" for m in orphans[:5]]
+        shown = [f"image without mask: {p.image} (expected {p.mask})" for p in missing[:5]]
+        shown += [f"mask without image: {m}" for m in orphans[:5]]
         raise SegsynthError(
-            f"{image_dir} / {mask_dir}: {len(missing)} image(s) have no mask and {len(orphans)} mask(s) have no image:\n"
-            + "\n".join(lines)
-            + "\nadd the missing files or remove the unpaired ones"
+            f"{image_dir} / {mask_dir}: {len(missing)} image(s) have no mask and {len(orphans)} mask(s) have no "
+            f"image: {', '.join(shown)}{', ...' if len(missing) + len(orphans) > len(shown) else ''}; "
+            "add the missing files or remove the unpaired ones"
         )
     return pairs
 
@@ -187,7 +187,7 @@ def open_folder(root: Path, spec: str) -> Dataset:
 
 
 def _read_id_list(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, "split list").splitlines() if line.strip()]
 
 
 def _pairs_from_ids(ids, image_dir: Path, image_suffix: str, mask_dir: Path, list_file: Path) -> list[Pair]:

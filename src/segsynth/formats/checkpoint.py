@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from segsynth import __version__
-from segsynth.io import SegsynthError, atomic_write_json, read_json, staged_swap
+from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
 
 FORMAT = "segsynth-checkpoint/1"
 META_FILE = "segsynth.json"
@@ -89,11 +89,12 @@ def save_checkpoint(out: Path, model, optimizer, meta: dict) -> Path:
 
 
 def load_optimizer_state(optimizer, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as handle:
-        groups = json.loads(handle.metadata()["param_groups"])
-    tensors = load_file(str(path))
-    state: dict = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    with loading(path, "the checkpoint is damaged: restore it, or train again into a new --out", "the optimizer state"):
+        with safe_open(str(path), framework="pt") as handle:
+            groups = json.loads(handle.metadata()["param_groups"])
+        tensors = load_file(str(path))
+        state: dict = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": groups})

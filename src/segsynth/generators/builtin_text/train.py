@@ -69,7 +69,8 @@ from segsynth.generators.builtin_text.model import (
 )
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl, staged_swap
+from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl,
+                         staged_swap)
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
 from segsynth.stage_configs import TrainTextGeneratorConfig
@@ -428,6 +429,12 @@ def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordToken
     if WordTokenizer.load(folder) != tokenizer:
         raise SegsynthError(f"{folder}: the training prompts changed since this run was saved (its vocabulary "
                             "differs); resume on the same data and prompts or use a new --out")
+    with loading(folder, "the training state is damaged: train again into a new --out (or without --resume)",
+                 "the training state"):
+        return _load_state(folder, state, unet, text_encoder, ema, optimizer, device)
+
+
+def _load_state(folder: Path, state: dict, unet, text_encoder, ema, optimizer, device) -> tuple[int, float]:
     raw = load_file(str(folder / "weights.safetensors"))
     unet.load_state_dict({k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in raw.items() if k.startswith("text_encoder.")})

@@ -28,9 +28,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segsynth.config import save_config
 from segsynth.data import open_dataset
+from segsynth.data.base import read_image, read_raw_mask
 from segsynth.data.synthetic import open_synthetic
 from segsynth.formats.manifest import read_manifest
-from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text
+from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, safe_relative_path
 from segsynth.methods.seggen.mask_quality import format_mask_quality, mask_quality
 from segsynth.stage_configs import MaskQualityConfig
 
@@ -134,7 +135,7 @@ def write_mask_grid(masks: Path, rendered: list[Path], path: Path, palette, rows
     tiles = []
     for record in records:
         colour_map = _rgb(masks / ((record.get("extras") or {}).get("colour_mask") or record["image"]))
-        decoded = colours[np.asarray(Image.open(masks / record["mask"]))]
+        decoded = colours[read_raw_mask(safe_relative_path(masks, record["mask"], f"manifest mask of {record['id']}"))]
         image = _rgb(renderings[record["id"]]) if record["id"] in renderings else np.zeros_like(colour_map)
         caption = record.get("prompt") or (record.get("meta") or {}).get("prompt") or ""
         row = [_caption_tile(caption, font)] + [_scaled(picture) for picture in (colour_map, decoded, image)]
@@ -147,8 +148,7 @@ def write_mask_grid(masks: Path, rendered: list[Path], path: Path, palette, rows
 
 
 def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    return read_image(path)
 
 
 def _scaled(picture: np.ndarray) -> np.ndarray:
