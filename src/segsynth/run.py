@@ -33,7 +33,7 @@ from tqdm import tqdm
 from segsynth.config import build_config, check_values, coerce_values, save_config
 from segsynth.data import Dataset, open_dataset
 from segsynth.data.toy import TOY_CLASSES
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
 from segsynth.methods.base import Arm, Method, Stage
@@ -194,7 +194,7 @@ def run(config: RunConfig) -> dict:
 
     # 1. The data, checked once before any compute.
     dataset = open_dataset(config.data)
-    quick_check(dataset, ["train", config.eval_split])
+    check_before_compute(dataset, ["train", config.eval_split])
     context = RunContext(config, out, dataset, _read_seconds(out))
     say(f"segsynth run --method {config.method}: {config.data} ({len(dataset.split('train'))} train / "
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "

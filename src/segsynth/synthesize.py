@@ -53,7 +53,7 @@ from segsynth import __version__
 from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
 from segsynth.formats.manifest import merge_manifests, read_manifest, read_records, sample_record, write_set_info
 from segsynth.formats.plan import plan_requests, read_plan
@@ -79,7 +79,7 @@ def synthesize(config: SynthesizeConfig) -> dict:
     split = dataset.split(config.split)
     requests = plan_requests(read_plan(config.plan), config.plan)
     check_sources(requests, split, config.plan)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     state = read_state(out)
     finished = read_records(out)
     check_same_plan(out, finished, requests, config.plan)

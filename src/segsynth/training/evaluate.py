@@ -20,7 +20,7 @@ from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import group_by_size
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
 from segsynth.io import atomic_write_json
 from segsynth.segmenters import load_checkpoint_for
@@ -86,7 +86,7 @@ def evaluate(config: EvalConfig) -> dict:
     info = init_distributed(config.device)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     model, meta, checkpoint = load_checkpoint_for(config.checkpoint, dataset.classes, f"dataset {config.data}",
                                                   "evaluate on the dataset the model was trained for")
     model.to(info.device)

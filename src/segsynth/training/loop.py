@@ -24,7 +24,7 @@ from tqdm import tqdm
 from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.transforms import AugmentConfig
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
 from segsynth.formats.checkpoint import (checkpoint_meta, has_checkpoint, load_optimizer_state, resolve_checkpoint,
                                          save_checkpoint)
@@ -73,7 +73,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
 
     # 1. Open and check the data before any compute; resolve defaults from the first image.
     dataset = open_dataset(config.data)
-    quick_check(dataset, ["train"] + ([config.eval_split] if config.eval_split in dataset.splits else []))
+    check_before_compute(dataset, ["train"] + ([config.eval_split] if config.eval_split in dataset.splits else []))
     if config.recipe not in RECIPES:
         raise SegsynthError(f"unknown recipe {config.recipe!r}; options: {', '.join(RECIPES)}")
     if config.synthetic and config.recipe == "real":

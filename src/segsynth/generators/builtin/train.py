@@ -16,7 +16,7 @@ from tqdm import tqdm
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, build_unet, encode_images, encode_masks,
                                                training_noise_schedule, working_size)
@@ -34,7 +34,7 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
     # 1. Check the data and the settings before any compute.
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
 

@@ -56,7 +56,7 @@ from transformers import CLIPTextModel
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin_text.model import (
     PATCH,
@@ -162,7 +162,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     scheduler_name(config.sample_scheduler)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
 
     # 2. Every target at working size and every prompt, in memory (small images; read once).
     palette = coding_palette(config, dataset)

@@ -23,6 +23,7 @@ import numpy as np
 
 from segsynth import IGNORE_INDEX
 from segsynth.data import open_dataset
+from segsynth.data.validate import check_before_compute
 from segsynth.generators import GeneratorSettings, open_generator
 from segsynth.generators.base import Request
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
@@ -37,6 +38,7 @@ def attention_quality(config: AttentionQualityConfig) -> dict:
     # 1. Data, recipes and generator, checked before any compute.
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
+    check_before_compute(dataset, [config.split])
     recipes = {name: preset_config(name, **config.pseudo_mask_settings) for name in config.presets}
     generator = open_generator(config.generator, GeneratorSettings(
         pseudo_mask=config.presets[0], pseudo_mask_settings=dict(config.pseudo_mask_settings), dtype=config.dtype,

@@ -31,6 +31,8 @@ from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.cpu import torch_threads
 from segsynth.data.base import group_by_size, read_image, read_raw_mask
+from segsynth.data.synthetic import open_synthetic
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import barrier, init_distributed, shard
 from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info
 from segsynth.formats.stats import load_class_stats
@@ -180,6 +182,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
         safe_relative_path(root / "masks_filtered", f"{record['id']}.png", f"{root / MANIFEST} id")
     model, _, checkpoint = load_checkpoint_for(config.segmenter, classes, str(root / "classes.json"),
                                                "filter with a segmenter trained on the set's real dataset")
+    check_before_compute(open_synthetic(root, f"synthetic-raw:{root}", filtered=False), ["train"])
     stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
     if not stats_path.is_file():
         if config.stats:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.data import open_dataset
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
 from segsynth.formats.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from segsynth.formats.stats import write_class_stats
@@ -54,7 +54,7 @@ def compute_class_stats(config: StatsConfig) -> dict:
     info = init_distributed(config.device)
     spec = config.data or read_checkpoint_meta(resolve_checkpoint(config.segmenter))["data"]
     dataset = open_dataset(spec)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     model, _, checkpoint = load_checkpoint_for(config.segmenter, dataset.classes, f"dataset {spec}",
                                                "use a segmenter trained on this dataset")
     model.to(info.device)

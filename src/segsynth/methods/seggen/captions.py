@@ -31,6 +31,7 @@ from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
+from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device, resolve_dtype
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_text, read_jsonl, rewind_jsonl
 from segsynth.methods.seggen.colour import connected_components
@@ -247,6 +248,7 @@ def make_captions(config: CaptionConfig) -> Path:
         check_blip2_location(config.captioner)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
+    check_before_compute(dataset, [config.split])
     out = Path(config.out)
     # 2. caption
     captioner = CAPTIONERS.get(config.captioner, captions_from_blip2)

@@ -30,6 +30,7 @@ from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import read_image, read_raw_mask
 from segsynth.data.synthetic import open_synthetic
+from segsynth.data.validate import check_before_compute
 from segsynth.formats.manifest import read_manifest
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, safe_relative_path
 from segsynth.methods.seggen.mask_quality import format_mask_quality, mask_quality
@@ -52,6 +53,9 @@ def write_mask_quality(config: MaskQualityConfig) -> dict:
     rendered = [open_synthetic(Path(folder), f"synthetic-raw:{folder}", filtered=False) for folder in config.rendered]
     if config.rendered and config.segmenter is None:
         raise SegsynthError("--rendered needs --segmenter (the real-trained checkpoint that scores the alignment)")
+    check_before_compute(real, [config.split] + ([config.eval_split] if config.segmenter else []))
+    for generated in [masks, *rendered]:
+        check_before_compute(generated, ["train"])
 
     # 2. The masks as a set, against the real ones.
     generated_split, real_split = masks.split("train"), real.split(config.split)
