@@ -21,6 +21,8 @@ SMOKE = {
                      "--batch", "4", "--workers", "0"],
                     ["pipeline_images_per_s", "bare_images_per_s", "ratio", "after_first_epoch_ratio"]),
     "planning": (["--data", "toy:n=40,size=32"], []),
+    "check_files": (["--pairs", "20", "--size", "32x32", "--camvid", ""],
+                    ["generated_cold_s", "generated_cached_s", "projected_20k_pairs_cold_s"]),
     "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
                    "--channels", "8,16,32"], ["ratio"]),
 }

@@ -49,8 +49,9 @@ def pair_by_stem(
         relative = image.relative_to(image_dir).parent
         mask = mask_dir / relative / mask_name(image)
         (pairs if mask.is_file() else missing).append(Pair(image_stem(image), image, mask))
-    expected = {pair.mask.resolve() for pair in pairs + missing}
-    orphans = [m for m in _files(mask_dir, mask_suffixes, recursive) if m.resolve() not in expected]
+    # Both sides are mask_dir / relative path (pathlib drops "."), so plain paths compare: no resolve() per file.
+    expected = {pair.mask for pair in pairs + missing}
+    orphans = [m for m in _files(mask_dir, mask_suffixes, recursive) if m not in expected]
     if missing or orphans:
         shown = [f"image without mask: {p.image} (expected {p.mask})" for p in missing[:5]]
         shown += [f"mask without image: {m}" for m in orphans[:5]]
