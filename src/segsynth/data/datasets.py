@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 from segsynth import IGNORE_INDEX
 from segsynth.data import palettes
 from segsynth.data.base import Dataset, Pair, file_split, label_table
-from segsynth.io import SegsynthError, read_json, read_text
+from segsynth.formats.classes import check_class_list, check_ignore_values, check_palette
+from segsynth.io import SegsynthError, read_json, read_text, safe_relative_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -160,15 +161,15 @@ def open_folder(root: Path, spec: str) -> Dataset:
     if not info_path.is_file():
         raise SegsynthError(f"{info_path}: missing; write {{\"classes\": [\"name\", ...]}} (optional \"palette\", \"ignore_index\")")
     info = read_json(info_path)
-    classes = info.get("classes") if isinstance(info, dict) else None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise SegsynthError(f"{info_path}: needs \"classes\": a non-empty list of class names")
-    palette = info.get("palette") or palettes.default_palette(len(classes))
-    if len(palette) < len(classes) or any(len(colour) != 3 for colour in palette):
-        raise SegsynthError(f"{info_path}: \"palette\" needs one [r, g, b] per class ({len(classes)})")
-    ignore = info.get("ignore_index", IGNORE_INDEX)
-    ignore_values = ignore if isinstance(ignore, list) else [ignore]
-    mask_dir = root / info.get("mask_dir", "masks")
+    if not isinstance(info, dict):
+        raise SegsynthError(f"{info_path}: needs \"classes\": a non-empty list of class names, in a JSON object "
+                            f"{{\"classes\": [...]}} (got a {type(info).__name__})")
+    fix = "fix classes.json"
+    classes = check_class_list(info.get("classes"), str(info_path), fix)
+    palette = (check_palette(info["palette"], classes, str(info_path), fix) if info.get("palette") is not None
+               else palettes.default_palette(len(classes)))
+    ignore_values = check_ignore_values(info.get("ignore_index", IGNORE_INDEX), classes, str(info_path), fix)
+    mask_dir = safe_relative_path(root, str(info.get("mask_dir", "masks")), f"{info_path}: \"mask_dir\"")
     pairs = pair_by_stem(_require_dir(root / "images", "images", "put the images in images/"),
                          _require_dir(mask_dir, "masks", f"put the index masks in {mask_dir.name}/"))
     by_id = {pair.id: pair for pair in pairs}

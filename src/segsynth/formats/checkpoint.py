@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from segsynth import __version__
+from segsynth.formats.classes import check_class_list
 from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
 
 FORMAT = "segsynth-checkpoint/1"
@@ -60,6 +61,7 @@ def read_checkpoint_meta(checkpoint: str | Path, model_names=None) -> dict:
         raise SegsynthError(f"{meta_path}: unknown segmenter {meta['model']!r}; options: {', '.join(model_names)}")
     if not isinstance(meta.get("classes"), list):
         raise SegsynthError(f"{meta_path}: no \"classes\" list; give a `segsynth train --out` folder, or retrain")
+    check_class_list(meta["classes"], str(meta_path), "restore the file `segsynth train` wrote, or retrain")
     if not any((checkpoint / weights).is_file() for weights in ("model.safetensors", "model.safetensors.index.json")):
         raise SegsynthError(f"{checkpoint}: no model.safetensors; segsynth loads weights from safetensors only, never "
                             "from pickle files such as pytorch_model.bin. Give a `segsynth train --out` folder, or retrain")
