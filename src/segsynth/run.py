@@ -40,6 +40,7 @@ from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.attn2mask.method import ATTN2MASK
 from segsynth.methods.freemask.method import FREEMASK
 from segsynth.methods.seggen.method import SEGGEN
+from segsynth.outputs import claim_folder
 from segsynth.report import format_table, write_results
 from segsynth.stage_configs import RUN_SECTIONS, RunConfig, TrainConfig, TrainGeneratorConfig
 from segsynth.training.loop import train
@@ -187,6 +188,11 @@ class RunContext:
 
 def run(config: RunConfig) -> dict:
     """Run the method end to end (resumable); returns the results dict also written to OUT/results.json."""
+    with claim_folder(config.out, "run", "run.config.yaml", "RunConfig", markers=("results.json",)):
+        return _run(config)
+
+
+def _run(config: RunConfig) -> dict:
     method = method_of(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

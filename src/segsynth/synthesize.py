@@ -38,7 +38,6 @@ Guarantees, and how:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -60,10 +59,12 @@ from segsynth.formats.plan import plan_requests, read_plan
 from segsynth.generators import Generator, GeneratorSettings, open_generator
 from segsynth.generators.base import Condition, GeneratedSample, Request, resize_mask
 from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, read_json
+from segsynth.outputs import check_no_escaping_links, claim_folder
 from segsynth.pipeline import run_pipeline
 from segsynth.stage_configs import SynthesizeConfig
 
 MANIFEST = "manifest.jsonl"
+SET_LOCK = ".synthesize.lock"
 STATE = "synthesis.json"
 FORMAT = "segsynth-synthetic-set/1"
 QUEUE_DEPTH = 2  # batches prepared ahead of the model, and batches waiting for the writer
@@ -81,6 +82,7 @@ def synthesize(config: SynthesizeConfig) -> dict:
     check_sources(requests, split, config.plan)
     check_before_compute(dataset, [config.split])
     state = read_state(out)
+    check_no_escaping_links(out)
     finished = read_records(out)
     check_same_plan(out, finished, requests, config.plan)
 
@@ -95,7 +97,7 @@ def synthesize(config: SynthesizeConfig) -> dict:
     # 3. Rank 0 locks the folder against a second run, makes it consistent (one manifest, no orphans)
     #    and records what makes this set.
     order = {request.id: position for position, request in enumerate(requests)}
-    with lock_output(out) if info.is_main else contextlib.nullcontext():  # released however this exits
+    with lock_output(out, info.is_main):  # released however this exits
         if info.is_main:
             merge_manifests(out, order)
             write_set_info(out, dataset.classes, dataset.palette)
@@ -233,19 +235,13 @@ def _sha256(path: str | os.PathLike) -> str:
 # --- the pipeline ------------------------------------------------------------------------------------
 
 
-def lock_output(out: Path):
-    """An exclusive lock on OUT/.synthesize.lock: a second run into the same folder would delete our in-flight files."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / ".synthesize.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise SegsynthError(f"{out}: another `segsynth synthesize` is writing to this folder; wait for it or use "
-                            "torchrun to run several processes on one folder") from None
-    return handle
+def lock_output(out: Path, lock: bool = True):
+    """The exclusive lock on OUT/.synthesize.lock (segsynth.outputs): a second run into the same folder would
+    delete our in-flight files; `filter` takes it too. Only rank 0 locks (`lock`)."""
+    return claim_folder(out, "synthesize", "synthesize.config.yaml", "SynthesizeConfig", markers=(STATE,),
+                        lock_name=SET_LOCK, lock=lock,
+                        busy=f"{out}: another `segsynth synthesize` is writing to this folder (or a `segsynth filter` "
+                             "is); wait for it or use torchrun to run several processes on one folder")
 
 
 def render(generator: Generator, split: Split, dataset, requests: list[Request], config: SynthesizeConfig,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def write_class_stats(path: str | Path, stats: dict) -> None:
     if missing:
         raise ValueError(f"class statistics lack {missing}")
     atomic_write_json(path, stats)
+
+
+def is_class_stats_file(path: str | Path) -> bool:
+    """Whether `path` holds class statistics segsynth wrote (what `stats --out` may overwrite)."""
+    try:
+        stats = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(stats, dict) and all(key in stats for key in REQUIRED_KEYS + ("segmenter", "split"))
 
 
 def load_class_stats(path: str | Path, classes) -> np.ndarray:

@@ -25,10 +25,11 @@ from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.transforms import AugmentConfig
 from segsynth.data.validate import check_before_compute
-from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
+from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, is_main_process, shard
 from segsynth.formats.checkpoint import (checkpoint_meta, has_checkpoint, load_optimizer_state, resolve_checkpoint,
                                          save_checkpoint)
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl
+from segsynth.outputs import claim_folder
 from segsynth.segmenters import create_segmenter, load_segmenter
 from segsynth.segmenters.losses import training_loss
 from segsynth.stage_configs import TrainConfig
@@ -48,9 +49,11 @@ def learning_rate(config: TrainConfig, iteration: int) -> float:
 
 def train(config: TrainConfig, sources: list[Source] | None = None) -> Path:
     """Train a segmenter; returns the checkpoint folder. `sources` overrides the recipe (API use)."""
-    if config.recipe == "pretrain-finetune" and sources is None:
-        return _pretrain_finetune(config)
-    return _train_stage(config, sources)
+    with claim_folder(config.out, "train", "config.yaml", "TrainConfig", lock=is_main_process(),
+                      markers=("checkpoint/segsynth.json", "checkpoint.old/segsynth.json", "metrics.jsonl")):
+        if config.recipe == "pretrain-finetune" and sources is None:
+            return _pretrain_finetune(config)
+        return _train_stage(config, sources)
 
 
 def _pretrain_finetune(config: TrainConfig) -> Path:

@@ -22,12 +22,19 @@ from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, bu
                                                training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import append_jsonl, atomic_write_json, staged_swap
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import TrainGeneratorConfig
 from segsynth.training.schedule import check_finite, warmup_cosine
 
 
 def train_generator(config: TrainGeneratorConfig) -> Path:
     """Train a builtin generator on a dataset's (image, mask) pairs; returns the generator folder."""
+    with claim_folder(config.out, "train-generator", "train_generator.config.yaml", "TrainGeneratorConfig",
+                      markers=("segsynth_generator.json",)):
+        return _train_generator(config)
+
+
+def _train_generator(config: TrainGeneratorConfig) -> Path:
     out = Path(config.out)
     device = resolve_device(config.device)
 

@@ -73,6 +73,7 @@ from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading
                          staged_swap)
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import TrainTextGeneratorConfig
 
 GENERATOR_FILE = "segsynth_generator.json"
@@ -152,6 +153,12 @@ def prompts_kind(prompts: str) -> str:
 
 def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     """Train a builtin text generator; returns the generator folder."""
+    with claim_folder(config.out, "train-text-generator", "train_text_generator.config.yaml",
+                      "TrainTextGeneratorConfig", markers=("segsynth_generator.json", TRAINING_STATE)):
+        return _train_text_generator(config)
+
+
+def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     out = Path(config.out)
     device = resolve_device(config.device)
 

@@ -22,17 +22,25 @@ from pathlib import Path
 import numpy as np
 
 from segsynth import IGNORE_INDEX
+from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.generators import GeneratorSettings, open_generator
 from segsynth.generators.base import Request
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
 from segsynth.methods.attn2mask.pseudo_mask import class_scores, preset_config, score_pseudo_masks, scores_to_mask
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import AttentionQualityConfig
 
 
 def attention_quality(config: AttentionQualityConfig) -> dict:
     """Score every recipe's pseudo-masks on `config.split`; returns the results also written to OUT."""
+    with claim_folder(config.out, "attention-quality", "attention_quality.config.yaml", "AttentionQualityConfig",
+                      markers=("attention_quality.json",)):
+        return _attention_quality(config)
+
+
+def _attention_quality(config: AttentionQualityConfig) -> dict:
     from segsynth.generators.builtin_text.train import class_prompt, present_classes
 
     # 1. Data, recipes and generator, checked before any compute.
@@ -87,6 +95,7 @@ def attention_quality(config: AttentionQualityConfig) -> dict:
     out = Path(config.out)
     atomic_write_json(out / "attention_quality.json", results)
     atomic_write_text(out / "attention_quality.md", format_quality(results) + "\n")
+    save_config(config, out / "attention_quality.config.yaml")
     return results
 
 

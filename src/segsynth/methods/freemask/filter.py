@@ -39,6 +39,7 @@ from segsynth.formats.stats import load_class_stats
 from segsynth.io import (SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text,
                          read_json, read_jsonl, rewind_jsonl, safe_relative_path)
 from segsynth.methods.freemask.stats import compute_class_stats
+from segsynth.outputs import claim_folder
 from segsynth.pipeline import run_pipeline
 from segsynth.segmenters import load_checkpoint_for
 from segsynth.segmenters.losses import pixel_losses
@@ -106,6 +107,7 @@ def _read_pair(root: Path, record: dict, num_classes: int) -> tuple[np.ndarray, 
     return image, mask
 
 
+SET_LOCK = ".synthesize.lock"  # synthesize.SET_LOCK (a stage does not import another stage)
 MAX_AUTO_LANES = 8  # beyond this, activations x lanes costs memory and the GIL costs more than it gains
 
 
@@ -194,55 +196,60 @@ def filter_synthetic(config: FilterConfig) -> dict:
     mean_loss = load_class_stats(stats_path, classes)
     model.to(info.device).eval()
 
-    # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
-    settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
-                "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
-    settings_path = root / "filter.json"
-    if settings_path.is_file() and read_json(settings_path) != settings:
-        raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
-                            "use the same settings, or delete masks_filtered/, filter.json and filter.rank*.jsonl to refilter")
-    barrier()
-    if info.is_main:
-        atomic_write_json(settings_path, settings)
-        save_config(config, root / "filter.config.yaml")
-        for temp in (root / "masks_filtered").glob(".*.tmp"):  # a killed run's half-written masks
-            temp.unlink(missing_ok=True)
-    log_path = root / f"filter.rank{info.rank}.jsonl"
-    rewind_jsonl(log_path)  # a kill mid-append leaves a torn last line; appending after it would bury it
-    barrier()
-    done = {r["id"] for path in root.glob("filter.rank*.jsonl") for r in read_jsonl(path)
-            if (root / r["filtered_mask"]).is_file()}
-    pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
+    # The set's lock (the one synthesize takes): no synthesize and no second filter writes to it meanwhile.
+    with claim_folder(root, "filter", "filter.config.yaml", "FilterConfig", markers=(MANIFEST,), lock_name=SET_LOCK,
+                      lock=info.is_main, busy=f"{root}: another `segsynth filter` (or a `segsynth synthesize`) is "
+                                           "writing to this set; wait for it (torchrun shards one filter over "
+                                           "processes)"):
+        # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
+        settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
+                    "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
+        settings_path = root / "filter.json"
+        if settings_path.is_file() and read_json(settings_path) != settings:
+            raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
+                                "use the same settings, or delete masks_filtered/, filter.json and filter.rank*.jsonl to refilter")
+        barrier()
+        if info.is_main:
+            atomic_write_json(settings_path, settings)
+            save_config(config, root / "filter.config.yaml")
+            for temp in (root / "masks_filtered").glob(".*.tmp"):  # a killed run's half-written masks
+                temp.unlink(missing_ok=True)
+        log_path = root / f"filter.rank{info.rank}.jsonl"
+        rewind_jsonl(log_path)  # a kill mid-append leaves a torn last line; appending after it would bury it
+        barrier()
+        done = {r["id"] for path in root.glob("filter.rank*.jsonl") for r in read_jsonl(path)
+                if (root / r["filtered_mask"]).is_file()}
+        pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
 
-    # 3. Stream: each lane decodes a batch, scores it and hands it to one writer thread.
-    started = time.time()  # the probe counts: it is part of what filtering costs
+        # 3. Stream: each lane decodes a batch, scores it and hands it to one writer thread.
+        started = time.time()  # the probe counts: it is part of what filtering costs
 
-    def probe(lanes: int, threads: int) -> dict:
-        # The choice is kept in the set, so a resumed run scores with the same thread count (it
-        # changes float rounding, ~1e-7) and does not pay for the probe again.
-        choice_path, key = root / f"filter.lanes.rank{info.rank}.json", {"device": str(info.device), "threads": threads}
-        if choice_path.is_file() and (kept := read_json(choice_path)).get("key") == key:
-            return kept["figures"]
-        sample = pending[: config.batch_size]  # smaller batches misjudge: a tiny model's team looked 25 % faster at 2
-        decode_started = time.perf_counter()
-        batch = [_read_pair(root, record, len(classes)) for record in sample]
-        figures = probe_lanes(model, batch, time.perf_counter() - decode_started, lanes, threads)
-        atomic_write_json(choice_path, {"key": key, "figures": figures})
-        return figures
+        def probe(lanes: int, threads: int) -> dict:
+            # The choice is kept in the set, so a resumed run scores with the same thread count (it
+            # changes float rounding, ~1e-7) and does not pay for the probe again.
+            choice_path, key = root / f"filter.lanes.rank{info.rank}.json", {"device": str(info.device), "threads": threads}
+            if choice_path.is_file() and (kept := read_json(choice_path)).get("key") == key:
+                return kept["figures"]
+            sample = pending[: config.batch_size]  # smaller batches misjudge: a tiny model's team looked 25 % faster at 2
+            decode_started = time.perf_counter()
+            batch = [_read_pair(root, record, len(classes)) for record in sample]
+            figures = probe_lanes(model, batch, time.perf_counter() - decode_started, lanes, threads)
+            atomic_write_json(choice_path, {"key": key, "figures": figures})
+            return figures
 
-    lanes, threads_per_lane, probed = scoring_lanes(config.lanes, info.device, probe if pending else None)
-    summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
-               "threads_per_lane": threads_per_lane, "lane_probe": probed,
-               "lane_probe_seconds": round(time.time() - started, 3)}
-    with torch_threads(threads_per_lane):  # the lanes started inside pick it up
-        _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path)
-    summary["seconds"] = round(time.time() - started, 2)
-    barrier()
+        lanes, threads_per_lane, probed = scoring_lanes(config.lanes, info.device, probe if pending else None)
+        summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
+                   "threads_per_lane": threads_per_lane, "lane_probe": probed,
+                   "lane_probe_seconds": round(time.time() - started, 3)}
+        with torch_threads(threads_per_lane):  # the lanes started inside pick it up
+            _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path)
+        summary["seconds"] = round(time.time() - started, 2)
+        barrier()
 
-    # 4. Merge the logs into the manifest (rank 0), atomically.
-    if info.is_main:
-        summary.update(_merge_into_manifest(root, records, classes))
-    return summary
+        # 4. Merge the logs into the manifest (rank 0), atomically.
+        if info.is_main:
+            summary.update(_merge_into_manifest(root, records, classes))
+        return summary
 
 
 def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: FilterConfig, info, lanes: int,

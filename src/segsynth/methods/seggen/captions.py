@@ -35,6 +35,7 @@ from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device, resolve_dtype
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_text, read_jsonl, rewind_jsonl
 from segsynth.methods.seggen.colour import connected_components
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import CaptionConfig
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -238,6 +239,11 @@ def write_captions(path: str | Path, captions: Mapping[str, str]) -> None:
 
 def make_captions(config: CaptionConfig) -> Path:
     """Caption every mask of a split; returns the captions.jsonl written (with the resolved config beside it)."""
+    with claim_folder(config.out, "captions", CONFIG_FILE, "CaptionConfig", markers=(CAPTIONS_FILE,)):
+        return _make_captions(config)
+
+
+def _make_captions(config: CaptionConfig) -> Path:
     # 1. check the arguments before any work
     if config.captioner == "file" and not config.captions:
         raise SegsynthError("--captioner file needs --captions FILE (JSON {mask id: caption} or JSONL)")

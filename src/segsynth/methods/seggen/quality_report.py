@@ -34,6 +34,7 @@ from segsynth.data.validate import check_before_compute
 from segsynth.formats.manifest import read_manifest
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, safe_relative_path
 from segsynth.methods.seggen.mask_quality import format_mask_quality, mask_quality
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import MaskQualityConfig
 
 REPORT = "mask_quality.json"
@@ -44,6 +45,12 @@ CAPTION_WIDTH = 256
 
 def write_mask_quality(config: MaskQualityConfig) -> dict:
     """Mask statistics and (with a segmenter and rendered sets) the alignment score; returns the report."""
+    with claim_folder(config.out, "mask-quality", "mask_quality.config.yaml", "MaskQualityConfig",
+                      markers=(REPORT,)):
+        return _write_mask_quality(config)
+
+
+def _write_mask_quality(config: MaskQualityConfig) -> dict:
     # 1. Everything is opened and checked before any model runs.
     real = open_dataset(config.data)
     masks = open_synthetic(Path(config.masks), f"synthetic-raw:{config.masks}", filtered=False)
