@@ -305,7 +305,8 @@ class SynthesizeConfig:
     lcm_lora: str | None = field(None, help="LCM-LoRA hub id or folder: fuse it and sample with LCM in 4-8 steps")
     colour_map: str = field("ade20k", help="mask colours for the ControlNet: ade20k, dataset, or a JSON file")
     captions: str | None = field(None, help="per-mask captions (JSON {id: text} or JSONL) instead of class-name prompts")
-    resolution: list[int] = field([], range=Range(64, MAX_GENERATOR_SIDE, lengths=(0, 1, 2), shape="H,W or one number for a square; empty: the generator's own"),
+    resolution: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2),
+                                                 shape="H,W or one number for a square; empty: the generator's own"),
                                   help="ControlNet working size H,W (default: 512 short side; 1024 for SDXL)")
     dtype: str = field("auto", range=DTYPE, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import save_config
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
 from segsynth.data.validate import check_before_compute
@@ -256,6 +257,7 @@ def render(generator: Generator, split: Split, dataset, requests: list[Request],
     fields = {"generator": identity, "steps": generator.steps, "guidance": generator.guidance}
 
     def run_model(batch: dict) -> dict:
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu), in the thread that runs the model
         started = time.time()
         batch["samples"] = generator.run(batch["prepared"])
         batch["seconds"] = (time.time() - started) / len(batch["samples"])

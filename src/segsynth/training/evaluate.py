@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.base import group_by_size
 from segsynth.data.validate import check_before_compute
@@ -60,6 +61,7 @@ def batches_by_size(split, indices, batch_size: int, device, desc: str, progress
     indices = list(range(len(split))) if indices is None else list(indices)
     bar = tqdm(total=len(indices), desc=desc, disable=not progress, leave=False, unit="img")
     for start in range(0, len(indices), batch_size):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu), set in the thread that runs the model
         samples = [split[i] for i in indices[start: start + batch_size]]
         for group in group_by_size(samples, lambda sample: sample.image.shape):
             yield group, torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segsynth.config import save_config, to_dict
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.transforms import AugmentConfig
 from segsynth.data.validate import check_before_compute
@@ -127,6 +128,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     iteration = start
     model.train()
     for iteration, (images, labels, weights) in enumerate(loader, start):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
         torch.manual_seed(config.seed * 1_000_003 + iteration * info.world_size + info.rank)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, iteration)

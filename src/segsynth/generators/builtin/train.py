@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
@@ -71,6 +72,7 @@ def _train_generator(config: TrainGeneratorConfig) -> Path:
     completed = 0
     unet.train()
     for iteration in range(config.iterations):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
         progress = iteration / config.iterations
         if budget > 0:
             progress = max(progress, (time.time() - started) / budget)

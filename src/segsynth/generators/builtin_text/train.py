@@ -55,6 +55,7 @@ from transformers import CLIPTextModel
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
@@ -215,6 +216,7 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     unet.train()
     text_encoder.train()
     for iteration in range(start, config.iterations):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
         progress = iteration / config.iterations
         if budget > 0:
             progress = max(progress, (time.time() - started) / budget)

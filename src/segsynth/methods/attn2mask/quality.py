@@ -23,6 +23,7 @@ import numpy as np
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.generators import GeneratorSettings, open_generator
@@ -63,6 +64,7 @@ def _attention_quality(config: AttentionQualityConfig) -> dict:
     predictions: dict[str, list[np.ndarray]] = {name: [] for name in recipes}
     labels, skipped = [], []
     for index in range(count):
+        thread_governor().tick()
         sample = split[index]
         names = [dataset.classes[c] for c in present_classes(sample.label, dataset.num_classes)]
         if not names:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
-from segsynth.cpu import torch_threads
+from segsynth.cpu import thread_governor, torch_threads
 from segsynth.data.base import group_by_size, read_image, read_raw_mask
 from segsynth.data.synthetic import open_synthetic
 from segsynth.data.validate import check_before_compute
@@ -237,6 +237,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
             atomic_write_json(choice_path, {"key": key, "figures": figures})
             return figures
 
+        thread_governor().tick()  # the thread budget the lanes split: the cores other processes leave free
         lanes, threads_per_lane, probed = scoring_lanes(config.lanes, info.device, probe if pending else None)
         summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
                    "threads_per_lane": threads_per_lane, "lane_probe": probed,
@@ -266,6 +267,7 @@ def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: 
 
     @torch.inference_mode()  # grad mode is per thread: set in the lane that scores
     def score(batch: list[dict]) -> list[tuple[np.ndarray, dict]]:
+        thread_governor().tick(share=lanes)  # this lane's share of the load-aware thread count (segsynth.cpu)
         pairs = [_read_pair(root, record, len(classes)) for record in batch]
         scored = []
         for group in group_by_size([(record, image, mask) for record, (image, mask) in zip(batch, pairs)],

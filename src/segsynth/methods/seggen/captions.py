@@ -239,7 +239,8 @@ def write_captions(path: str | Path, captions: Mapping[str, str]) -> None:
 
 def make_captions(config: CaptionConfig) -> Path:
     """Caption every mask of a split; returns the captions.jsonl written (with the resolved config beside it)."""
-    with claim_folder(config.out, "captions", CONFIG_FILE, "CaptionConfig", markers=(CAPTIONS_FILE,)):
+    with claim_folder(config.out, "captions", CONFIG_FILE, "CaptionConfig",
+                      markers=(CAPTIONS_FILE, CAPTIONS_FILE + ".partial")):
         return _make_captions(config)
 
 
