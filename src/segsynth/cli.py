@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from segsynth import __version__
+from segsynth import __version__, cpu_load  # noqa: F401  (cpu_load starts its CPU meter now, before torch loads)
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
 from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig,
                                     PlanConfig, RunConfig, StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
@@ -170,6 +170,9 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segsynth", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
+    parser.add_argument("--threads", default=None, metavar="N|auto",
+                        help="torch threads per process: auto (default: the cores other processes leave free, "
+                             "re-measured while a stage runs) or a fixed N (also SEGSYNTH_THREADS)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     check = verbs.add_parser("check-data", help="validate a dataset: per-split counts and class-pixel histogram")
@@ -199,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C (exit 130), or anything else: a bug, printed with its traceback (exit 3)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads != "auto" and not (args.threads.isdigit() and 1 <= int(args.threads) <= 1024):
+            return _bad_input(args.verb, f"--threads {args.threads} is unknown: threads must be auto or an integer "
+                                         "in 1..1024")
+        os.environ["SEGSYNTH_THREADS"] = args.threads
     try:
         return args.run(args)
     except SegsynthError as error:

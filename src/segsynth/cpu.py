@@ -51,11 +51,11 @@ class ThreadGovernor:
     next measurement.
 
     `tick()` is called by the thread that runs the model (torch's thread count belongs to the calling
-    thread) once per step; it measures every `interval` seconds and moves the count only when two
-    measurements in a row agree, so one noisy window does not flip it. Fixed counts (`--threads N`,
+    thread) once per step; it measures every `interval` seconds (a few ms of /proc reading) and moves
+    the count only when two measurements in a row agree, so one noisy window does not flip it. Fixed counts (`--threads N`,
     SEGSYNTH_THREADS=N, or OMP_NUM_THREADS set by the user) turn the governor off."""
 
-    def __init__(self, maximum: int, fixed: bool = False, meter: CpuMeter | None = None, interval: float = 2.0,
+    def __init__(self, maximum: int, fixed: bool = False, meter: CpuMeter | None = None, interval: float = 1.0,
                  cores: int | None = None):
         self.maximum, self.fixed, self.interval = max(1, maximum), fixed, interval
         self.cores = cores or usable_cores()
