@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segsynth import IGNORE_INDEX
 from segsynth.config import save_config, to_dict
 from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
@@ -124,6 +125,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     bar = tqdm(total=config.iterations, initial=start, desc="train", unit="it", disable=not info.is_main,
                dynamic_ncols=True, mininterval=1.0)
     window_start, window_images, loss_sum, loss_count = time.time(), 0, 0.0, 0
+    window_labelled, window_first = 0, start  # pixels with a label and a weight > 0, since window_first
     started = time.time()
     iteration = start
     model.train()
@@ -143,7 +145,11 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         optimizer.step()
 
         loss_sum, loss_count, window_images = loss_sum + loss.item(), loss_count + 1, window_images + images_per_iteration
+        window_labelled += int(((labels != IGNORE_INDEX) & (weights > 0)).sum())
         done = iteration + 1
+        if done % config.log_every == 0 or done == config.iterations:
+            _check_learning_signal(window_labelled, window_first, done, config, out)
+            window_labelled, window_first = 0, done
         if info.is_main and (done % config.log_every == 0 or done == config.iterations):
             rate = window_images / max(time.time() - window_start, 1e-9)
             record = {"iteration": done, "loss": round(loss_sum / loss_count, 5), "lr": learning_rate(config, iteration),
@@ -169,6 +175,17 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     if config.eval_split and config.eval_split in dataset.splits:
         _evaluate_during_training(model, dataset, config, info, out, config.iterations)
     return out / "checkpoint"
+
+
+def _check_learning_signal(labelled: int, first: int, done: int, config: TrainConfig, out: Path) -> None:
+    """Refuse to go on when no pixel of a whole log window had a label (and a weight): the loss is 0, nothing
+    is learned, and a run that "succeeds" would save an untrained checkpoint."""
+    if int(all_reduce_sum(torch.tensor([labelled], dtype=torch.int64))[0]) > 0:
+        return
+    raise SegsynthError(f"no labelled pixel in iterations {first + 1}..{done}: every pixel drawn was ignore (255) or "
+                        f"had weight 0, so the loss is 0 and nothing is learned; check the masks (`segsynth check-data "
+                        f"{config.data}`) and, for filtered synthetic sets, the filter's ignored fractions (refilter "
+                        f"with a larger --alpha, or train with --synthetic-masks raw); {_saved_note(out)}")
 
 
 def _saved_note(out: Path) -> str:

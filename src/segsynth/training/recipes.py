@@ -35,12 +35,23 @@ def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
             raise SegsynthError(f"{folder}: not filtered yet; run `segsynth filter --synthetic {folder} ...` "
                                 "or train with --synthetic-masks raw")
         use_filtered = config.synthetic_masks != "raw" and filtered_available
+        if use_filtered:
+            check_not_all_ignored(Path(folder))
         dataset = open_synthetic(Path(folder), f"synthetic:{folder}", filtered=use_filtered)
         if list(dataset.classes) != list(real.classes):
             raise SegsynthError(f"{folder}/classes.json: classes differ from {real.spec}'s; "
                                 "use a synthetic set made from this dataset")
         sets.append(dataset)
     return sets
+
+
+def check_not_all_ignored(folder: Path) -> None:
+    """A filtered set whose every sample the filter set entirely to ignore teaches nothing (alpha too small)."""
+    fractions = [r.get("ignored_fraction") for r in read_manifest(folder) if r.get("filtered_mask")]
+    if fractions and all(fraction is not None and fraction >= 1.0 for fraction in fractions):
+        raise SegsynthError(f"{folder}: the filter set every pixel of all {len(fractions)} filtered samples to ignore, "
+                            "so training on them would learn nothing; refilter with a larger --alpha (FreeMask uses "
+                            "1.25; see filter.json for the one used), or train with --synthetic-masks raw")
 
 
 def real_sources(config, real: Dataset):
