@@ -233,8 +233,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bad_input(verb: str, message: str) -> int:
+    _close_progress_bars()
     print(f"segsynth {verb}: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def _close_progress_bars() -> None:
+    """A progress bar still open when a stage stops would share the error's line: close them first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def one_line(message: str) -> str:

@@ -56,6 +56,8 @@ def write_plan(path: str | Path, entries: list[PlanEntry]) -> Path:
 def read_plan(path: str | Path) -> list[PlanEntry]:
     """Read and validate a plan file: unique ids, non-empty lists of unique integer seeds, known kinds."""
     path = Path(path)
+    if path.is_dir():
+        raise SegsynthError(f"plan file {path}: is a folder, not a plan file; give the file `segsynth plan --out` wrote")
     if not path.is_file():
         raise SegsynthError(f"plan file {path} not found; make one with `segsynth plan --data SPEC --uniform K --out {path}`")
     entries, seen = [], set()

@@ -39,6 +39,8 @@ def is_class_stats_file(path: str | Path) -> bool:
 
 def load_class_stats(path: str | Path, classes) -> np.ndarray:
     """Read a class-stats JSON and return mean_loss as an array (NaN where a class had no pixels)."""
+    if Path(path).is_dir():
+        raise SegsynthError(f"{path}: is a folder, not a class-stats file; give the file `segsynth stats --out` wrote")
     if not Path(path).is_file():
         raise SegsynthError(f"{path}: class-stats file not found; make it with "
                             f"`segsynth stats --segmenter CHECKPOINT --out {path}`")

@@ -148,7 +148,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         window_labelled += int(((labels != IGNORE_INDEX) & (weights > 0)).sum())
         done = iteration + 1
         if done % config.log_every == 0 or done == config.iterations:
-            _check_learning_signal(window_labelled, window_first, done, config, out)
+            _check_learning_signal(window_labelled, window_first, done, config, out, bar.close)
             window_labelled, window_first = 0, done
         if info.is_main and (done % config.log_every == 0 or done == config.iterations):
             rate = window_images / max(time.time() - window_start, 1e-9)
@@ -177,11 +177,13 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     return out / "checkpoint"
 
 
-def _check_learning_signal(labelled: int, first: int, done: int, config: TrainConfig, out: Path) -> None:
+def _check_learning_signal(labelled: int, first: int, done: int, config: TrainConfig, out: Path,
+                           before_raising=lambda: None) -> None:
     """Refuse to go on when no pixel of a whole log window had a label (and a weight): the loss is 0, nothing
     is learned, and a run that "succeeds" would save an untrained checkpoint."""
     if int(all_reduce_sum(torch.tensor([labelled], dtype=torch.int64))[0]) > 0:
         return
+    before_raising()
     raise SegsynthError(f"no labelled pixel in iterations {first + 1}..{done}: every pixel drawn was ignore (255) or "
                         f"had weight 0, so the loss is 0 and nothing is learned; check the masks (`segsynth check-data "
                         f"{config.data}`) and, for filtered synthetic sets, the filter's ignored fractions (refilter "

@@ -39,7 +39,7 @@ from segsynth.formats.stats import load_class_stats
 from segsynth.io import (SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text,
                          read_json, read_jsonl, rewind_jsonl, safe_relative_path)
 from segsynth.methods.freemask.stats import compute_class_stats
-from segsynth.outputs import claim_folder
+from segsynth.outputs import check_no_escaping_links, claim_folder
 from segsynth.pipeline import run_pipeline
 from segsynth.segmenters import load_checkpoint_for
 from segsynth.segmenters.losses import pixel_losses
@@ -178,6 +178,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
     if not records:
         raise SegsynthError(f"{root}: no finished samples in {MANIFEST}; run `segsynth synthesize` first")
     classes = read_set_info(root)["classes"]
+    check_no_escaping_links(root)  # before anything is computed or written (class statistics included)
     for record in records:  # every path stays inside the set: checked before anything is loaded or written
         safe_relative_path(root, record["image"], f"{root / MANIFEST} image of {record['id']}")
         safe_relative_path(root, record["mask"], f"{root / MANIFEST} mask of {record['id']}")
@@ -185,22 +186,23 @@ def filter_synthetic(config: FilterConfig) -> dict:
     model, _, checkpoint = load_checkpoint_for(config.segmenter, classes, str(root / "classes.json"),
                                                "filter with a segmenter trained on the set's real dataset")
     check_before_compute(open_synthetic(root, f"synthetic-raw:{root}", filtered=False), ["train"])
-    stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
-    if not stats_path.is_file():
-        if config.stats:
-            raise SegsynthError(f"{stats_path}: class-stats file not found; make it with `segsynth stats` or omit --stats")
-        if info.is_main:
-            tqdm.write(f"computing class statistics once -> {stats_path}")
-        compute_class_stats(StatsConfig(segmenter=str(checkpoint), out=str(stats_path), device=config.device))
-        barrier()
-    mean_loss = load_class_stats(stats_path, classes)
-    model.to(info.device).eval()
 
     # The set's lock (the one synthesize takes): no synthesize and no second filter writes to it meanwhile.
     with claim_folder(root, "filter", "filter.config.yaml", "FilterConfig", markers=(MANIFEST,), lock_name=SET_LOCK,
                       lock=info.is_main, busy=f"{root}: another `segsynth filter` (or a `segsynth synthesize`) is "
                                            "writing to this set; wait for it (torchrun shards one filter over "
                                            "processes)"):
+        stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
+        if not stats_path.is_file():
+            if config.stats:
+                raise SegsynthError(f"{stats_path}: class-stats file not found; make it with `segsynth stats` or omit --stats")
+            if info.is_main:
+                tqdm.write(f"computing class statistics once -> {stats_path}")
+            compute_class_stats(StatsConfig(segmenter=str(checkpoint), out=str(stats_path), device=config.device))
+            barrier()
+        mean_loss = load_class_stats(stats_path, classes)
+        model.to(info.device).eval()
+
         # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
         settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
                     "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
