@@ -42,3 +42,21 @@ def test_benchmark_script_writes_its_figures(tmp_path, name):
     if "ratio" in result:
         assert result["ratio"] > 0
     assert str(out) in done.stdout  # the table is printed, ending with where the JSON went
+
+
+@pytest.mark.slow  # about 15 s: two worker processes each import torch and build the model
+def test_under_load_benchmark_reports_ratios_only_from_an_undisturbed_baseline(tmp_path):
+    out = tmp_path / "bench_under_load.json"
+    done = subprocess.run([PYTHON, "benchmarks/bench_under_load.py", "--workloads", "forward", "--size", "32x32",
+                           "--batch", "2", "--window", "0.3", "--warm", "0.3", "--max-repeats", "3", "--no-compare",
+                           "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    entry = result["results"]["forward"]
+    assert entry["baseline"]["rate"] > 0 and entry["busy"]["rate"] > 0 and min(entry["pair"]["rates"]) > 0
+    if entry["baseline"]["valid"]:
+        assert entry["busy_ratio"] == entry["unchecked_ratios"][0] and entry["pair_ratio"] == entry["unchecked_ratios"][1]
+    else:  # a disturbed baseline: no ratio is reported, and the table says why
+        assert entry["busy_ratio"] is None and entry["pair_ratio"] is None and entry["baseline"]["problems"]
+        assert "DISTURBED: ratios invalid" in done.stdout
