@@ -65,6 +65,7 @@ class ThreadGovernor:
         self.last_check = -1e9
         self.history: list[tuple[float, float, int]] = []  # (time, others, threads) per measurement
         self._applied = threading.local()
+        self._lock = threading.Lock()  # the filter's lanes tick from several threads
         if not fixed:
             self._measure(first=True)
 
@@ -87,7 +88,9 @@ class ThreadGovernor:
         """Measure if it is time, and set the calling thread's torch thread count to this process's count
         divided among `share` threads that compute at once (the filter's lanes). Returns the count set."""
         if not self.fixed and time.monotonic() - self.last_check >= self.interval:
-            self._measure()
+            with self._lock:
+                if time.monotonic() - self.last_check >= self.interval:
+                    self._measure()
         count = max(1, self.threads // max(1, share))
         if getattr(self._applied, "count", None) != count:
             torch.set_num_threads(count)

@@ -87,26 +87,39 @@ def _busy_seconds(cpus: set[int] | None) -> float | None:
     return total / CLOCK_TICKS
 
 
+CHILD_SCAN_SECONDS = 10.0  # how often the process table is scanned for new children (a few ms per scan)
+_children: dict = {"pids": [], "scanned": -1e9}
+
+
 def _own_seconds() -> float:
     """CPU seconds of this process (all threads) and of its live children (e.g. DataLoader workers)."""
     times = os.times()
     own = time.process_time() + times.children_user + times.children_system  # children already waited for
-    pid = str(os.getpid())
+    if time.monotonic() - _children["scanned"] > CHILD_SCAN_SECONDS:
+        _children["pids"], _children["scanned"] = _child_pids(), time.monotonic()
+    for child in _children["pids"]:
+        fields = _stat_fields(child)
+        if fields is not None and fields[1] == str(os.getpid()):  # still ours (field 4, ppid)
+            own += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return own
+
+
+def _child_pids() -> list[str]:
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return own
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if fields[1] == pid:  # field 4, ppid
-            own += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-    return own
+        return []
+    pid = str(os.getpid())
+    return [entry for entry in entries if entry.isdigit() and (fields := _stat_fields(entry)) and fields[1] == pid]
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    """/proc/PID/stat after the command name (state, ppid, ...), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 # Made when the CLI starts, before the stage's imports: the first window is the import time.
