@@ -235,3 +235,10 @@ def test_range_words():
     assert Range(0.0).problem(True, float) == "is not a number"  # a YAML `yes` is not a number
     with pytest.raises(SegsynthError, match="config file c.yaml: iterations = 0 is too small"):
         build_config(stage_configs.TrainConfig, {"data": "toy", "out": "o", "iterations": 0}, "config file c.yaml")
+
+
+def test_a_run_whose_pretrain_split_leaves_a_stage_without_iterations(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "run"), "--train", "iterations=1"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain_fraction 0.5 of train iterations 1 gives 0 pretraining and 1 fine-tuning iterations" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()

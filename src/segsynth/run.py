@@ -110,7 +110,22 @@ def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     if unknown:
         raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
                             f"options: {', '.join(method.arms)}")
-    return dataclasses.replace(config, arms=list(config.arms or method.arms))
+    config = dataclasses.replace(config, arms=list(config.arms or method.arms))
+    check_pretrain_split(config, method, source)
+    return config
+
+
+def check_pretrain_split(config: RunConfig, method: Method, source: str) -> None:
+    """pretrain-finetune arms split train.iterations by pretrain_fraction: both stages need an iteration."""
+    if not any(method.arms[name].recipe == "pretrain-finetune" for name in config.arms):
+        return
+    iterations = int(config.train.get("iterations", TrainConfig.__dataclass_fields__["iterations"].default))
+    pretrain = int(round(iterations * config.pretrain_fraction))
+    if not 1 <= pretrain <= iterations - 1:
+        raise SegsynthError(f"{source}: pretrain_fraction {config.pretrain_fraction} of train iterations {iterations} "
+                            f"gives {pretrain} pretraining and {iterations - pretrain} fine-tuning iterations; each "
+                            "stage of the pretrain-finetune arms needs at least 1: raise train iterations or change "
+                            "pretrain_fraction")
 
 
 def method_of(config: RunConfig) -> Method:
