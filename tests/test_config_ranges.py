@@ -22,7 +22,7 @@ from segsynth import stage_configs
 from segsynth.cli import VERBS, main
 from segsynth.config import Range, _non_optional, build_config
 from segsynth.io import SegsynthError
-from segsynth.stage_configs import RUN_SECTIONS, RunConfig
+from segsynth.stage_configs import RUN_SECTIONS, SETTINGS_SECTIONS, RunConfig
 
 
 def _is_list(kind) -> bool:
@@ -86,7 +86,17 @@ def _cases():
                 yield pytest.param("run", cls, section, name, bad_values(allowed, kind), id=f"run-{section}.{name}")
 
 
+def _settings_cases():
+    """(verb, config class, settings field, key, its out-of-range values) for the settings sections."""
+    for verb, (_, cls, _) in VERBS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in SETTINGS_SECTIONS:
+                for name, allowed, kind in ranged_fields(SETTINGS_SECTIONS[f.name]):
+                    yield pytest.param(verb, cls, f.name, name, bad_values(allowed, kind), id=f"{verb}-{f.name}.{name}")
+
+
 CASES = list(_cases())
+SETTINGS_CASES = list(_settings_cases())
 
 
 def _required(cls, tmp_path: Path) -> dict:
@@ -117,7 +127,8 @@ def test_cases_cover_every_verb_and_section():
 def test_every_number_and_list_field_declares_its_range():
     """A new int, float or list-of-numbers field needs a Range (and choice-like strings should have one)."""
     missing = []
-    for cls in {cls for _, cls, _ in VERBS.values()} | {cls for cls, _ in RUN_SECTIONS.values()}:
+    for cls in ({cls for _, cls, _ in VERBS.values()} | {cls for cls, _ in RUN_SECTIONS.values()} |
+                set(SETTINGS_SECTIONS.values())):
         for f in dataclasses.fields(cls):
             kind = _non_optional(typing.get_type_hints(cls)[f.name])
             if kind in (int, float) or (_is_list(f.type if not isinstance(f.type, str) else kind)
@@ -173,6 +184,27 @@ def test_out_of_range_value_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
             assert f"{name} = " in err and f"{name} must be " in err, err
             config.unlink()
             assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("verb, cls, settings, name, values", SETTINGS_CASES)
+def test_out_of_range_settings_key_is_refused_with_the_config(tmp_path, capsys, verb, cls, settings, name, values):
+    """A settings section (synthesize's and attention-quality's pseudo_mask_settings) is checked as the config
+    is made, not when an attention generator opens."""
+    assert {case.values[0] for case in SETTINGS_CASES} == {"synthesize", "attention-quality"}
+    work = tmp_path / "work"
+    work.mkdir()
+    before = _listing(tmp_path)
+    for value in values:
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        argv = [verb] + [f"--{key.replace('_', '-')}={path}" for key, path in _required(cls, work).items()]
+        argv += [f"--{settings.replace('_', '-')}", f"{name}={text}"]
+        assert main(argv) == 2, value
+        err = capsys.readouterr().err
+        flag = "--" + settings.replace("_", "-")
+        assert err.startswith(f"segsynth {verb}: error: {flag}: {name} = ") and err.count("\n") == 1, err
+        assert f"{name} must be " in err and _listing(tmp_path) == before
+        with pytest.raises(SegsynthError, match=f"{cls.__name__}: key '{settings}': {name} = .* {name} must be "):
+            cls(**_required(cls, work), **{settings: {name: value}})
 
 
 @pytest.mark.parametrize("argv, needle", [

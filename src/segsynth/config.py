@@ -232,8 +232,8 @@ def check_values(cls: type, values: dict, source: str) -> None:
             else:
                 shown = f"{source}: {f.name} = {value!r}"
             raise SegsynthError(f"{shown} {why}: {f.name} must be {allowed.describe(hints[f.name])}")
-    for check in getattr(cls, "__cross_checks__", ()):
-        problem = check({name: values.get(name, _default(cls, name)) for name in hints})
+    for check in getattr(cls, "__cross_checks__", ()):  # check(values, source) -> problem or None
+        problem = check({name: values.get(name, _default(cls, name)) for name in hints}, source)
         if problem:
             raise SegsynthError(f"{source}: {problem}")
 

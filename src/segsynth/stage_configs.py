@@ -10,7 +10,7 @@ the standard library and `segsynth.config`.
 
 from __future__ import annotations
 
-from segsynth.config import Range, config_class, field
+from segsynth.config import Range, check_values, coerce_values, config_class, field
 
 # --- the meaningful values of the fields, shared by several configs ------------------------------------
 # Bounds are where a value stops meaning anything (0 iterations save an untrained checkpoint) or where
@@ -52,7 +52,7 @@ METHOD_NAMES = ("freemask", "seggen", "attn2mask")  # run.METHODS
 
 
 def _ordered_pair(key: str):
-    def check(values: dict) -> str | None:
+    def check(values: dict, source: str) -> str | None:
         pair = values[key]
         if len(pair) == 2 and pair[0] > pair[1]:
             return f"key {key!r} {pair}: give low <= high"
@@ -60,7 +60,7 @@ def _ordered_pair(key: str):
     return check
 
 
-def _size_fits_unet(values: dict) -> str | None:
+def _size_fits_unet(values: dict, source: str) -> str | None:
     """The working size must pass space-to-depth (x2) and every UNet downsampling."""
     multiple = 2 * 2 ** (len(values["channels"]) - 1)
     if any(side % multiple for side in values["size"]):
@@ -69,13 +69,21 @@ def _size_fits_unet(values: dict) -> str | None:
     return None
 
 
-def _two_levels(values: dict) -> str | None:
+def _two_levels(values: dict, source: str) -> str | None:
     if len(values["channels"]) < 2:
         return f"key 'channels' {values['channels']}: give at least two levels (cross-attention works on the lower ones)"
     return None
 
 
-def _distinct_seeds(values: dict) -> str | None:
+def _pseudo_mask_settings(values: dict, source: str) -> str | None:
+    """The pseudo_mask_settings section holds PseudoMaskConfig keys, each in its range (checked now, not
+    when an attention generator opens)."""
+    where = "--pseudo-mask-settings" if source == "command line" else f"{source}: key 'pseudo_mask_settings'"
+    check_values(PseudoMaskConfig, coerce_values(PseudoMaskConfig, values["pseudo_mask_settings"] or {}, where), where)
+    return None
+
+
+def _distinct_seeds(values: dict, source: str) -> str | None:
     if len(set(values["seeds"])) != len(values["seeds"]):
         return f"key 'seeds' {values['seeds']}: give distinct seeds (each names its arm's folder)"
     return None
@@ -285,6 +293,41 @@ class CaptionConfig:
     dtype: str = field("auto", range=DTYPE, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (BLIP-2)")
 
 
+NORMALISATIONS = ("max", "min-max")
+NORMALISE_AT = ("each-resolution", "combined")
+UPSAMPLINGS = ("bilinear", "bicubic")
+CONFIDENCES = ("score", "margin", "none")
+
+
+@config_class
+class PseudoMaskConfig:
+    """How attention maps become a pseudo label map (methods/attn2mask/pseudo_mask.py: the steps and the
+    recipes); the `pseudo_mask_settings` section of synthesize and attention-quality holds its keys."""
+
+    resolutions: list[int] = field([16, 32, 64], range=Range(1, 1024, lengths=tuple(range(1, 9))),
+                                   help="cross-attention resolutions (map heights) to average")
+    steps: list[int] = field([], range=Range(0, 1000, lengths=(0, 2)),
+                             help="[start, stop) denoising steps whose attention is averaged; [] = all "
+                                  "(for AttentionCapture(steps=...))")
+    refine_power: int = field(0, range=Range(0, 16),
+                              help="self-attention refinement power k (scores <- SA^k . scores); 0 = off")
+    self_attention_resolution: int = field(32, range=Range(1, 1024),
+                                           help="resolution of the self-attention used to refine")
+    normalisation: str = field("max", range=Range(choices=NORMALISATIONS),
+                               help="per-class scaling to [0, 1]: max (divide by the max) or min-max")
+    normalise_at: str = field("combined", range=Range(choices=NORMALISE_AT),
+                              help="each-resolution (before averaging, DiffuMask) or combined (after averaging and "
+                                   "refining)")
+    upsampling: str = field("bicubic", range=Range(choices=UPSAMPLINGS), help="bilinear or bicubic")
+    background_threshold: float = field(0.5, range=Range(0.0, 1.0),
+                                        help="a pixel whose top class score is below this is background")
+    uncertain_band: list[float] = field([], range=Range(0.0, 1.0, lengths=(0, 2)),
+                                        help="[low, high): top scores in it are labelled ignore (255); [] = none")
+    confidence: str = field("score", range=Range(choices=CONFIDENCES),
+                            help="score (the winner's normalised score), margin (distance to the decision) or none "
+                                 "(1: no per-pixel weights)")
+
+
 @config_class
 class SynthesizeConfig:
     data: str = field(help="dataset spec the plan's masks come from, e.g. camvid:PATH, or synthetic-raw:DIR for a "
@@ -317,6 +360,8 @@ class SynthesizeConfig:
     pseudo_mask_settings: dict = field({}, help="attention generators: PseudoMaskConfig keys over the recipe, e.g. "
                                                 "resolutions=[16,8] background_threshold=0.4")
 
+    __cross_checks__ = (_pseudo_mask_settings,)
+
 
 @config_class
 class AttentionQualityConfig:
@@ -333,6 +378,8 @@ class AttentionQualityConfig:
     seed: int = field(0, range=SEED, help="seed of the noise added to each image (image i uses seed + i)")
     dtype: str = field("auto", range=DTYPE, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (attention-sd)")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
+
+    __cross_checks__ = (_pseudo_mask_settings,)
 
 
 @config_class
@@ -407,6 +454,9 @@ class RunConfig:
 
     __cross_checks__ = (_distinct_seeds,)
 
+
+# Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
+SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig}
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
 RUN_SECTIONS = {
