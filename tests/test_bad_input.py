@@ -884,3 +884,14 @@ def test_threads_flag_that_is_not_auto_or_a_count(capsys, monkeypatch):
     monkeypatch.delenv("SEGSYNTH_THREADS", raising=False)
     assert main(["--threads", "many", "plan", "--data", TOY_SPEC, "--uniform", "1", "--out", "unused.jsonl"]) == 2
     assert "--threads many is unknown: threads must be auto or an integer in 1..1024" in one_line(capsys.readouterr().err)
+
+
+def test_a_train_folder_killed_while_pretraining_is_still_train_s(tmp_path, capsys):
+    """OUT holds only pretrain/ (its config) after a kill in the pretraining stage: a rerun may claim OUT (it
+    then fails on the dataset, named here as unknown, not on the folder)."""
+    out = tmp_path / "out"
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / "config.yaml").write_text("# resolved TrainConfig; rerun with: --config config.yaml\n")
+    err = one_line(fails(capsys, ["train", "--data", "nope:x", "--out", out, *TINY_TRAIN]))
+    assert "unknown dataset kind 'nope'" in err and "did not write" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["pretrain"]  # the lock is gone again

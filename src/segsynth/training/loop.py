@@ -52,7 +52,8 @@ def learning_rate(config: TrainConfig, iteration: int) -> float:
 def train(config: TrainConfig, sources: list[Source] | None = None) -> Path:
     """Train a segmenter; returns the checkpoint folder. `sources` overrides the recipe (API use)."""
     with claim_folder(config.out, "train", "config.yaml", "TrainConfig", lock=is_main_process(),
-                      markers=("checkpoint/segsynth.json", "checkpoint.old/segsynth.json", "metrics.jsonl")):
+                      markers=("checkpoint/segsynth.json", "checkpoint.old/segsynth.json", "metrics.jsonl",
+                               "pretrain/config.yaml")):  # a pretrain-finetune run killed while pretraining
         if config.recipe == "pretrain-finetune" and sources is None:
             return _pretrain_finetune(config)
         return _train_stage(config, sources)
