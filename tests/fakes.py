@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # thrash (a 4-iteration run: 1.7 s with one thread, 8 s with two). Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The check before compute caches what it read of each dataset file; tests keep that cache to themselves.
+os.environ.setdefault("SEGSYNTH_CACHE_DIR", tempfile.mkdtemp(prefix="segsynth-test-cache-"))
 
 
 # --- file writers --------------------------------------------------------------

@@ -532,9 +532,11 @@ def test_unsafe_yaml_tag_in_a_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--model", "deeplab-v9"], "unknown segmenter 'deeplab-v9'; options: segformer-b0"),
-    (["--recipe", "magic"], "unknown recipe 'magic'; options: real, synthetic, joint, pretrain-finetune, replace"),
-    (["--crop", "4"], "--crop takes H,W (or one number for a square), each >= 8"),
+    (["--model", "deeplab-v9"], "--model deeplab-v9 is unknown: model must be one of: segformer-b0, "),
+    (["--recipe", "magic"], "--recipe magic is unknown: recipe must be one of: real, synthetic, joint, "
+                            "pretrain-finetune, replace"),
+    (["--crop", "4"], "--crop 4 has item 4 that is too small: crop must be a list of 0 to 2 integers each in "
+                      "8..8192 (H,W or one number for a square"),
     (["--iterations", "lots"], "command line: key 'iterations': cannot read 'lots' as int"),
 ], ids=["segmenter", "recipe", "crop", "not-a-number"])
 def test_unknown_name_or_bad_value(tmp_path, capsys, flags, needle):
@@ -596,3 +598,329 @@ def test_no_unsafe_loader_anywhere_in_the_package():
                "generators/builtin/sample.py": "use_safetensors=True", "config.py": "yaml.safe_load("}
     for name, call in loaders.items():
         assert call in (SRC / name).read_text(), name
+
+
+# --- second round: ranges, library errors, outputs, class lists (rows 45-) ----------------------------------
+
+
+def one_line(err: str) -> str:
+    """The error is one line, the last one (progress bars closed before it may precede it)."""
+    match = re.search(r"(^|\n|\r)(segsynth [\w-]+: error: .*)$", err, re.S)
+    assert match and match.group(2).count("\n") == 1 and match.group(2).endswith("\n"), err
+    return err
+
+
+def _stats_file(path: Path, **change) -> Path:
+    """A toy class-stats file (9 classes) with `change` applied."""
+    from segsynth.data.toy import TOY_CLASSES
+
+    stats = {"classes": list(TOY_CLASSES), "mean_loss": [1.0] * 9, "pixels": [10] * 9, "segmenter": "s", "split": "train"}
+    stats.update(change)
+    write_json(path, stats)
+    return path
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"mean_loss": [-1.0] + [1.0] * 8}, "class 'sky' has 10 pixels but mean loss -1.0; a class with pixels needs a "
+                                        "finite mean loss > 0"),
+    ({"mean_loss": [None] + [1.0] * 8}, "class 'sky' has 10 pixels but mean loss None"),
+    ({"mean_loss": [0.0] + [1.0] * 8}, "(0 would ignore every pixel of it)"),
+    ({"mean_loss": [1.0] * 8}, "'mean_loss' has 8 entries for 9 classes"),
+    ({"pixels": [-3] + [10] * 8}, "pixels of class 'sky' is -3, not a count >= 0"),
+    ({"pixels": [0] * 9, "mean_loss": [None] * 9}, "no class has any pixel, so there is no loss to compare with"),
+    ({"pixels": [0] + [10] * 8}, "class 'sky' has no pixels but a mean loss 1.0"),
+    ({"classes": ["sky"] * 9}, "class 'sky' is listed twice (label ids 0 and 1)"),
+], ids=["negative", "missing", "zero", "short", "negative-count", "no-pixels", "loss-without-pixels", "same-name"])
+@pytest.mark.parametrize("verb", ["plan", "filter"])
+def test_class_statistics_with_bad_entries(tmp_path, capsys, trained, verb, change, needle):
+    stats = _stats_file(tmp_path / "stats.json", **change)
+    if verb == "plan":
+        err = fails(capsys, ["plan", "--data", TOY_SPEC, "--stats", stats, "--out", tmp_path / "plan.jsonl"])
+        assert not (tmp_path / "plan.jsonl").exists()
+    else:
+        root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+        before = listing(root)
+        err = fails(capsys, ["filter", "--synthetic", root, "--segmenter", trained[0], "--stats", stats, "--lanes", "1",
+                             "--device", "cpu"])
+        assert listing(root) == before
+    assert str(stats) in one_line(err) and needle in err and "recompute them with `segsynth stats`" in err
+
+
+def test_filtered_set_with_every_pixel_ignored(tmp_path, capsys):
+    root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+    lines = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    for record in lines:  # what `filter --alpha 1e-9` leaves: every pixel ignore
+        record.update(filtered_mask=f"masks_filtered/{record['id']}.png", ignored_fraction=1.0)
+        write_mask(root / record["filtered_mask"], np.full((32, 32), 255))
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--recipe", "synthetic", "--synthetic", root,
+                         "--out", tmp_path / "out", *TINY_TRAIN])
+    assert f"{root}: the filter set every pixel of all 4 filtered samples to ignore" in one_line(err)
+    assert "refilter with a larger --alpha" in err and "--synthetic-masks raw" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_window_without_a_labelled_pixel(tmp_path, capsys):
+    root = build_folder(tmp_path / "data", n=4)
+    for i in range(4):
+        write_mask(root / "masks" / f"img_{i}.png", np.full((H, W), 255))  # all ignore: valid, but teaches nothing
+    out = tmp_path / "out"
+    err = fails(capsys, ["train", "--data", f"folder:{root}", "--out", out, "--model", "segformer-tiny",
+                         "--iterations", "3", "--batch-size", "2", "--workers", "0", "--eval-split", "",
+                         "--device", "cpu", "--log-every", "2"])
+    assert "no labelled pixel in iterations 1..2: every pixel drawn was ignore (255) or had weight 0" in one_line(err)
+    assert f"no checkpoint was saved in {out}" in err
+    assert not (out / "checkpoint").exists()
+
+
+def test_damaged_optimizer_state_on_resume(tmp_path, capsys, trained):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    state = out / "checkpoint" / "optimizer.safetensors"
+    state.write_bytes(state.read_bytes()[:500])
+    before = listing(out)
+    err = fails(capsys, ["train", "--data", TOY_SPEC, "--out", out, "--resume", "--model", "segformer-tiny",
+                         "--iterations", "6", "--batch-size", "2", "--workers", "0", "--save-every", "2", "--warmup",
+                         "2", "--log-every", "1", "--device", "cpu"])  # the settings the checkpoint was made with
+    assert f"{state}: cannot load the optimizer state (Error while deserializing header" in one_line(err)
+    assert "the checkpoint is damaged: restore it, or train again into a new --out" in err
+    assert listing(out) == before
+
+
+def test_damaged_generator_weights(tmp_path, capsys, generator):
+    folder = tmp_path / "generator"
+    shutil.copytree(generator, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
+                         "--generator", f"builtin:{folder}", "--out", tmp_path / "set", "--no-progress", "--device", "cpu"])
+    assert f"{folder}: cannot load the generator (" in one_line(err)
+    assert "the generator folder is damaged: restore it, or rerun `segsynth train-generator`" in err
+    assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.parametrize("where", ["plan", "stats", "config", "classes-json", "split-list"])
+def test_binary_file_where_text_is_expected(tmp_path, capsys, where):
+    binary = b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary"
+    if where == "classes-json":
+        root = build_folder(tmp_path / "data", n=2)
+        target = root / "classes.json"
+        target.write_bytes(binary)
+        argv = ["plan", "--data", f"folder:{root}", "--uniform", "1", "--out", tmp_path / "out.jsonl"]
+    elif where == "split-list":
+        root = build_folder(tmp_path / "data", n=2, splits={"train": ["img_0"]})
+        target = root / "splits" / "train.txt"
+        target.write_bytes(binary)
+        argv = ["plan", "--data", f"folder:{root}", "--uniform", "1", "--out", tmp_path / "out.jsonl"]
+    else:
+        target = tmp_path / {"plan": "plan.jsonl", "stats": "stats.json", "config": "config.yaml"}[where]
+        target.write_bytes(binary)
+        argv = {"plan": ["synthesize", "--data", TOY_SPEC, "--plan", target, "--generator", "builtin:g",
+                         "--out", tmp_path / "out"],
+                "stats": ["plan", "--data", TOY_SPEC, "--stats", target, "--out", tmp_path / "out.jsonl"],
+                "config": ["train", "--config", target]}[where]
+    err = fails(capsys, argv)
+    assert f"{target}: line 1 is not UTF-8 text" in one_line(err) and "Give the file segsynth wrote" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("where", ["plan", "stats", "captions"])
+def test_folder_where_a_file_is_expected(tmp_path, capsys, where):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    argv = {"plan": ["synthesize", "--data", TOY_SPEC, "--plan", folder, "--generator", "builtin:g", "--out",
+                     tmp_path / "out"],
+            "stats": ["plan", "--data", TOY_SPEC, "--stats", folder, "--out", tmp_path / "out.jsonl"],
+            "captions": ["plan", "--data", TOY_SPEC, "--captions", folder, "--per-caption", "1", "--out",
+                         tmp_path / "out.jsonl"]}[where]
+    err = one_line(fails(capsys, argv))
+    assert str(folder) in err and ("is a folder" in err or "name it .json" in err), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_json_nested_too_deeply(tmp_path, capsys):
+    stats = tmp_path / "stats.json"
+    stats.write_text("[" * 100_000 + "]" * 100_000)
+    err = fails(capsys, ["plan", "--data", TOY_SPEC, "--stats", stats, "--out", tmp_path / "plan.jsonl"])
+    assert f"{stats}: JSON nested too deeply to read" in one_line(err)
+
+
+def test_plan_seed_beyond_32_bits(tmp_path, capsys):
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"id": "toy_train_00000", "seeds": [18446744073709551616]}\n')
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", plan, "--generator", "builtin:g",
+                         "--out", tmp_path / "set", "--no-progress"])
+    assert "seed 18446744073709551616 is outside 0..4294967295" in one_line(err)
+    assert not (tmp_path / "set").exists()
+
+
+# --- outputs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["plan", "stats", "evaluate"])
+@pytest.mark.parametrize("victim", ["dataset-classes-json", "checkpoint-meta", "a-folder"])
+def test_out_naming_a_file_segsynth_did_not_write(tmp_path, capsys, trained, verb, victim):
+    checkpoint = tmp_path / "run"
+    shutil.copytree(trained[0], checkpoint)
+    root = build_folder(tmp_path / "data", n=2)
+    target = {"dataset-classes-json": root / "classes.json", "checkpoint-meta": checkpoint / "checkpoint" / "segsynth.json",
+              "a-folder": root / "images"}[victim]
+    before = {**listing(root), **listing(checkpoint)}
+    argv = {"plan": ["plan", "--data", TOY_SPEC, "--uniform", "1", "--out", target],
+            "stats": ["stats", "--segmenter", checkpoint, "--data", TOY_SPEC, "--out", target, "--device", "cpu"],
+            "evaluate": ["evaluate", "--checkpoint", checkpoint, "--data", TOY_SPEC, "--out", target,
+                         "--device", "cpu"]}[verb]
+    err = one_line(fails(capsys, argv))
+    if victim == "a-folder":
+        assert f"{target}: is a folder; give `segsynth {verb}` --out a file path" in err
+    else:
+        what = {"plan": "plan file", "stats": "class-statistics file", "evaluate": "metrics file"}[verb]
+        assert f"{target}: exists and is not a {what} segsynth wrote; choose another --out" in err
+    assert {**listing(root), **listing(checkpoint)} == before
+
+
+@pytest.mark.parametrize("verb", ["train", "train-generator", "run"])
+@pytest.mark.parametrize("victim", ["dataset", "checkpoint"])
+def test_out_naming_a_folder_the_verb_did_not_write(tmp_path, capsys, trained, verb, victim):
+    target = build_folder(tmp_path / "data", n=2) if victim == "dataset" else tmp_path / "run"
+    if victim == "checkpoint":
+        shutil.copytree(trained[0] / "checkpoint", target / "checkpoint")  # a checkpoint, without train's config.yaml
+    before = listing(target)
+    argv = {"train": ["train", "--data", TOY_SPEC, "--out", target, *TINY_TRAIN],
+            "train-generator": ["train-generator", "--data", TOY_SPEC, "--out", target, "--size", "32,32",
+                                "--channels", "32,32", "--iterations", "1", "--batch-size", "2", "--device", "cpu"],
+            "run": ["run", "--out", target, "--preset", "quick"]}[verb]
+    if verb == "train" and victim == "checkpoint":
+        return  # a train --out folder with its checkpoint is train's own (resumable): covered by the resume tests
+    err = one_line(fails(capsys, argv))
+    assert f"{target}: exists and holds files `segsynth {verb}` did not write" in err
+    assert "choose a new or empty --out folder" in err
+    assert listing(target) == before
+
+
+@pytest.mark.parametrize("verb", ["train", "synthesize", "filter"])
+def test_symlink_leaving_the_output_folder(tmp_path, capsys, trained, generator, verb):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me\n")
+    if verb == "train":
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "config.yaml").write_text("# resolved TrainConfig; rerun with: --config config.yaml\n")
+        link = out / "metrics.jsonl"  # appended to: writing through it would change precious.txt
+        link.symlink_to(outside / "precious.txt")
+        argv = ["train", "--data", TOY_SPEC, "--out", out, *TINY_TRAIN]
+    elif verb == "synthesize":
+        out = tmp_path / "set"
+        plan = toy_plan(tmp_path / "plan.jsonl")
+        assert main(["synthesize", "--data", TOY_SPEC, "--plan", str(plan), "--generator", f"builtin:{generator}",
+                     "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+        capsys.readouterr()
+        shutil.rmtree(out / "masks")
+        link = out / "masks"
+        link.symlink_to(outside, target_is_directory=True)
+        argv = ["synthesize", "--data", TOY_SPEC, "--plan", plan, "--generator", f"builtin:{generator}",
+                "--out", out, "--no-progress", "--device", "cpu"]
+    else:
+        out = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+        link = out / "masks_filtered"
+        link.symlink_to(outside, target_is_directory=True)
+        argv = ["filter", "--synthetic", out, "--segmenter", trained[0], "--lanes", "1", "--device", "cpu"]
+    err = one_line(fails(capsys, argv))
+    assert f"{link}: is a symlink to {outside.resolve()}" in err and "outside" in err
+    assert "remove the link or choose another --out" in err
+    assert listing(outside) == {"precious.txt": b"keep me\n"}
+
+
+@pytest.mark.parametrize("verb", ["train", "plan", "filter"])
+def test_second_run_into_the_same_output(tmp_path, capsys, trained, verb):
+    import fcntl
+
+    if verb == "train":
+        out = tmp_path / "out"
+        lock, argv = out / ".train.lock", ["train", "--data", TOY_SPEC, "--out", out, *TINY_TRAIN]
+        needle = f"{out}: another `segsynth train` is writing to this folder"
+    elif verb == "plan":
+        out = tmp_path / "plan.jsonl"
+        lock, argv = tmp_path / ".plan.jsonl.lock", ["plan", "--data", TOY_SPEC, "--uniform", "1", "--out", out]
+        needle = f"{out}: another `segsynth plan` is writing this file"
+    else:
+        out = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+        lock = out / ".synthesize.lock"  # the set's one lock: a synthesize writing to it holds it too
+        argv = ["filter", "--synthetic", out, "--segmenter", trained[0], "--lanes", "1", "--device", "cpu"]
+        needle = f"{out}: another `segsynth filter` (or a `segsynth synthesize`) is writing to this set"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first run holds it
+        before = listing(tmp_path)
+        err = one_line(fails(capsys, argv))
+        assert needle in err and "wait for it" in err
+        assert listing(tmp_path) == before
+
+
+# --- class lists ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info, needle", [
+    ({"classes": ["background", "cat", "cat"]}, "class 'cat' is listed twice (label ids 1 and 2), so per-class "
+                                                "results would merge them"),
+    ({"classes": ["background", "cat", "dog"], "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]]},
+     '"palette" has 4 colour(s) for 3 classes; give exactly one [r, g, b] per class'),
+    ({"classes": ["background", "cat", "dog"], "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 300]]},
+     '"palette" entry 2 (\'dog\') is [2, 2, 300], not [r, g, b] with three integers 0..255'),
+    ({"classes": ["background", "cat", "dog"], "ignore_index": 1},
+     '"ignore_index" 1 is also the label id of class \'cat\', which could then never be learned'),
+    ({"classes": ["background", "cat", "dog"], "ignore_index": 300}, '"ignore_index" is 300; give a mask value 0..255'),
+    ({"classes": [f"c{i}" for i in range(256)]}, "256 classes, but label maps hold at most 255"),
+    ({"classes": ["background", "cat", "dog"], "mask_dir": "../elsewhere"}, "leaves its folder"),
+], ids=["same-name-twice", "palette-length", "palette-value", "ignore-is-a-class", "ignore-out-of-range",
+        "too-many-classes", "mask-dir-outside"])
+@pytest.mark.parametrize("verb", ["check-data", "train"])
+def test_inconsistent_class_list(tmp_path, capsys, verb, info, needle):
+    root = build_folder(tmp_path / "data", n=3)
+    write_json(root / "classes.json", info)
+    argv = ["check-data", f"folder:{root}"] if verb == "check-data" else \
+        ["train", "--data", f"folder:{root}", "--out", tmp_path / "out", *TINY_TRAIN]
+    err = one_line(fails(capsys, argv))
+    assert needle in err and (str(root / "classes.json") in err or "mask_dir" in err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_set_whose_classes_json_disagrees_with_synthesis_json(tmp_path, capsys, trained):
+    root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY_SPEC), split="val")
+    write_json(root / "synthesis.json", {"classes": ["a", "b"]})
+    before = listing(root)
+    err = one_line(fails(capsys, ["filter", "--synthetic", root, "--segmenter", trained[0], "--lanes", "1",
+                                  "--device", "cpu"]))
+    assert f"{root / 'classes.json'}: classes ['sky', 'building', 'road', 'sidewalk']... differ from those" in err
+    assert "the set's label ids are ambiguous" in err
+    assert listing(root) == before
+
+
+def test_checkpoint_listing_a_class_twice(tmp_path, capsys, trained):
+    checkpoint = tmp_path / "run" / "checkpoint"
+    shutil.copytree(trained[0] / "checkpoint", checkpoint)
+    meta = json.loads((checkpoint / "segsynth.json").read_text())
+    meta["classes"][1] = meta["classes"][0]
+    write_json(checkpoint / "segsynth.json", meta)
+    err = one_line(fails(capsys, ["evaluate", "--checkpoint", checkpoint.parent, "--data", TOY_SPEC, "--out",
+                                  tmp_path / "m.json", "--device", "cpu"]))
+    assert f"{checkpoint / 'segsynth.json'}: class 'sky' is listed twice" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_threads_flag_that_is_not_auto_or_a_count(capsys, monkeypatch):
+    monkeypatch.delenv("SEGSYNTH_THREADS", raising=False)
+    assert main(["--threads", "many", "plan", "--data", TOY_SPEC, "--uniform", "1", "--out", "unused.jsonl"]) == 2
+    assert "--threads many is unknown: threads must be auto or an integer in 1..1024" in one_line(capsys.readouterr().err)
+
+
+def test_a_train_folder_killed_while_pretraining_is_still_train_s(tmp_path, capsys):
+    """OUT holds only pretrain/ (its config) after a kill in the pretraining stage: a rerun may claim OUT (it
+    then fails on the dataset, named here as unknown, not on the folder)."""
+    out = tmp_path / "out"
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / "config.yaml").write_text("# resolved TrainConfig; rerun with: --config config.yaml\n")
+    err = one_line(fails(capsys, ["train", "--data", "nope:x", "--out", out, *TINY_TRAIN]))
+    assert "unknown dataset kind 'nope'" in err and "did not write" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["pretrain"]  # the lock is gone again

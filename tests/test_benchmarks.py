@@ -24,6 +24,8 @@ SMOKE = {
     "segmenter_throughput": (["--models", "segformer-tiny,mask2former-tiny", "--size", "32x48", "--batch", "2",
                               "--iterations", "2", "--rounds", "1"],
                              ["a_images_per_s", "b_images_per_s", "ratio", "a_parameters", "b_parameters"]),
+    "check_files": (["--pairs", "20", "--size", "32x32", "--camvid", ""],
+                    ["generated_cold_s", "generated_cached_s", "projected_20k_pairs_cold_s"]),
     "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
                    "--channels", "8,16,32"], ["ratio"]),
 }
@@ -43,3 +45,21 @@ def test_benchmark_script_writes_its_figures(tmp_path, name):
     if "ratio" in result:
         assert result["ratio"] > 0
     assert str(out) in done.stdout  # the table is printed, ending with where the JSON went
+
+
+@pytest.mark.slow  # about 15 s: two worker processes each import torch and build the model
+def test_under_load_benchmark_reports_ratios_only_from_an_undisturbed_baseline(tmp_path):
+    out = tmp_path / "bench_under_load.json"
+    done = subprocess.run([PYTHON, "benchmarks/bench_under_load.py", "--workloads", "forward", "--size", "32x32",
+                           "--batch", "2", "--window", "0.3", "--warm", "0.3", "--max-repeats", "3", "--no-compare",
+                           "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    entry = result["results"]["forward"]
+    assert entry["baseline"]["rate"] > 0 and entry["busy"]["rate"] > 0 and min(entry["pair"]["rates"]) > 0
+    if entry["baseline"]["valid"]:
+        assert entry["busy_ratio"] == entry["unchecked_ratios"][0] and entry["pair_ratio"] == entry["unchecked_ratios"][1]
+    else:  # a disturbed baseline: no ratio is reported, and the table says why
+        assert entry["busy_ratio"] is None and entry["pair_ratio"] is None and entry["baseline"]["problems"]
+        assert "DISTURBED: ratios invalid" in done.stdout

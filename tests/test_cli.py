@@ -86,7 +86,7 @@ def test_train_missing_required(capsys):
 def test_train_unknown_segmenter(tmp_path, capsys):
     assert main(["train", "--data", TOY_SPEC, "--out", str(tmp_path / "o"), "--model", "deeplab-v9"]) == 2
     err = capsys.readouterr().err
-    assert "unknown segmenter 'deeplab-v9'; options:" in err and "segformer-tiny" in err
+    assert "--model deeplab-v9 is unknown: model must be one of: segformer-b0" in err and "segformer-tiny" in err
 
 
 def test_train_and_evaluate(tmp_path, capsys):
@@ -126,3 +126,76 @@ def test_train_text_generator_verb_makes_a_text2mask_folder(tmp_path, capsys):
     assert main(["train-text-generator", "--data", "toy:n=4,n_val=2,size=32", "--out", str(tmp_path / "h"),
                  "--target", "colour-mask", "--palette", "rainbow", "--device", "cpu"]) == 2
     assert "palette 'rainbow': neither separated nor dataset" in capsys.readouterr().err
+
+
+# --- the one error path --------------------------------------------------------------------------------
+
+
+def test_a_bug_prints_its_traceback_and_exits_3(monkeypatch, capsys):
+    """Not bad input: exit 3 (never 1, check-data's "problems found", nor 2), with the traceback."""
+    import segsynth.plan
+
+    def broken(config):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(segsynth.plan, "make_plan", broken)
+    assert main(["plan", "--data", TOY_SPEC, "--uniform", "1", "--out", "unused.jsonl"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError: division by zero" in err
+    assert err.rstrip().endswith("segsynth plan: internal error: ZeroDivisionError: division by zero; this is a bug in "
+                                 "segsynth, not in your input: please report it with the traceback above")
+
+
+def test_a_path_that_cannot_be_opened_is_bad_input(monkeypatch, capsys):
+    import segsynth.plan
+
+    def unreadable(config):
+        raise PermissionError(13, "Permission denied", "/data/secret.json")
+
+    monkeypatch.setattr(segsynth.plan, "make_plan", unreadable)
+    assert main(["plan", "--data", TOY_SPEC, "--uniform", "1", "--out", "unused.jsonl"]) == 2
+    assert capsys.readouterr().err == ("segsynth plan: error: /data/secret.json: Permission denied; check the path and "
+                                       "its permissions\n")
+
+
+def test_interrupted_exits_130(monkeypatch, capsys):
+    import segsynth.plan
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(segsynth.plan, "make_plan", interrupted)
+    assert main(["plan", "--data", TOY_SPEC, "--uniform", "1", "--out", "unused.jsonl"]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_one_line_message():
+    from segsynth.cli import one_line
+
+    wrapped = ("Caught SegsynthError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "worker.py", line 308, in _worker_loop\n    data = fetcher.fetch(index)\n'
+               "segsynth.io.SegsynthError: DIR/masks/a.png: cannot read mask (broken); replace or remove the file\n")
+    assert one_line(wrapped) == "DIR/masks/a.png: cannot read mask (broken); replace or remove the file"
+    assert one_line("first part\n  second part") == "first part second part"
+
+
+def test_a_worker_s_error_reaches_the_user_as_one_line(tmp_path, capsys, monkeypatch):
+    """A file that breaks after the check (here: between the check and the first draw) fails in the loader
+    worker; the user still sees one line naming the file."""
+    from fakes import build_folder
+    import segsynth.training.loop as loop
+
+    root = build_folder(tmp_path / "data", n=4)
+    original = loop.check_before_compute
+
+    def check_then_break(dataset, splits=None, **kwargs):
+        original(dataset, splits, **kwargs)
+        (root / "masks" / "img_3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken after the check")
+
+    monkeypatch.setattr(loop, "check_before_compute", check_then_break)
+    assert main(["train", "--data", f"folder:{root}", "--out", str(tmp_path / "out"), "--model", "segformer-tiny",
+                 "--iterations", "4", "--batch-size", "4", "--workers", "1", "--eval-split", "", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    line = err[err.index("segsynth train: error: "):]
+    assert line.count("\n") == 1 and f"{root / 'masks' / 'img_3.png'}: cannot read mask" in line, err
+    assert "Traceback" not in err

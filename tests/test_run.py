@@ -58,9 +58,9 @@ def test_presets_and_unknown_arm():
     assert resolve_run_config({}).arms == list(ARMS)  # every arm of the default method, FreeMask
     with pytest.raises(SegsynthError, match="unknown arm"):
         resolve_run_config({"arms": ["real", "magic"]})
-    with pytest.raises(SegsynthError, match="unknown preset"):
+    with pytest.raises(SegsynthError, match="preset = 'huge' is unknown: preset must be one of: quick, default"):
         resolve_run_config({"preset": "huge"})
-    with pytest.raises(SegsynthError, match="unknown method 'magic'; options: freemask"):
+    with pytest.raises(SegsynthError, match="method = 'magic' is unknown: method must be one of: freemask, seggen, attn2mask"):
         resolve_run_config({"method": "magic"})
     with pytest.raises(SegsynthError, match=r"section 'train': unknown key\(s\) seed .*valid keys: .*iterations"):
         resolve_run_config({"train": {"seed": 3}})  # the run sets seeds itself

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from segsynth import __version__
+from segsynth import __version__, cpu_load  # noqa: F401  (cpu_load starts its CPU meter now, before torch loads)
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
 from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig,
                                     PlanConfig, RunConfig, StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
@@ -138,7 +138,8 @@ def cmd_attention_quality(args) -> int:
 def cmd_run(args) -> int:
     from segsynth.run import resolve_run_config, run
 
-    run(resolve_run_config(values_from_args(RunConfig, args)))
+    source = f"config file {args.config}" if args.config else "command line"
+    run(resolve_run_config(values_from_args(RunConfig, args), source))
     return 0
 
 
@@ -169,6 +170,9 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segsynth", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
+    parser.add_argument("--threads", default=None, metavar="N|auto",
+                        help="torch threads per process: auto (default: the cores other processes leave free, "
+                             "re-measured while a stage runs) or a fixed N (also SEGSYNTH_THREADS)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     check = verbs.add_parser("check-data", help="validate a dataset: per-split counts and class-pixel histogram")
@@ -183,20 +187,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit codes (README "Exit codes", docs/bad_input.md): 0 done; 1 `check-data` found problems in samples;
+# 2 bad input (a one-line `segsynth VERB: error: ...`, or argparse's usage error); 3 a bug in segsynth
+# (the traceback is printed: please report it); 130 interrupted (Ctrl-C).
+EXIT_OK, EXIT_PROBLEMS_FOUND, EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# OSErrors that name a path the user gave (or a file under it) and mean "this path cannot be used".
+PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Every exception ends here as exactly one of: a SegsynthError (bad input, one line,
+    exit 2), an OSError naming a path (bad input: the path cannot be used, exit 2), a full disk (exit 2),
+    Ctrl-C (exit 130), or anything else: a bug, printed with its traceback (exit 3)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads != "auto" and not (args.threads.isdigit() and 1 <= int(args.threads) <= 1024):
+            return _bad_input(args.verb, f"--threads {args.threads} is unknown: threads must be auto or an integer "
+                                         "in 1..1024")
+        os.environ["SEGSYNTH_THREADS"] = args.threads
     try:
         return args.run(args)
     except SegsynthError as error:
-        print(f"segsynth {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+        return _bad_input(args.verb, one_line(str(error)))
+    except KeyboardInterrupt:
+        print(f"segsynth {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # a full disk reported by any writer (OSError, SafetensorError, ...)
-        if not is_disk_full(error):
-            raise
-        print(f"segsynth {args.verb}: error: {disk_full_error(None, error)}", file=sys.stderr)
-        return 2
+        if is_disk_full(error):
+            return _bad_input(args.verb, str(disk_full_error(None, error)))
+        if isinstance(error, PATH_ERRORS) and getattr(error, "filename", None):
+            return _bad_input(args.verb, f"{error.filename}: {error.strerror or error}; check the path and its "
+                                         "permissions")
+        import traceback
+
+        traceback.print_exc()
+        print(f"segsynth {args.verb}: internal error: {type(error).__name__}: {one_line(str(error))}; this is a bug "
+              "in segsynth, not in your input: please report it with the traceback above", file=sys.stderr)
+        return EXIT_BUG
     finally:
         from segsynth.distributed import cleanup
 
         cleanup()
+
+
+def _bad_input(verb: str, message: str) -> int:
+    _close_progress_bars()
+    print(f"segsynth {verb}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _close_progress_bars() -> None:
+    """A progress bar still open when a stage stops would share the error's line: close them first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
+def one_line(message: str) -> str:
+    """An error message on one line. A SegsynthError raised in a DataLoader worker comes back wrapped in
+    the worker's traceback ("Caught SegsynthError in DataLoader worker process 0. Original Traceback
+    ..."): its own message is the traceback's last line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in message:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") and ": " in last else last
+    return " ".join(lines)

@@ -3,6 +3,12 @@
 Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags.
 A key that the dataclass does not have is an error naming the key, the file
 and the keys that exist. The resolved config is saved beside every output.
+
+Every number, list and choice field declares its meaningful values next to its
+default (`field(..., range=Range(...))`): one table, checked before any work
+whichever way the config was made (flags, YAML, `segsynth run` sections, or the
+Python API, through the `config_class` decorator's `__post_init__`), and the
+error names the key and the allowed values.
 """
 
 from __future__ import annotations
@@ -10,22 +16,157 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from segsynth.io import SegsynthError, atomic_write_text
+from segsynth.io import SegsynthError, atomic_write_text, read_text
 
 C = TypeVar("C")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with the help text its command-line flag shows."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The meaningful values of one config field.
+
+    Numbers: `low`..`high` (inclusive unless `low_open`/`high_open`), plus the special values in
+    `also` (e.g. 0 = "auto"); numbers must be finite. Strings: one of `choices` or matching `pattern`.
+    Lists: an item count in `lengths` (empty: any), and every item checked as above. `shape` names
+    the list's meaning in messages ("H,W (or one number for a square)")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+    choices: tuple = ()
+    pattern: str | None = None
+    pattern_hint: str = ""  # how `pattern` reads in messages, e.g. "cuda:N"
+    multiple: int | None = None
+    lengths: tuple = ()
+    shape: str = ""
+
+    def problem(self, value: Any, kind: Any) -> str | None:
+        """Why `value` (of the field's type `kind`) is not allowed, or None."""
+        if value is None and _optional(kind):
+            return None
+        inner = _non_optional(kind)
+        if typing.get_origin(inner) in (list, typing.List):
+            if not isinstance(value, (list, tuple)):
+                return "is not a list"
+            if self.lengths and len(value) not in self.lengths:
+                return f"has {len(value)} item(s)"
+            item_kind = (typing.get_args(inner) or (str,))[0]
+            return next((f"has item {item!r} that {why}" for item in value
+                         if (why := self._item_problem(item, item_kind))), None)
+        return self._item_problem(value, inner)
+
+    def _item_problem(self, value: Any, kind: Any) -> str | None:
+        if value in self.also and not isinstance(value, bool):
+            return None
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return "is not an integer"
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return "is not a number"
+            if not math.isfinite(value):
+                return "is not a finite number"
+        elif kind is str:
+            if not isinstance(value, str):
+                return "is not a string"
+            if self.choices or self.pattern:
+                if value in self.choices or (self.pattern and re.fullmatch(self.pattern, value)):
+                    return None
+                return "is unknown"
+            return None
+        else:
+            return None
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return "is too small"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return "is too large"
+        if self.multiple and value % self.multiple:
+            return f"is not a multiple of {self.multiple}"
+        return None
+
+    def describe(self, kind: Any) -> str:
+        """The allowed values in words, e.g. 'an integer in 1..1000000000' or 'one of: ce, reliable'."""
+        inner = _non_optional(kind)
+        if typing.get_origin(inner) in (list, typing.List):
+            item_kind = (typing.get_args(inner) or (str,))[0]
+            lengths = sorted(self.lengths)
+            if not lengths:
+                counts = "any number of"
+            elif len(lengths) > 2 and lengths == list(range(lengths[0], lengths[-1] + 1)):
+                counts = f"{lengths[0]} to {lengths[-1]}"
+            else:
+                counts = " or ".join(str(n) for n in lengths)
+            items = self._describe_item(item_kind, plural=True)
+            text = f"a list of {counts} {items}"
+            return text + (f" ({self.shape})" if self.shape else "")
+        text = self._describe_item(inner, plural=False)
+        return text + (" (or none)" if _optional(kind) else "")
+
+    def _describe_item(self, kind: Any, plural: bool) -> str:
+        if kind is str:
+            options = list(self.choices) + ([self.pattern_hint or f"a match of {self.pattern}"] if self.pattern else [])
+            if not options:
+                return "strings" if plural else "a string"
+            return ("names, each one of: " if plural else "one of: ") + ", ".join(map(str, options))
+        noun = ("integers" if plural else "an integer") if kind is int else ("numbers" if plural else "a number")
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            if self.low_open or self.high_open:
+                bounds = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+            else:
+                bounds = f"in {low}..{high}" if kind is int else f"in [{low}, {high}]"
+        elif self.low is not None:
+            bounds = f"{'>' if self.low_open else '>='} {low}"
+        elif self.high is not None:
+            bounds = f"{'<' if self.high_open else '<='} {high}"
+        else:
+            bounds = ""
+        if self.multiple:
+            noun = f"multiples of {self.multiple}" if plural else f"a multiple of {self.multiple}"
+        if plural and bounds:
+            bounds = "each " + bounds
+        special = " or ".join(str(value) for value in self.also)
+        return (f"{special} or " if special else "") + f"{noun} {bounds}".strip()
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
+
+
+def _optional(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def _non_optional(kind: Any) -> Any:
+    arguments = [a for a in typing.get_args(kind) if a is not type(None)]
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        return arguments[0]
+    return kind
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | None = None, range: Range | None = None,
+          **kwargs: Any) -> Any:
+    """A dataclass field with the help text its command-line flag shows and the values it may take."""
     metadata = {"help": help}
     if flag:
         metadata["flag"] = flag
+    if range is not None:
+        metadata["range"] = range
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -35,17 +176,32 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SegsynthError(f"config file {path} does not exist")
+    text = read_text(path, "YAML config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise SegsynthError(f"config file {path} is not valid YAML: {error}") from None
+        raise SegsynthError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise SegsynthError(f"config file {path} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise SegsynthError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
 def build_config(cls: type[C], values: dict, source: str = "config") -> C:
-    """Make `cls` from a dict, refusing keys it does not have (with the list of keys it does)."""
+    """Make `cls` from a dict, refusing keys it does not have (with the list of keys it does) and values
+    outside their fields' ranges (naming the allowed values)."""
+    coerced = coerce_values(cls, values, source)
+    check_values(cls, coerced, source)
+    try:
+        config = cls(**coerced)
+    except TypeError as error:  # a required field is missing
+        raise SegsynthError(f"{source}: {error}") from None
+    return config
+
+
+def coerce_values(cls: type, values: dict, source: str = "config") -> dict:
+    """`values` with '-' in keys read as '_' and each value turned into its field's type; unknown keys refused."""
     names = {f.name for f in dataclasses.fields(cls)}
     normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - names)
@@ -54,12 +210,55 @@ def build_config(cls: type[C], values: dict, source: str = "config") -> C:
             f"{source}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid keys: {', '.join(sorted(names))}"
         )
     hints = typing.get_type_hints(cls)
-    coerced = {key: _coerce(value, hints[key], f"{source}: key {key!r}") for key, value in normalised.items()}
-    try:
-        config = cls(**coerced)
-    except TypeError as error:  # a required field is missing
-        raise SegsynthError(f"{source}: {error}") from None
-    return config
+    return {key: _coerce(value, hints[key], f"{source}: key {key!r}") for key, value in normalised.items()}
+
+
+def check_values(cls: type, values: dict, source: str) -> None:
+    """Refuse the first value outside its field's Range, naming the key (as a flag when it came from the
+    command line), the value and the allowed values."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        allowed = f.metadata.get("range")
+        if allowed is None or f.name not in values:
+            continue
+        value = values[f.name]
+        why = allowed.problem(value, hints[f.name])
+        if why:
+            if source == "command line":  # as it was typed
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                shown = f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+            elif source == cls.__name__:
+                shown = f"{cls.__name__}.{f.name} = {value!r}"
+            else:
+                shown = f"{source}: {f.name} = {value!r}"
+            raise SegsynthError(f"{shown} {why}: {f.name} must be {allowed.describe(hints[f.name])}")
+    for check in getattr(cls, "__cross_checks__", ()):  # check(values, source) -> problem or None
+        problem = check({name: values.get(name, _default(cls, name)) for name in hints}, source)
+        if problem:
+            raise SegsynthError(f"{source}: {problem}")
+
+
+def _default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
+
+
+def check_fields(config: Any) -> None:
+    """Every field of a config object in its Range (the Python API's check; see `config_class`)."""
+    check_values(type(config), {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                 type(config).__name__)
+
+
+def config_class(cls: type[C]) -> type[C]:
+    """@dataclass, plus a range check of every field whenever an instance is made (also by
+    dataclasses.replace), so the Python API refuses what the CLI refuses."""
+    cls.__post_init__ = check_fields
+    return dataclasses.dataclass(cls)
 
 
 def to_dict(config: Any) -> dict:

@@ -150,14 +150,51 @@ def _remove_entry(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_json(path: str | os.PathLike) -> Any:
+@contextlib.contextmanager
+def loading(path: str | os.PathLike, fix: str, what: str = "it"):
+    """Read a model or state file inside this block: what a library raises for a damaged or truncated file
+    (SafetensorError, OSError from from_pretrained, a bad header, tensors of the wrong shape) becomes one
+    SegsynthError naming `path` and ending with `fix`. A full disk is left to the caller's handling."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SegsynthError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as error:
+        if is_disk_full(error):
+            raise
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise SegsynthError(f"{path}: cannot load {what} ({reason}); {fix}") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's contents. A missing file, a folder, a file that cannot be read or is not text
+    (a binary file given by mistake) become one SegsynthError naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SegsynthError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SegsynthError(f"{path}: is a folder, not a {what}; give the file's path") from None
+    except PermissionError:
+        raise SegsynthError(f"{path}: permission denied; make the {what} readable") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise SegsynthError(f"{path}: line {line} is not UTF-8 text (byte {error.start}); is this the {what}? "
+                            "Give the file segsynth wrote, or save it as UTF-8") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise SegsynthError(f"{path}: not valid JSON ({error}); fix or regenerate the file") from None
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+        raise SegsynthError(f"{path}: JSON nested too deeply to read; fix or regenerate the file") from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -208,13 +245,13 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "JSON-lines file").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             yield json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if number == len(lines):
                 return  # a write cut short by a kill: the record never counted
             raise SegsynthError(f"{path}:{number}: not valid JSON; remove the line or regenerate the file") from None

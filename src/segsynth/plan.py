@@ -20,11 +20,12 @@ from typing import Callable
 
 from segsynth.config import save_config
 from segsynth.data import Dataset, open_dataset
-from segsynth.formats.plan import PlanEntry, assign_seeds, write_plan
+from segsynth.formats.plan import PlanEntry, assign_seeds, read_plan, write_plan
 from segsynth.generators.builtin_text.train import class_prompt, present_classes
 from segsynth.io import SegsynthError
 from segsynth.methods.freemask.hardness import hardness_planner
 from segsynth.methods.seggen.captions import read_captions
+from segsynth.outputs import claim_file
 from segsynth.stage_configs import PlanConfig
 
 Planner = Callable[[PlanConfig, Dataset, list[str]], tuple[list[int], list[dict]]]
@@ -91,13 +92,26 @@ PLANNERS: dict[str, tuple[str, Callable[[PlanConfig], bool], Planner]] = {
 
 def make_plan(config: PlanConfig) -> Path:
     """Write the plan file for `config`; returns its path."""
+    out = Path(config.out)
+    with claim_file(out, "plan", "plan file", is_plan_file, out.with_name(out.name + ".config.yaml"), "PlanConfig"):
+        return _make_plan(config)
+
+
+def is_plan_file(path: Path) -> bool:
+    """Whether `path` reads as a plan (what `plan --out` may overwrite)."""
+    try:
+        read_plan(path)
+    except SegsynthError:
+        return False
+    return True
+
+
+def _make_plan(config: PlanConfig) -> Path:
     # 1. Exactly one plan mode, and a readable split.
     chosen = [name for name, (_, selected, _) in PLANNERS.items() if selected(config)]
     if len(chosen) != 1:
         modes = ", ".join(flags for flags, _, _ in PLANNERS.values())
         raise SegsynthError(f"choose exactly one plan mode ({modes}); got {', '.join(chosen) or 'none'} (e.g. --uniform 2)")
-    if config.limit < 0:
-        raise SegsynthError(f"--limit must be >= 0, got {config.limit}")
     dataset = open_dataset(config.data)
     ids = list(dataset.split(config.split).ids)
     if config.limit:

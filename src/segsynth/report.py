@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 
 from segsynth.config import to_dict
-from segsynth.formats.manifest import read_manifest
-from segsynth.io import atomic_write_json, atomic_write_png, atomic_write_text, read_json
+from segsynth.data.base import read_image, read_raw_mask
+from segsynth.formats.manifest import MANIFEST, read_manifest
+from segsynth.io import atomic_write_json, atomic_write_png, atomic_write_text, read_json, safe_relative_path
 
 
 def collect_results(context, method) -> dict:
@@ -94,11 +95,12 @@ def write_synthetic_grid(root: Path, path: Path, palette, rows: int) -> Path | N
     records.sort(key=lambda r: -r.get("ignored_fraction", 0.0))
     tiles = []
     for record in records[:rows]:
-        image = np.array(Image.open(root / record["image"]).convert("RGB"))
-        mask = np.array(Image.open(root / record["mask"]))
+        image = read_image(safe_relative_path(root, record["image"], f"{MANIFEST} image of {record['id']}"))
+        mask = read_raw_mask(safe_relative_path(root, record["mask"], f"{MANIFEST} mask of {record['id']}"))
         shown = image.copy()
         if record.get("filtered_mask"):
-            filtered = np.array(Image.open(root / record["filtered_mask"]))
+            filtered = read_raw_mask(safe_relative_path(root, record["filtered_mask"],
+                                                        f"{MANIFEST} filtered_mask of {record['id']}"))
             ignored = (filtered == 255) & (mask != 255)
             shown[ignored] = (0.35 * shown[ignored] + 0.65 * np.array([255, 0, 0])).astype(np.uint8)
         tiles.append(np.concatenate([colours[mask], image, shown], axis=1))

@@ -30,16 +30,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from segsynth.config import build_config, save_config
+from segsynth.config import build_config, check_values, coerce_values, save_config
 from segsynth.data import Dataset, open_dataset
 from segsynth.data.toy import TOY_CLASSES
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.attn2mask.method import ATTN2MASK
 from segsynth.methods.freemask.method import FREEMASK
 from segsynth.methods.seggen.method import SEGGEN
+from segsynth.outputs import claim_folder
 from segsynth.report import format_table, write_results
 from segsynth.stage_configs import RUN_SECTIONS, RunConfig, TrainConfig, TrainGeneratorConfig
 from segsynth.training.loop import train
@@ -91,27 +92,40 @@ PRESETS = {
 }
 
 
-def resolve_run_config(values: dict) -> RunConfig:
+def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     """Defaults < BASE < preset (toy or real-data variant) < the user's values; sections checked against
-    their stage configs, arms against the method's."""
+    their stage configs, arms against the method's. `source` names where the values came from in errors."""
+    check_values(RunConfig, coerce_values(RunConfig, values, source), source)  # the preset and method first
     preset = values.get("preset", "default")
-    names = sorted({name for _, name in PRESETS})
-    if preset not in names:
-        raise SegsynthError(f"unknown preset {preset!r}; options: {', '.join(names)}")
     data = values.get("data") or PRESETS[("toy", preset)].get("data") or RunConfig.data
     kind = "toy" if data.split(":")[0] == "toy" else "real"
     method = METHODS.get(values.get("method", RunConfig.method))
     method_sizes = method.presets.get((kind, preset), {}) if method else {}
     merged = _merge(_merge(_merge(BASE, PRESETS[(kind, preset)]), method_sizes), values)
-    config = build_config(RunConfig, merged, "run config")
+    config = build_config(RunConfig, merged, source)
     method = method_of(config)
     for section, (stage_config, owned) in RUN_SECTIONS.items():
-        check_section(section, getattr(config, section), stage_config, owned)
+        check_section(section, getattr(config, section), stage_config, owned, source)
     unknown = [arm for arm in config.arms if arm not in method.arms]
     if unknown:
         raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
                             f"options: {', '.join(method.arms)}")
-    return dataclasses.replace(config, arms=list(config.arms or method.arms))
+    config = dataclasses.replace(config, arms=list(config.arms or method.arms))
+    check_pretrain_split(config, method, source)
+    return config
+
+
+def check_pretrain_split(config: RunConfig, method: Method, source: str) -> None:
+    """pretrain-finetune arms split train.iterations by pretrain_fraction: both stages need an iteration."""
+    if not any(method.arms[name].recipe == "pretrain-finetune" for name in config.arms):
+        return
+    iterations = int(config.train.get("iterations", TrainConfig.__dataclass_fields__["iterations"].default))
+    pretrain = int(round(iterations * config.pretrain_fraction))
+    if not 1 <= pretrain <= iterations - 1:
+        raise SegsynthError(f"{source}: pretrain_fraction {config.pretrain_fraction} of train iterations {iterations} "
+                            f"gives {pretrain} pretraining and {iterations - pretrain} fine-tuning iterations; each "
+                            "stage of the pretrain-finetune arms needs at least 1: raise train iterations or change "
+                            "pretrain_fraction")
 
 
 def method_of(config: RunConfig) -> Method:
@@ -120,13 +134,16 @@ def method_of(config: RunConfig) -> Method:
     return METHODS[config.method]
 
 
-def check_section(section: str, values: dict, stage_config: type, owned: tuple[str, ...]) -> None:
-    """A section may hold its stage config's keys, except those the run sets itself."""
+def check_section(section: str, values: dict, stage_config: type, owned: tuple[str, ...],
+                  source: str = "run config") -> None:
+    """A section may hold its stage config's keys, except those the run sets itself, each in its range."""
+    where = f"--{section.replace('_', '-')}" if source == "command line" else f"{source} section {section!r}"
     allowed = [f.name for f in dataclasses.fields(stage_config) if f.name not in owned]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise SegsynthError(f"run config section {section!r}: unknown key(s) {', '.join(unknown)} "
+        raise SegsynthError(f"{where}: unknown key(s) {', '.join(unknown)} "
                             f"(the run sets {', '.join(owned)} itself); valid keys: {', '.join(allowed)}")
+    check_values(stage_config, coerce_values(stage_config, values, where), where)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -186,6 +203,11 @@ class RunContext:
 
 def run(config: RunConfig) -> dict:
     """Run the method end to end (resumable); returns the results dict also written to OUT/results.json."""
+    with claim_folder(config.out, "run", "run.config.yaml", "RunConfig", markers=("results.json",)):
+        return _run(config)
+
+
+def _run(config: RunConfig) -> dict:
     method = method_of(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +215,7 @@ def run(config: RunConfig) -> dict:
 
     # 1. The data, checked once before any compute.
     dataset = open_dataset(config.data)
-    quick_check(dataset, ["train", config.eval_split])
+    check_before_compute(dataset, ["train", config.eval_split])
     context = RunContext(config, out, dataset, _read_seconds(out))
     say(f"segsynth run --method {config.method}: {config.data} ({len(dataset.split('train'))} train / "
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "

@@ -10,165 +10,275 @@ the standard library and `segsynth.config`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from segsynth.config import Range, check_values, coerce_values, config_class, field
 
-from segsynth.config import field
+# --- the meaningful values of the fields, shared by several configs ------------------------------------
+# Bounds are where a value stops meaning anything (0 iterations save an untrained checkpoint) or where
+# numpy, torch or PIL would overflow or allocate without end (sides beyond PIL's decompression-bomb
+# limit of about 9459^2 pixels, seeds beyond 32 bits, batches of millions).
+
+MAX_ITERATIONS = 10**9
+ITERATIONS = Range(1, MAX_ITERATIONS)
+COUNT = Range(0, MAX_ITERATIONS)  # 0 = none / all / off, as each field's help says
+EVERY = Range(1, MAX_ITERATIONS)
+BATCH = Range(1, 4096)
+SEED = Range(0, 2**31 - 1)  # seed + offsets stay within the 32-bit seeds numpy and torch take
+POSITIVE = Range(0.0, low_open=True)  # a learning rate too large to train is only known by training: see check_finite
+PROBABILITY = Range(0.0, 1.0)
+MINUTES = Range(0.0, 10.0**6)
+MAX_SIDE = 8192  # PIL refuses images beyond ~9459^2 pixels (decompression-bomb limit)
+SIZE = Range(8, MAX_SIDE, lengths=(0, 2), shape="H,W; empty: each image's own size")
+CROP = Range(8, MAX_SIDE, lengths=(0, 1, 2), shape="H,W or one number for a square; empty: the first training "
+                                                   "image's size")
+MAX_GENERATOR_SIDE = 4096
+GENERATOR_SIZE = Range(8, MAX_GENERATOR_SIDE, lengths=(1, 2), shape="H,W or one number for a square")
+CHANNELS = Range(8, 4096, multiple=8, lengths=tuple(range(1, 7)), shape="one width per UNet level")
+STEPS = Range(1, 1000)
+GUIDANCE = Range(0.0, 100.0)
+MAX_PER_ENTRY = 10_000
+PER_ENTRY = Range(0, MAX_PER_ENTRY)
+MAX_PLANNED = 10**8
+DEVICE = Range(choices=("auto", "cpu", "cuda"), pattern=r"cuda:\d+", pattern_hint="cuda:N")
+DTYPE = Range(choices=("auto", "fp32", "fp16", "bf16"))
+
+# Names of table rows that live in modules importing torch (kept equal to them by tests/test_config_ranges.py).
+SEGMENTER_NAMES = ("segformer-b0", "segformer-b1", "segformer-b2", "segformer-b3", "segformer-b4", "segformer-b5",
+                   "segformer-small", "segformer-tiny", "mask2former-swin-t", "mask2former-swin-s", "mask2former-swin-b",
+                   "mask2former-swin-l", "mask2former-small", "mask2former-tiny")  # segmenters.SEGMENTERS
+RECIPE_NAMES = ("real", "synthetic", "joint", "pretrain-finetune", "replace")  # training.recipes.RECIPES
+SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm-solver++", "dpmpp", "uni-pc")
+SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
+PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
+METHOD_NAMES = ("freemask", "seggen", "attn2mask")  # run.METHODS
 
 
-@dataclass
+def _ordered_pair(key: str):
+    def check(values: dict, source: str) -> str | None:
+        pair = values[key]
+        if len(pair) == 2 and pair[0] > pair[1]:
+            return f"key {key!r} {pair}: give low <= high"
+        return None
+    return check
+
+
+def _size_fits_unet(values: dict, source: str) -> str | None:
+    """The working size must pass space-to-depth (x2) and every UNet downsampling."""
+    multiple = 2 * 2 ** (len(values["channels"]) - 1)
+    if any(side % multiple for side in values["size"]):
+        return (f"key 'size' {values['size']}: H and W must be multiples of {multiple} (space-to-depth x2 and "
+                f"{len(values['channels']) - 1} UNet downsamplings of --channels {values['channels']}); e.g. 96,128")
+    return None
+
+
+def _two_levels(values: dict, source: str) -> str | None:
+    if len(values["channels"]) < 2:
+        return f"key 'channels' {values['channels']}: give at least two levels (cross-attention works on the lower ones)"
+    return None
+
+
+def _pseudo_mask_settings(values: dict, source: str) -> str | None:
+    """The pseudo_mask_settings section holds PseudoMaskConfig keys, each in its range (checked now, not
+    when an attention generator opens)."""
+    where = "--pseudo-mask-settings" if source == "command line" else f"{source}: key 'pseudo_mask_settings'"
+    check_values(PseudoMaskConfig, coerce_values(PseudoMaskConfig, values["pseudo_mask_settings"] or {}, where), where)
+    return None
+
+
+def _distinct_seeds(values: dict, source: str) -> str | None:
+    if len(set(values["seeds"])) != len(values["seeds"]):
+        return f"key 'seeds' {values['seeds']}: give distinct seeds (each names its arm's folder)"
+    return None
+
+
+@config_class
 class TrainConfig:
     data: str = field(help="real dataset spec, e.g. camvid:PATH, folder:PATH or toy")
     out: str = field(help="output folder: checkpoint/, metrics.jsonl, config.yaml")
-    model: str = field("segformer-b0", help="segmenter name: segformer-b0..b5, -small, -tiny; mask2former-swin-t/s/b/l, "
-                                            "-small, -tiny (segmenters.SEGMENTERS)")
+    model: str = field("segformer-b0", range=Range(choices=SEGMENTER_NAMES),
+                       help="segmenter name: segformer-b0..b5, -small, -tiny; mask2former-swin-t/s/b/l, -small, -tiny "
+                            "(segmenters.SEGMENTERS)")
     pretrained: str | None = field(None, help="hub id or local folder to initialise from")
-    recipe: str = field("real", help="real, synthetic, joint, pretrain-finetune or replace (see segsynth.recipes)")
+    recipe: str = field("real", range=Range(choices=RECIPE_NAMES),
+                        help="real, synthetic, joint, pretrain-finetune or replace (see segsynth.recipes)")
     synthetic: list[str] = field([], help="synthetic set folder for the synthetic recipes")
-    synthetic_masks: str = field("auto", help="auto (filtered when the set has them), filtered or raw")
-    replace_probability: float = field(0.6, help="replace recipe: chance a real draw becomes a synthetic one (SegGen)")
-    replace_from: str = field("same-mask", help="replace recipe: same-mask (a synthetic sample of the drawn real mask) "
-                                                "or pool (any sample of the --synthetic sets, uniformly: SegGen's "
-                                                "MaskSyn samples have no real twin)")
-    pretrain_iterations: int = field(0, help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
+    synthetic_masks: str = field("auto", range=Range(choices=("auto", "filtered", "raw")),
+                                 help="auto (filtered when the set has them), filtered or raw")
+    replace_probability: float = field(0.6, range=PROBABILITY,
+                                       help="replace recipe: chance a real draw becomes a synthetic one (SegGen)")
+    replace_from: str = field("same-mask", range=Range(choices=("same-mask", "pool")),
+                              help="replace recipe: same-mask (a synthetic sample of the drawn real mask) "
+                                   "or pool (any sample of the --synthetic sets, uniformly: SegGen's "
+                                   "MaskSyn samples have no real twin)")
+    pretrain_iterations: int = field(0, range=Range(0, MAX_ITERATIONS),
+                                     help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
     init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")
-    iterations: int = field(2000, help="training iterations")
-    batch_size: int = field(8, help="images per iteration per process")
-    crop: list[int] = field([], help="crop H,W (default: the first training image's size)")
-    base_size: list[int] = field([], help="H,W that random resize ratios 0.5-2.0 refer to (default: first image's size)")
-    scale_range: list[float] = field([0.5, 2.0], help="random resize ratio range")
-    lr: float = field(6e-4, help="peak learning rate (AdamW)")
-    weight_decay: float = field(0.01, help="AdamW weight decay")
-    warmup: int = field(100, help="linear warm-up iterations")
-    poly_power: float = field(1.0, help="poly decay power after warm-up")
-    seed: int = field(0, help="run seed")
-    cache_gb: float = field(2.0, help="GiB of decoded training samples kept in memory across epochs (0: none)")
-    workers: int = field(1, help="data loader worker processes per training process")
-    save_every: int = field(500, help="save a resumable checkpoint every N iterations")
-    eval_every: int = field(0, help="evaluate on --eval-split every N iterations (0: only at the end)")
+    iterations: int = field(2000, range=ITERATIONS, help="training iterations")
+    batch_size: int = field(8, range=BATCH, help="images per iteration per process")
+    crop: list[int] = field([], range=CROP, help="crop H,W (default: the first training image's size)")
+    base_size: list[int] = field([], range=CROP,
+                                 help="H,W that random resize ratios 0.5-2.0 refer to (default: first image's size)")
+    scale_range: list[float] = field([0.5, 2.0], range=Range(0.05, 20.0, lengths=(2,), shape="low, high ratio"),
+                                     help="random resize ratio range")
+    lr: float = field(6e-4, range=POSITIVE, help="peak learning rate (AdamW)")
+    weight_decay: float = field(0.01, range=Range(0.0, 1.0), help="AdamW weight decay")
+    warmup: int = field(100, range=COUNT, help="linear warm-up iterations")
+    poly_power: float = field(1.0, range=Range(0.0, 10.0), help="poly decay power after warm-up")
+    seed: int = field(0, range=SEED, help="run seed")
+    cache_gb: float = field(2.0, range=Range(0.0, 4096.0),
+                            help="GiB of decoded training samples kept in memory across epochs (0: none)")
+    workers: int = field(1, range=Range(0, 256), help="data loader worker processes per training process")
+    save_every: int = field(500, range=EVERY, help="save a resumable checkpoint every N iterations")
+    eval_every: int = field(0, range=Range(0, MAX_ITERATIONS),
+                            help="evaluate on --eval-split every N iterations (0: only at the end)")
     eval_split: str = field("val", help="split evaluated during and after training ('' to skip)")
-    eval_size: list[int] = field([], help="inference size H,W for evaluation (default: native)")
+    eval_size: list[int] = field([], range=SIZE, help="inference size H,W for evaluation (default: native)")
     resume: bool = field(False, help="continue from OUT/checkpoint if it exists")
-    device: str = field("auto", help="auto, cpu or cuda")
-    log_every: int = field(20, help="write a metrics.jsonl line every N iterations")
-    loss: str = field("ce", help="ce (cross-entropy, per-pixel weights; mask2former-*: its own set-prediction loss "
-                                 "with the weights) or reliable (per predicted class, only the most confident share "
-                                 "of pixels in full: training on noisy pseudo-masks, Attn2mask; segformer-* only)")
-    reliable_share: float = field(0.5, help="loss reliable: share of each predicted class's pixels trusted in full")
-    unreliable_weight: float = field(0.0, help="loss reliable: weight of the other pixels (0: dropped)")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
+    log_every: int = field(20, range=EVERY, help="write a metrics.jsonl line every N iterations")
+    loss: str = field("ce", range=Range(choices=("ce", "reliable")),
+                      help="ce (cross-entropy, per-pixel weights) or reliable (per predicted class, only the "
+                           "most confident share of pixels in full: training on noisy pseudo-masks, Attn2mask)")
+    reliable_share: float = field(0.5, range=Range(0.0, 1.0, low_open=True),
+                                  help="loss reliable: share of each predicted class's pixels trusted in full")
+    unreliable_weight: float = field(0.0, range=PROBABILITY,
+                                     help="loss reliable: weight of the other pixels (0: dropped)")
+
+    __cross_checks__ = (_ordered_pair("scale_range"),)
 
 
-@dataclass
+@config_class
 class EvalConfig:
     checkpoint: str = field(help="checkpoint folder (a `segsynth train --out` folder)")
     data: str = field(help="dataset spec, e.g. camvid:PATH or toy")
     split: str = field("val", help="split to evaluate (train, val, test, ...)")
     out: str | None = field(None, help="write metrics JSON here (default: CHECKPOINT/metrics_<split>.json)")
-    size: list[int] = field([], help="inference size H,W (default: each image's own size)")
-    batch_size: int = field(8, help="images per forward pass")
-    device: str = field("auto", help="auto, cpu or cuda")
+    size: list[int] = field([], range=SIZE, help="inference size H,W (default: each image's own size)")
+    batch_size: int = field(8, range=BATCH, help="images per forward pass")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
-@dataclass
+@config_class
 class StatsConfig:
     segmenter: str = field(help="segmenter checkpoint trained on the real data (a `segsynth train --out` folder)")
     out: str = field(help="class statistics JSON to write")
     data: str | None = field(None, help="real dataset spec (default: the one the segmenter was trained on)")
     split: str = field("train", help="split whose pixels define L̄_c")
-    batch_size: int = field(8, help="images per forward pass")
-    size: list[int] = field([], help="inference size H,W (default: each image's own); use the size the segmenter "
-                                     "sees synthetic images at, so real and synthetic losses compare")
-    device: str = field("auto", help="auto, cpu or cuda")
+    batch_size: int = field(8, range=BATCH, help="images per forward pass")
+    size: list[int] = field([], range=SIZE,
+                            help="inference size H,W (default: each image's own); use the size the segmenter "
+                                 "sees synthetic images at, so real and synthetic losses compare")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
-@dataclass
+@config_class
 class PlanConfig:
     data: str = field(help="dataset spec whose masks are planned (text plan: whose mask ids the captions use), "
                            "e.g. camvid:PATH or synthetic-raw:DIR")
     out: str = field(help="plan file to write (JSONL)")
     split: str = field("train", help="split whose masks (or captions) are planned")
-    uniform: int = field(0, help="uniform plan: K synthetic images for every mask")
-    limit: int = field(0, help="plan only the first N masks of the split (0: all), for smoke runs")
-    seed: int = field(0, help="first seed; each sample gets the next one, so seeds are distinct")
+    uniform: int = field(0, range=PER_ENTRY, help="uniform plan: K synthetic images for every mask")
+    limit: int = field(0, range=COUNT, help="plan only the first N masks of the split (0: all), for smoke runs")
+    seed: int = field(0, range=SEED, help="first seed; each sample gets the next one, so seeds are distinct")
     hardness: bool = field(False, help="hardness-aware plan (FreeMask); needs --stats")
     stats: str | None = field(None, help="hardness plan: class-stats JSON from `segsynth stats` (selects the hardness plan)")
-    nmax: int = field(20, help="hardness plan: the hardest mask gets Nmax images, the easiest 1")
-    budget: int = field(0, help="hardness plan: scale k so the plan renders exactly this many images in all")
+    nmax: int = field(20, range=Range(1, MAX_PER_ENTRY),
+                      help="hardness plan: the hardest mask gets Nmax images, the easiest 1")
+    budget: int = field(0, range=Range(0, MAX_PLANNED),
+                        help="hardness plan: scale k so the plan renders exactly this many images in all")
     captions: str | None = field(None, help="text plan: captions file (JSON {mask id: caption} or JSONL, e.g. from "
                                             "`segsynth captions`) whose captions become text requests")
-    per_caption: int = field(0, help="text plan: N seeds (samples) per caption")
-    class_prompts: int = field(0, help="text plan: N images for each real image's class set, prompted 'a photo of "
-                                       "road, car' (image-level labels only), for text -> image generators")
+    per_caption: int = field(0, range=PER_ENTRY, help="text plan: N seeds (samples) per caption")
+    class_prompts: int = field(0, range=PER_ENTRY,
+                               help="text plan: N images for each real image's class set, prompted 'a photo of "
+                                    "road, car' (image-level labels only), for text -> image generators")
 
 
-@dataclass
+@config_class
 class TrainGeneratorConfig:
     data: str = field(help="dataset spec whose (image, mask) pairs the generator learns, e.g. camvid:PATH")
     out: str = field(help="output folder: a builtin generator (load it with --generator builtin:OUT)")
     split: str = field("train", help="split to train on")
-    size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
-    channels: list[int] = field([64, 128, 256], help="UNet widths per level (one level per entry)")
-    layers_per_block: int = field(2, help="ResNet blocks per UNet level")
+    size: list[int] = field([96, 128], range=GENERATOR_SIZE,
+                            help="working resolution H,W (each a multiple of 2*2^(levels-1))")
+    channels: list[int] = field([64, 128, 256], range=CHANNELS, help="UNet widths per level (one level per entry)")
+    layers_per_block: int = field(2, range=Range(1, 8), help="ResNet blocks per UNet level")
     attention: bool = field(True, help="self-attention at the lowest UNet level")
-    iterations: int = field(4000, help="training iterations")
-    max_minutes: float = field(0.0, help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
-    batch_size: int = field(16, help="images per iteration")
-    lr: float = field(6e-4, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
-    warmup: int = field(100, help="warm-up iterations")
-    ema_decay: float = field(0.9995, help="largest EMA decay (EMA warm-up ramps towards it)")
-    min_snr_gamma: float = field(5.0, help="min-SNR loss weighting gamma (0: plain MSE)")
-    crop_scale: float = field(0.7, help="random crops cover this fraction of each side or more, then resize")
+    iterations: int = field(4000, range=ITERATIONS, help="training iterations")
+    max_minutes: float = field(0.0, range=MINUTES,
+                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+    batch_size: int = field(16, range=BATCH, help="images per iteration")
+    lr: float = field(6e-4, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int = field(100, range=COUNT, help="warm-up iterations")
+    ema_decay: float = field(0.9995, range=Range(0.0, 1.0, high_open=True),
+                             help="largest EMA decay (EMA warm-up ramps towards it)")
+    min_snr_gamma: float = field(5.0, range=Range(0.0, 1000.0), help="min-SNR loss weighting gamma (0: plain MSE)")
+    crop_scale: float = field(0.7, range=Range(0.0, 1.0, low_open=True),
+                              help="random crops cover this fraction of each side or more, then resize")
     flip: bool = field(True, help="random horizontal flips")
-    sample_steps: int = field(20, help="default sampling steps stored with the model")
-    sample_scheduler: str = field("dpm++", help="default sampling scheduler stored with the model")
-    seed: int = field(0, help="run seed")
-    save_every: int = field(500, help="write the (EMA) model every N iterations, so a kill loses little")
-    log_every: int = field(50, help="write a OUT/train_log.jsonl line every N iterations")
-    device: str = field("auto", help="auto, cpu or cuda")
+    sample_steps: int = field(20, range=STEPS, help="default sampling steps stored with the model")
+    sample_scheduler: str = field("dpm++", range=SCHEDULER, help="default sampling scheduler stored with the model")
+    seed: int = field(0, range=SEED, help="run seed")
+    save_every: int = field(500, range=EVERY, help="write the (EMA) model every N iterations, so a kill loses little")
+    log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
+
+    __cross_checks__ = (_size_fits_unet,)
 
 
-@dataclass
+@config_class
 class TrainTextGeneratorConfig:
     data: str = field(help="dataset spec whose images (or masks) the generator learns, e.g. camvid:PATH")
     out: str = field(help="output folder: a builtin text generator")
     split: str = field("train", help="split to train on")
-    target: str = field("image", help="what is generated: image (real photos, image-level labels only) or "
-                                      "colour-mask (the mask drawn in --palette colours: SegGen's text -> mask)")
+    target: str = field("image", range=Range(choices=("image", "colour-mask")),
+                        help="what is generated: image (real photos, image-level labels only) or "
+                             "colour-mask (the mask drawn in --palette colours: SegGen's text -> mask)")
     palette: str = field("separated", help="colour-mask target: class colours: separated (maximally far apart, "
                                            "SegGen), dataset (the dataset's own) or a JSON file {class: [r, g, b]}; "
                                            "stored with the model, which decodes by it")
     # the default is methods.seggen.colour.MAX_DISTANCE (this module imports no numpy)
-    decode_max_distance: float = field(64.0, help="colour-mask target: a generated pixel farther than this (RGB, "
-                                                  "0..441) from every palette colour decodes to ignore; stored with "
-                                                  "the model")
+    decode_max_distance: float = field(64.0, range=Range(0.0, 442.0, low_open=True),
+                                       help="colour-mask target: a generated pixel farther than this (RGB, "
+                                            "0..441) from every palette colour decodes to ignore; stored with "
+                                            "the model")
     prompts: str = field("classes", help="'classes' ('a photo of sky, road, car' from the classes present) or a "
                                          "captions file with a caption per training sample (`segsynth captions`: "
                                          "JSONL {\"id\", \"caption\"} lines, or JSON {id: caption})")
-    size: list[int] = field([96, 128], help="working resolution H,W (each a multiple of 2*2^(levels-1))")
-    channels: list[int] = field([32, 64, 128], help="UNet widths per level; cross-attention on all but the first")
-    layers_per_block: int = field(2, help="ResNet blocks per UNet level")
-    text_width: int = field(64, help="text encoder width = the UNet's cross-attention dim")
-    text_layers: int = field(2, help="text encoder transformer layers")
-    max_length: int = field(0, help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
-    iterations: int = field(4000, help="training iterations")
-    max_minutes: float = field(0.0, help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
-    batch_size: int = field(16, help="images per iteration")
-    lr: float = field(5e-4, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
-    warmup: int = field(100, help="warm-up iterations")
-    ema_decay: float = field(0.9995, help="largest EMA decay (EMA warm-up ramps towards it)")
-    min_snr_gamma: float = field(5.0, help="Min-SNR-style cap on the x0-loss weight SNR+1 of nearly clean steps (0: plain v-MSE)")
-    cond_dropout: float = field(0.1, help="probability of training on the empty prompt (for classifier-free guidance)")
+    size: list[int] = field([96, 128], range=GENERATOR_SIZE,
+                            help="working resolution H,W (each a multiple of 2*2^(levels-1))")
+    channels: list[int] = field([32, 64, 128], range=CHANNELS,
+                                help="UNet widths per level; cross-attention on all but the first")
+    layers_per_block: int = field(2, range=Range(1, 8), help="ResNet blocks per UNet level")
+    text_width: int = field(64, range=Range(8, 4096), help="text encoder width = the UNet's cross-attention dim")
+    text_layers: int = field(2, range=Range(1, 48), help="text encoder transformer layers")
+    max_length: int = field(0, range=Range(3, 1024, also=(0,)),
+                            help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
+    iterations: int = field(4000, range=ITERATIONS, help="training iterations")
+    max_minutes: float = field(0.0, range=MINUTES,
+                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+    batch_size: int = field(16, range=BATCH, help="images per iteration")
+    lr: float = field(5e-4, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int = field(100, range=COUNT, help="warm-up iterations")
+    ema_decay: float = field(0.9995, range=Range(0.0, 1.0, high_open=True),
+                             help="largest EMA decay (EMA warm-up ramps towards it)")
+    min_snr_gamma: float = field(5.0, range=Range(0.0, 1000.0),
+                                 help="Min-SNR-style cap on the x0-loss weight SNR+1 of nearly clean steps (0: plain v-MSE)")
+    cond_dropout: float = field(0.1, range=Range(0.0, 1.0, high_open=True),
+                                help="probability of training on the empty prompt (for classifier-free guidance)")
     flip: bool = field(True, help="random horizontal flips")
-    sample_steps: int = field(20, help="default sampling steps stored with the model")
-    sample_scheduler: str = field("dpm++", help="default sampling scheduler stored with the model")
-    guidance: float = field(3.0, help="default classifier-free guidance scale stored with the model")
-    seed: int = field(0, help="run seed")
-    save_every: int = field(500, help="write the model and its training state every N iterations")
-    log_every: int = field(50, help="write a OUT/train_log.jsonl line every N iterations")
-    device: str = field("auto", help="auto, cpu or cuda")
+    sample_steps: int = field(20, range=STEPS, help="default sampling steps stored with the model")
+    sample_scheduler: str = field("dpm++", range=SCHEDULER, help="default sampling scheduler stored with the model")
+    guidance: float = field(3.0, range=GUIDANCE, help="default classifier-free guidance scale stored with the model")
+    seed: int = field(0, range=SEED, help="run seed")
+    save_every: int = field(500, range=EVERY, help="write the model and its training state every N iterations")
+    log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     resume: bool = field(False, help="continue from OUT/training_state if it exists")
 
+    __cross_checks__ = (_two_levels, _size_fits_unet)
 
-@dataclass
+
+@config_class
 class CaptionConfig:
     data: str = field(help="real dataset spec whose masks get captions, e.g. camvid:PATH")
     out: str = field(help="output folder: captions.jsonl and captions.config.yaml are written there")
@@ -177,14 +287,50 @@ class CaptionConfig:
                                         "--captions file), or a BLIP-2 hub id / folder captioning the images, "
                                         "e.g. Salesforce/blip2-opt-2.7b")
     captions: str | None = field(None, help="captions file for --captioner file: JSON {mask id: caption} or JSONL")
-    min_fraction: float = field(0.01, help="mask captions leave out classes under this share of the pixels")
-    batch_size: int = field(8, help="images per BLIP-2 call")
-    max_new_tokens: int = field(30, help="longest BLIP-2 caption, in tokens")
-    device: str = field("auto", help="auto, cpu or cuda (BLIP-2)")
-    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (BLIP-2)")
+    min_fraction: float = field(0.01, range=Range(0.0, 1.0, high_open=True),
+                                help="mask captions leave out classes under this share of the pixels")
+    batch_size: int = field(8, range=BATCH, help="images per BLIP-2 call")
+    max_new_tokens: int = field(30, range=Range(1, 1024), help="longest BLIP-2 caption, in tokens")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda (BLIP-2)")
+    dtype: str = field("auto", range=DTYPE, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (BLIP-2)")
 
 
-@dataclass
+NORMALISATIONS = ("max", "min-max")
+NORMALISE_AT = ("each-resolution", "combined")
+UPSAMPLINGS = ("bilinear", "bicubic")
+CONFIDENCES = ("score", "margin", "none")
+
+
+@config_class
+class PseudoMaskConfig:
+    """How attention maps become a pseudo label map (methods/attn2mask/pseudo_mask.py: the steps and the
+    recipes); the `pseudo_mask_settings` section of synthesize and attention-quality holds its keys."""
+
+    resolutions: list[int] = field([16, 32, 64], range=Range(1, 1024, lengths=tuple(range(1, 9))),
+                                   help="cross-attention resolutions (map heights) to average")
+    steps: list[int] = field([], range=Range(0, 1000, lengths=(0, 2)),
+                             help="[start, stop) denoising steps whose attention is averaged; [] = all "
+                                  "(for AttentionCapture(steps=...))")
+    refine_power: int = field(0, range=Range(0, 16),
+                              help="self-attention refinement power k (scores <- SA^k . scores); 0 = off")
+    self_attention_resolution: int = field(32, range=Range(1, 1024),
+                                           help="resolution of the self-attention used to refine")
+    normalisation: str = field("max", range=Range(choices=NORMALISATIONS),
+                               help="per-class scaling to [0, 1]: max (divide by the max) or min-max")
+    normalise_at: str = field("combined", range=Range(choices=NORMALISE_AT),
+                              help="each-resolution (before averaging, DiffuMask) or combined (after averaging and "
+                                   "refining)")
+    upsampling: str = field("bicubic", range=Range(choices=UPSAMPLINGS), help="bilinear or bicubic")
+    background_threshold: float = field(0.5, range=Range(0.0, 1.0),
+                                        help="a pixel whose top class score is below this is background")
+    uncertain_band: list[float] = field([], range=Range(0.0, 1.0, lengths=(0, 2)),
+                                        help="[low, high): top scores in it are labelled ignore (255); [] = none")
+    confidence: str = field("score", range=Range(choices=CONFIDENCES),
+                            help="score (the winner's normalised score), margin (distance to the decision) or none "
+                                 "(1: no per-pixel weights)")
+
+
+@config_class
 class SynthesizeConfig:
     data: str = field(help="dataset spec the plan's masks come from, e.g. camvid:PATH, or synthetic-raw:DIR for a "
                            "mask set a text -> mask generator made (each record then names its source sample)")
@@ -193,54 +339,66 @@ class SynthesizeConfig:
                                 "attention:DIR or attention-sd:BASE")
     out: str = field(help="output folder (a folder: dataset); rerun with the same arguments to resume")
     split: str = field("train", help="split the plan's mask ids belong to")
-    batch_size: int = field(4, help="masks per model call (does not change any sample's pixels)")
-    steps: int | None = field(None, help="denoising steps (default: the generator's own)")
-    guidance: float | None = field(None, help="classifier-free guidance scale (ControlNet; default 7.5, LCM 1.5)")
-    scheduler: str | None = field(None, help="dpm++, unipc, ddim, euler, or lcm (with --lcm-lora)")
+    batch_size: int = field(4, range=BATCH, help="masks per model call (does not change any sample's pixels)")
+    steps: int | None = field(None, range=STEPS, help="denoising steps (default: the generator's own)")
+    guidance: float | None = field(None, range=GUIDANCE,
+                                   help="classifier-free guidance scale (ControlNet; default 7.5, LCM 1.5)")
+    scheduler: str | None = field(None, range=SCHEDULER, help="dpm++, unipc, ddim, euler, or lcm (with --lcm-lora)")
     negative_prompt: str = field("", help="negative prompt (ControlNet)")
     controlnet: str | None = field(None, help="ControlNet hub id or folder, e.g. lllyasviel/control_v11p_sd15_seg")
-    controlnet_scale: float = field(1.0, help="ControlNet conditioning scale")
+    controlnet_scale: float = field(1.0, range=Range(0.0, 10.0), help="ControlNet conditioning scale")
     lcm_lora: str | None = field(None, help="LCM-LoRA hub id or folder: fuse it and sample with LCM in 4-8 steps")
     colour_map: str = field("ade20k", help="mask colours for the ControlNet: ade20k, dataset, or a JSON file")
     captions: str | None = field(None, help="per-mask captions (JSON {id: text} or JSONL) instead of class-name prompts")
-    resolution: list[int] = field([], help="ControlNet working size H,W (default: 512 short side; 1024 for SDXL)")
-    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
-    device: str = field("auto", help="auto, cpu or cuda")
+    resolution: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2),
+                                                 shape="H,W or one number for a square; empty: the generator's own"),
+                                  help="ControlNet working size H,W (default: 512 short side; 1024 for SDXL)")
+    dtype: str = field("auto", range=DTYPE, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     progress: bool = field(True, help="show a progress bar")
-    pseudo_mask: str = field("dataset-diffusion", help="attention generators: pseudo-mask recipe (diffumask, "
-                                                       "dataset-diffusion or daam; methods/attn2mask/pseudo_mask.py)")
+    pseudo_mask: str = field("dataset-diffusion", range=Range(choices=PSEUDO_MASK_PRESETS),
+                             help="attention generators: pseudo-mask recipe (diffumask, "
+                                  "dataset-diffusion or daam; methods/attn2mask/pseudo_mask.py)")
     pseudo_mask_settings: dict = field({}, help="attention generators: PseudoMaskConfig keys over the recipe, e.g. "
                                                 "resolutions=[16,8] background_threshold=0.4")
 
+    __cross_checks__ = (_pseudo_mask_settings,)
 
-@dataclass
+
+@config_class
 class AttentionQualityConfig:
     generator: str = field(help="attention generator spec: attention:DIR or attention-sd:BASE")
     data: str = field(help="real dataset spec with labels, e.g. camvid:PATH or toy")
     out: str = field(help="folder for attention_quality.json and attention_quality.md")
     split: str = field("val", help="held-out split whose images are noised and labelled")
-    presets: list[str] = field(["diffumask", "dataset-diffusion", "daam"], help="pseudo-mask recipes to score")
+    presets: list[str] = field(["diffumask", "dataset-diffusion", "daam"], range=Range(choices=PSEUDO_MASK_PRESETS, lengths=tuple(range(1, 4))),
+                               help="pseudo-mask recipes to score")
     pseudo_mask_settings: dict = field({}, help="PseudoMaskConfig keys over every recipe, e.g. resolutions=[16,8]")
-    timestep: float = field(0.5, help="noise level: a fraction of the training schedule (0-1) or a timestep (> 1)")
-    limit: int = field(0, help="score only the first N images of the split (0: all)")
-    seed: int = field(0, help="seed of the noise added to each image (image i uses seed + i)")
-    dtype: str = field("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (attention-sd)")
-    device: str = field("auto", help="auto, cpu or cuda")
+    timestep: float = field(0.5, range=Range(0.0, 999.0),
+                            help="noise level: a fraction of the training schedule (0-1) or a timestep (> 1)")
+    limit: int = field(0, range=COUNT, help="score only the first N images of the split (0: all)")
+    seed: int = field(0, range=SEED, help="seed of the noise added to each image (image i uses seed + i)")
+    dtype: str = field("auto", range=DTYPE, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (attention-sd)")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
+
+    __cross_checks__ = (_pseudo_mask_settings,)
 
 
-@dataclass
+@config_class
 class FilterConfig:
     synthetic: str = field(help="synthetic set folder (from `segsynth synthesize`)")
     segmenter: str = field(help="segmenter checkpoint trained on the real data")
     stats: str | None = field(None, help="class-stats JSON (default: SEGMENTER/class_stats.json, computed if missing)")
-    alpha: float = field(1.25, help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
-    batch_size: int = field(8, help="images per forward pass")
-    lanes: int = field(0, help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "
-                               "lane per core up to 8, each single-threaded, or one lane using every core; 2 on a GPU)")
-    device: str = field("auto", help="auto, cpu or cuda")
+    alpha: float = field(1.25, range=Range(0.0, 100.0, low_open=True),
+                         help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
+    batch_size: int = field(8, range=BATCH, help="images per forward pass")
+    lanes: int = field(0, range=Range(0, 64),
+                       help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "
+                            "lane per core up to 8, each single-threaded, or one lane using every core; 2 on a GPU)")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
-@dataclass
+@config_class
 class MaskQualityConfig:
     masks: str = field(help="mask set folder: text -> mask samples (`segsynth synthesize --generator text2mask:DIR`)")
     data: str = field(help="real dataset spec whose training masks the generated ones are compared with")
@@ -251,13 +409,13 @@ class MaskQualityConfig:
                                              "images against their generated masks (and on real --eval-split images)")
     split: str = field("train", help="real split whose masks the generated ones are compared with")
     eval_split: str = field("val", help="real split the segmenter's yardstick mIoU is measured on")
-    size: list[int] = field([], help="segmenter inference size H,W (default: each image's own)")
-    batch_size: int = field(8, help="images per forward pass")
-    grid_rows: int = field(6, help="rows in mask_quality_grid.png")
-    device: str = field("auto", help="auto, cpu or cuda")
+    size: list[int] = field([], range=SIZE, help="segmenter inference size H,W (default: each image's own)")
+    batch_size: int = field(8, range=BATCH, help="images per forward pass")
+    grid_rows: int = field(6, range=Range(1, 64), help="rows in mask_quality_grid.png")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
-@dataclass
+@config_class
 class RunConfig:
     """`segsynth run`: a method's stages and arms on one dataset. The run's own keys are below; each
     stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig, StatsConfig,
@@ -265,21 +423,26 @@ class RunConfig:
     of the stage in the run shares; a method uses the sections of its own stages. What the run decides
     itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
 
-    method: str = field("freemask", help="method whose stages and arms run: freemask or seggen (segsynth.run.METHODS)")
+    method: str = field("freemask", range=Range(choices=METHOD_NAMES),
+                        help="method whose stages and arms run: freemask or seggen (segsynth.run.METHODS)")
     data: str = field("toy:n=240,n_val=80,size=64x80", help="dataset spec (default: the embedded toy dataset)")
     out: str = field("runs/segsynth", help="output folder")
-    preset: str = field("default", help="quick or default: sizes for toy or real data (any key overrides them)")
+    preset: str = field("default", range=Range(choices=("quick", "default")),
+                        help="quick or default: sizes for toy or real data (any key overrides them)")
     arms: list[str] = field([], help="arms to run (default: every arm of the method)")
-    seeds: list[int] = field([0, 1], help="training seeds per arm")
+    seeds: list[int] = field([0, 1], range=Range(0, 2**31 - 1, lengths=tuple(range(1, 33))),
+                             help="training seeds per arm")
     eval_split: str = field("val", help="held-out split every arm is evaluated on")
-    images_per_mask: int = field(2, help="synthetic budget: images per real training mask; every arm that uses "
-                                         "synthetic data gets the same total")
-    pretrain_fraction: float = field(0.5, help="pretrain-finetune arms: share of train.iterations on synthetic data")
+    images_per_mask: int = field(2, range=Range(1, MAX_PER_ENTRY),
+                                 help="synthetic budget: images per real training mask; every arm that uses "
+                                      "synthetic data gets the same total")
+    pretrain_fraction: float = field(0.5, range=Range(0.0, 1.0, low_open=True, high_open=True),
+                                     help="pretrain-finetune arms: share of train.iterations on synthetic data")
     generator: str = field("auto", help="mask-to-image generator: auto (the shipped toy generator on toy data, else "
                                         "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
                                         "the builtin text generator, attention:DIR or attention-sd:BASE)")
-    grids: int = field(6, help="rows in each visual grid")
-    device: str = field("auto", help="auto, cpu or cuda")
+    grids: int = field(6, range=Range(1, 64), help="rows in each visual grid")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
     train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (attn2mask), e.g. max_minutes=20")
@@ -291,6 +454,11 @@ class RunConfig:
     train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
                                                 "max_minutes=20")
 
+    __cross_checks__ = (_distinct_seeds,)
+
+
+# Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
+SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig}
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
 RUN_SECTIONS = {

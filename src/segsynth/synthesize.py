@@ -38,7 +38,6 @@ Guarantees, and how:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -51,19 +50,22 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import save_config
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
 from segsynth.formats.manifest import merge_manifests, read_manifest, read_records, sample_record, write_set_info
 from segsynth.formats.plan import plan_requests, read_plan
 from segsynth.generators import Generator, GeneratorSettings, open_generator
 from segsynth.generators.base import Condition, GeneratedSample, Request, resize_mask
 from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, read_json
+from segsynth.outputs import check_no_escaping_links, claim_folder
 from segsynth.pipeline import run_pipeline
 from segsynth.stage_configs import SynthesizeConfig
 
 MANIFEST = "manifest.jsonl"
+SET_LOCK = ".synthesize.lock"
 STATE = "synthesis.json"
 FORMAT = "segsynth-synthetic-set/1"
 QUEUE_DEPTH = 2  # batches prepared ahead of the model, and batches waiting for the writer
@@ -75,14 +77,13 @@ def synthesize(config: SynthesizeConfig) -> dict:
     out = Path(config.out)
 
     # 1. Everything that needs no model: dataset, plan, their agreement, and the output folder's contents.
-    if config.batch_size < 1:
-        raise SegsynthError(f"--batch-size must be >= 1, got {config.batch_size}")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     requests = plan_requests(read_plan(config.plan), config.plan)
     check_sources(requests, split, config.plan)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     state = read_state(out)
+    check_no_escaping_links(out)
     finished = read_records(out)
     check_same_plan(out, finished, requests, config.plan)
 
@@ -97,7 +98,7 @@ def synthesize(config: SynthesizeConfig) -> dict:
     # 3. Rank 0 locks the folder against a second run, makes it consistent (one manifest, no orphans)
     #    and records what makes this set.
     order = {request.id: position for position, request in enumerate(requests)}
-    with lock_output(out) if info.is_main else contextlib.nullcontext():  # released however this exits
+    with lock_output(out, info.is_main):  # released however this exits
         if info.is_main:
             merge_manifests(out, order)
             write_set_info(out, dataset.classes, dataset.palette)
@@ -235,19 +236,13 @@ def _sha256(path: str | os.PathLike) -> str:
 # --- the pipeline ------------------------------------------------------------------------------------
 
 
-def lock_output(out: Path):
-    """An exclusive lock on OUT/.synthesize.lock: a second run into the same folder would delete our in-flight files."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / ".synthesize.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise SegsynthError(f"{out}: another `segsynth synthesize` is writing to this folder; wait for it or use "
-                            "torchrun to run several processes on one folder") from None
-    return handle
+def lock_output(out: Path, lock: bool = True):
+    """The exclusive lock on OUT/.synthesize.lock (segsynth.outputs): a second run into the same folder would
+    delete our in-flight files; `filter` takes it too. Only rank 0 locks (`lock`)."""
+    return claim_folder(out, "synthesize", "synthesize.config.yaml", "SynthesizeConfig", markers=(STATE,),
+                        lock_name=SET_LOCK, lock=lock,
+                        busy=f"{out}: another `segsynth synthesize` is writing to this folder (or a `segsynth filter` "
+                             "is); wait for it or use torchrun to run several processes on one folder")
 
 
 def render(generator: Generator, split: Split, dataset, requests: list[Request], config: SynthesizeConfig,
@@ -262,6 +257,7 @@ def render(generator: Generator, split: Split, dataset, requests: list[Request],
     fields = {"generator": identity, "steps": generator.steps, "guidance": generator.guidance}
 
     def run_model(batch: dict) -> dict:
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu), in the thread that runs the model
         started = time.time()
         batch["samples"] = generator.run(batch["prepared"])
         batch["seconds"] = (time.time() - started) / len(batch["samples"])

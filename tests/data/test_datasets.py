@@ -181,11 +181,13 @@ def test_folder_without_splits_is_all_train(tmp_path):
 
 def test_folder_palette_and_ignore_index(tmp_path):
     palette = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    root = build_folder(tmp_path / "f", n=2, palette=palette, ignore_index=0)
+    root = build_folder(tmp_path / "f", n=2, palette=palette, ignore_index=[7, 254])
+    write_mask(root / "masks" / "img_0.png", stripes([0, 1, 7, 254]))
     dataset = open_dataset(f"folder:{root}")
     assert dataset.palette == tuple(map(tuple, palette))
-    # raw 0 is declared ignore; 255 stays ignore as well
-    np.testing.assert_array_equal(dataset.split("train")[0].label, stripes([255, 1, 2, 255]))
+    # raw 7 and 254 are declared ignore; 255 stays ignore as well
+    np.testing.assert_array_equal(dataset.split("train")[0].label, stripes([0, 1, 255, 255]))
+    np.testing.assert_array_equal(dataset.split("train")[1].label, stripes([0, 1, 2, 255]))
 
 
 def test_split_lookup_by_id(folder_root):
@@ -384,7 +386,8 @@ def test_folder_classes_json_missing_or_invalid(folder_root):
 
 def test_folder_palette_too_short(folder_root):
     write_json(folder_root / "classes.json", {"classes": FOLDER_CLASSES, "palette": [[0, 0, 0]]})
-    with pytest.raises(SegsynthError, match=r'"palette" needs one \[r, g, b\] per class \(3\)'):
+    with pytest.raises(SegsynthError, match=r'"palette" has 1 colour\(s\) for 3 classes; give exactly one \[r, g, b\] '
+                                            r'per class, in the order of "classes"'):
         open_dataset(f"folder:{folder_root}")
 
 

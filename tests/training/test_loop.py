@@ -263,16 +263,21 @@ def test_draw_sampler_partitions_draws_over_ranks():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"recipe": "magic"}, "unknown recipe 'magic'; options: real"),
-    ({"crop": [4, 4]}, "--crop takes H,W"),
-    ({"base_size": [32, 32, 32]}, "--base-size takes H,W"),
-    ({"model": "segformer-b9"}, "unknown segmenter 'segformer-b9'"),
-    ({"data": "nope:x"}, "unknown dataset kind 'nope'"),
+    ({"recipe": "magic"}, "recipe = 'magic' is unknown: recipe must be one of: real"),
+    ({"crop": [4, 4]}, r"crop = \[4, 4\] has item 4 that is too small: crop must be a list of 0 to 2 integers each in 8"),
+    ({"base_size": [32, 32, 32]}, "base_size = .* has 3 item.s.: base_size must be a list of 0 to 2 integers"),
+    ({"model": "segformer-b9"}, "model = 'segformer-b9' is unknown: model must be one of: segformer-b0"),
 ])
 def test_train_config_errors(tmp_path, change, message):
-    config = TrainConfig(**{"data": TOY_SPEC, "out": str(tmp_path / "o"), **TINY_TRAIN, **change})
+    """Out-of-range settings are refused as the config is made (the Python API), before train() runs."""
     with pytest.raises(SegsynthError, match=message):
-        train(config)
+        TrainConfig(**{"data": TOY_SPEC, "out": str(tmp_path / "o"), **TINY_TRAIN, **change})
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_dataset_kind_is_refused_by_train(tmp_path):
+    with pytest.raises(SegsynthError, match="unknown dataset kind 'nope'"):
+        train(TrainConfig(**{"data": "nope:x", "out": str(tmp_path / "o"), **TINY_TRAIN}))
 
 
 def test_train_refuses_bad_data_before_compute(tmp_path):

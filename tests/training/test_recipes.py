@@ -76,7 +76,7 @@ def test_replace_from_pool_draws_any_synthetic_sample_at_p_deterministically(tmp
     twinless = write_synthetic_set(tmp_path / "twinless", open_dataset(TOY), split="val", copies=3)  # 12 samples
     with pytest.raises(SegsynthError, match="or --replace-from pool"):
         RECIPES["replace"](_config(tmp_path, recipe="replace", synthetic=[str(twinless)]), open_dataset(TOY))
-    with pytest.raises(SegsynthError, match="--replace-from 'twin'; options: same-mask, pool"):
+    with pytest.raises(SegsynthError, match="replace_from = 'twin' is unknown: replace_from must be one of: same-mask, pool"):
         RECIPES["replace"](_config(tmp_path, recipe="replace", synthetic=[str(twinless)], replace_from="twin"),
                            open_dataset(TOY))
     config = _config(tmp_path, recipe="replace", synthetic=[str(synthetic), str(twinless)], replace_from="pool",
@@ -133,7 +133,7 @@ def test_filtered_required_but_missing_is_an_error(tmp_path, synthetic):
 def test_recipes_need_synthetic_and_unknown_recipe_lists_options(tmp_path, synthetic):
     with pytest.raises(SegsynthError, match="needs at least one --synthetic"):
         train(_config(tmp_path, recipe="joint"))
-    with pytest.raises(SegsynthError, match="options: real, synthetic, joint, pretrain-finetune, replace"):
+    with pytest.raises(SegsynthError, match="must be one of: real, synthetic, joint, pretrain-finetune, replace"):
         train(_config(tmp_path, recipe="mixup"))
 
 

@@ -9,6 +9,7 @@ code path handles CamVid's void=11, ADE20K's reduce-zero-label and plain
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +21,11 @@ from segsynth import IGNORE_INDEX
 from segsynth.io import SegsynthError
 
 INVALID = -1  # lookup-table value for raw labels a dataset must never contain
+
+# What PIL raises for a file it cannot decode: unknown format, damaged or truncated data, a header
+# claiming more pixels than PIL decodes safely (DecompressionBombError), broken headers (struct.error).
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
+                Image.DecompressionBombError)
 
 
 @dataclass
@@ -109,7 +115,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except IMAGE_ERRORS as error:
         raise SegsynthError(f"{path}: cannot read image ({error}); replace or remove the file") from None
 
 
@@ -119,7 +125,7 @@ def read_raw_mask(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             mode = image.mode
             array = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except IMAGE_ERRORS as error:
         raise SegsynthError(f"{path}: cannot read mask ({error}); replace or remove the file") from None
     if mode in ("RGB", "RGBA"):
         rgb = array[..., :3]
@@ -144,7 +150,7 @@ def read_weight(path: Path, shape: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except IMAGE_ERRORS as error:
         raise SegsynthError(f"{path}: cannot read weight map ({error}); replace the file or regenerate the set") from None
     if array.shape != tuple(shape):
         raise SegsynthError(f"{path}: weight map is {array.shape[1]}x{array.shape[0]} but its mask is "

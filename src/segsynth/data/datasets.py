@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 from segsynth import IGNORE_INDEX
 from segsynth.data import palettes
 from segsynth.data.base import Dataset, Pair, file_split, label_table
-from segsynth.io import SegsynthError, read_json
+from segsynth.formats.classes import check_class_list, check_ignore_values, check_palette
+from segsynth.io import SegsynthError, read_json, read_text, safe_relative_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -49,15 +50,16 @@ def pair_by_stem(
         relative = image.relative_to(image_dir).parent
         mask = mask_dir / relative / mask_name(image)
         (pairs if mask.is_file() else missing).append(Pair(image_stem(image), image, mask))
-    expected = {pair.mask.resolve() for pair in pairs + missing}
-    orphans = [m for m in _files(mask_dir, mask_suffixes, recursive) if m.resolve() not in expected]
+    # Both sides are mask_dir / relative path (pathlib drops "."), so plain paths compare: no resolve() per file.
+    expected = {pair.mask for pair in pairs + missing}
+    orphans = [m for m in _files(mask_dir, mask_suffixes, recursive) if m not in expected]
     if missing or orphans:
-        lines = [f"  image without mask: {p.image} (expected {p.mask})" for p in missing[:5]]
-        lines += [f"  mask without image: {m}" for m in orphans[:5]]
+        shown = [f"image without mask: {p.image} (expected {p.mask})" for p in missing[:5]]
+        shown += [f"mask without image: {m}" for m in orphans[:5]]
         raise SegsynthError(
-            f"{image_dir} / {mask_dir}: {len(missing)} image(s) have no mask and {len(orphans)} mask(s) have no image:\n"
-            + "\n".join(lines)
-            + "\nadd the missing files or remove the unpaired ones"
+            f"{image_dir} / {mask_dir}: {len(missing)} image(s) have no mask and {len(orphans)} mask(s) have no "
+            f"image: {', '.join(shown)}{', ...' if len(missing) + len(orphans) > len(shown) else ''}; "
+            "add the missing files or remove the unpaired ones"
         )
     return pairs
 
@@ -159,15 +161,15 @@ def open_folder(root: Path, spec: str) -> Dataset:
     if not info_path.is_file():
         raise SegsynthError(f"{info_path}: missing; write {{\"classes\": [\"name\", ...]}} (optional \"palette\", \"ignore_index\")")
     info = read_json(info_path)
-    classes = info.get("classes") if isinstance(info, dict) else None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise SegsynthError(f"{info_path}: needs \"classes\": a non-empty list of class names")
-    palette = info.get("palette") or palettes.default_palette(len(classes))
-    if len(palette) < len(classes) or any(len(colour) != 3 for colour in palette):
-        raise SegsynthError(f"{info_path}: \"palette\" needs one [r, g, b] per class ({len(classes)})")
-    ignore = info.get("ignore_index", IGNORE_INDEX)
-    ignore_values = ignore if isinstance(ignore, list) else [ignore]
-    mask_dir = root / info.get("mask_dir", "masks")
+    if not isinstance(info, dict):
+        raise SegsynthError(f"{info_path}: needs \"classes\": a non-empty list of class names, in a JSON object "
+                            f"{{\"classes\": [...]}} (got a {type(info).__name__})")
+    fix = "fix classes.json"
+    classes = check_class_list(info.get("classes"), str(info_path), fix)
+    palette = (check_palette(info["palette"], classes, str(info_path), fix) if info.get("palette") is not None
+               else palettes.default_palette(len(classes)))
+    ignore_values = check_ignore_values(info.get("ignore_index", IGNORE_INDEX), classes, str(info_path), fix)
+    mask_dir = safe_relative_path(root, str(info.get("mask_dir", "masks")), f"{info_path}: \"mask_dir\"")
     pairs = pair_by_stem(_require_dir(root / "images", "images", "put the images in images/"),
                          _require_dir(mask_dir, "masks", f"put the index masks in {mask_dir.name}/"))
     by_id = {pair.id: pair for pair in pairs}
@@ -187,7 +189,7 @@ def open_folder(root: Path, spec: str) -> Dataset:
 
 
 def _read_id_list(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, "split list").splitlines() if line.strip()]
 
 
 def _pairs_from_ids(ids, image_dir: Path, image_suffix: str, mask_dir: Path, list_file: Path) -> list[Pair]:

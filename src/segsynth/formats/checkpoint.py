@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from segsynth import __version__
-from segsynth.io import SegsynthError, atomic_write_json, read_json, staged_swap
+from segsynth.formats.classes import check_class_list
+from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
 
 FORMAT = "segsynth-checkpoint/1"
 META_FILE = "segsynth.json"
@@ -60,6 +61,7 @@ def read_checkpoint_meta(checkpoint: str | Path, model_names=None) -> dict:
         raise SegsynthError(f"{meta_path}: unknown segmenter {meta['model']!r}; options: {', '.join(model_names)}")
     if not isinstance(meta.get("classes"), list):
         raise SegsynthError(f"{meta_path}: no \"classes\" list; give a `segsynth train --out` folder, or retrain")
+    check_class_list(meta["classes"], str(meta_path), "restore the file `segsynth train` wrote, or retrain")
     if not any((checkpoint / weights).is_file() for weights in ("model.safetensors", "model.safetensors.index.json")):
         raise SegsynthError(f"{checkpoint}: no model.safetensors; segsynth loads weights from safetensors only, never "
                             "from pickle files such as pytorch_model.bin. Give a `segsynth train --out` folder, or retrain")
@@ -89,11 +91,12 @@ def save_checkpoint(out: Path, model, optimizer, meta: dict) -> Path:
 
 
 def load_optimizer_state(optimizer, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as handle:
-        groups = json.loads(handle.metadata()["param_groups"])
-    tensors = load_file(str(path))
-    state: dict = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    with loading(path, "the checkpoint is damaged: restore it, or train again into a new --out", "the optimizer state"):
+        with safe_open(str(path), framework="pt") as handle:
+            groups = json.loads(handle.metadata()["param_groups"])
+        tensors = load_file(str(path))
+        state: dict = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": groups})

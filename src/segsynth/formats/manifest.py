@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 from segsynth import IGNORE_INDEX
+from segsynth.formats.classes import check_class_list, check_palette
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 MANIFEST = "manifest.jsonl"
@@ -120,8 +121,16 @@ def read_set_info(root: str | Path) -> dict:
     if not path.is_file():
         raise SegsynthError(f"{path}: missing; {root} is not a synthetic set (make one with `segsynth synthesize --out DIR`)")
     info = read_json(path)
-    classes = info.get("classes") if isinstance(info, dict) else None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise SegsynthError(f"{path}: needs \"classes\": a non-empty list of class names; "
-                            "restore the file `segsynth synthesize` wrote, or regenerate the set")
+    fix = "restore the file `segsynth synthesize` wrote, or regenerate the set"
+    if not isinstance(info, dict):
+        raise SegsynthError(f"{path}: needs \"classes\": a non-empty list of class names; {fix}")
+    classes = check_class_list(info.get("classes"), str(path), fix)
+    if info.get("palette"):
+        check_palette(info["palette"], classes, str(path), fix)
+    state = Path(root) / "synthesis.json"
+    if state.is_file():  # what synthesize recorded when it made the set
+        recorded = read_json(state).get("classes")
+        if recorded is not None and list(recorded) != classes:
+            raise SegsynthError(f"{path}: classes {classes[:4]}... differ from those {state} recorded "
+                                f"({list(recorded)[:4]}...), so the set's label ids are ambiguous; {fix}")
     return info

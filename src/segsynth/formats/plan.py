@@ -23,6 +23,7 @@ from segsynth.generators.base import REQUEST_KINDS, Request
 from segsynth.io import SegsynthError, atomic_write_text, read_jsonl
 
 _KNOWN_KEYS = ("id", "seeds", "kind", "prompt", "class_words")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -55,6 +56,8 @@ def write_plan(path: str | Path, entries: list[PlanEntry]) -> Path:
 def read_plan(path: str | Path) -> list[PlanEntry]:
     """Read and validate a plan file: unique ids, non-empty lists of unique integer seeds, known kinds."""
     path = Path(path)
+    if path.is_dir():
+        raise SegsynthError(f"plan file {path}: is a folder, not a plan file; give the file `segsynth plan --out` wrote")
     if not path.is_file():
         raise SegsynthError(f"plan file {path} not found; make one with `segsynth plan --data SPEC --uniform K --out {path}`")
     entries, seen = [], set()
@@ -65,6 +68,10 @@ def read_plan(path: str | Path) -> list[PlanEntry]:
         seeds = record.get("seeds")
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise SegsynthError(f"{where} ({record['id']}): \"seeds\" must be a non-empty list of integers")
+        if not all(0 <= s <= MAX_SEED for s in seeds):
+            bad = next(s for s in seeds if not 0 <= s <= MAX_SEED)
+            raise SegsynthError(f"{where} ({record['id']}): seed {bad} is outside 0..{MAX_SEED} (the 32-bit seeds numpy and "
+                                "torch take); make the plan with `segsynth plan --seed N`")
         if len(set(seeds)) != len(seeds):
             raise SegsynthError(f"{where} ({record['id']}): repeated seeds {seeds}")
         if record["id"] in seen:

@@ -7,6 +7,7 @@ predictions and the labels has no IoU (NaN) and is left out of the mean.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -18,11 +19,13 @@ from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.base import group_by_size
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
 from segsynth.io import atomic_write_json
+from segsynth.outputs import claim_file
 from segsynth.segmenters import load_checkpoint_for
 from segsynth.stage_configs import EvalConfig
 
@@ -58,6 +61,7 @@ def batches_by_size(split, indices, batch_size: int, device, desc: str, progress
     indices = list(range(len(split))) if indices is None else list(indices)
     bar = tqdm(total=len(indices), desc=desc, disable=not progress, leave=False, unit="img")
     for start in range(0, len(indices), batch_size):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu), set in the thread that runs the model
         samples = [split[i] for i in indices[start: start + batch_size]]
         for group in group_by_size(samples, lambda sample: sample.image.shape):
             yield group, torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float().to(device)
@@ -86,9 +90,25 @@ def evaluate(config: EvalConfig) -> dict:
     info = init_distributed(config.device)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     model, meta, checkpoint = load_checkpoint_for(config.checkpoint, dataset.classes, f"dataset {config.data}",
                                                   "evaluate on the dataset the model was trained for")
+    out = Path(config.out) if config.out else checkpoint.parent / f"metrics_{config.split}.json"
+    with claim_file(out, "evaluate", "metrics file", is_metrics_file, out.with_name(out.stem + ".config.yaml"),
+                    "EvalConfig", lock=info.is_main):
+        return _evaluate(config, info, dataset, split, model, checkpoint, out)
+
+
+def is_metrics_file(path: Path) -> bool:
+    """Whether `path` holds metrics segsynth wrote (what `evaluate --out` may overwrite)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"miou", "aacc", "split"} <= set(metrics)
+
+
+def _evaluate(config: EvalConfig, info, dataset, split, model, checkpoint: Path, out: Path) -> dict:
     model.to(info.device)
 
     # 2. Each rank takes a shard of the split; confusion matrices are summed.
@@ -103,7 +123,6 @@ def evaluate(config: EvalConfig) -> dict:
 
     # 3. Write the metrics and the resolved config beside them.
     if info.is_main:
-        out = Path(config.out) if config.out else checkpoint.parent / f"metrics_{config.split}.json"
         atomic_write_json(out, metrics)
         save_config(config, out.with_name(out.stem + ".config.yaml"))
     return metrics

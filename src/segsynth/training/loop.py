@@ -21,14 +21,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segsynth import IGNORE_INDEX
 from segsynth.config import save_config, to_dict
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.transforms import AugmentConfig
-from segsynth.data.validate import quick_check
-from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
+from segsynth.data.validate import check_before_compute
+from segsynth.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, is_main_process, shard
 from segsynth.formats.checkpoint import (checkpoint_meta, has_checkpoint, load_optimizer_state, resolve_checkpoint,
                                          save_checkpoint)
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl
+from segsynth.outputs import claim_folder
 from segsynth.segmenters import create_segmenter, load_segmenter
 from segsynth.segmenters.losses import training_loss
 from segsynth.stage_configs import TrainConfig
@@ -48,9 +51,12 @@ def learning_rate(config: TrainConfig, iteration: int) -> float:
 
 def train(config: TrainConfig, sources: list[Source] | None = None) -> Path:
     """Train a segmenter; returns the checkpoint folder. `sources` overrides the recipe (API use)."""
-    if config.recipe == "pretrain-finetune" and sources is None:
-        return _pretrain_finetune(config)
-    return _train_stage(config, sources)
+    with claim_folder(config.out, "train", "config.yaml", "TrainConfig", lock=is_main_process(),
+                      markers=("checkpoint/segsynth.json", "checkpoint.old/segsynth.json", "metrics.jsonl",
+                               "pretrain/config.yaml")):  # a pretrain-finetune run killed while pretraining
+        if config.recipe == "pretrain-finetune" and sources is None:
+            return _pretrain_finetune(config)
+        return _train_stage(config, sources)
 
 
 def _pretrain_finetune(config: TrainConfig) -> Path:
@@ -73,7 +79,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
 
     # 1. Open and check the data before any compute; resolve defaults from the first image.
     dataset = open_dataset(config.data)
-    quick_check(dataset, ["train"] + ([config.eval_split] if config.eval_split in dataset.splits else []))
+    check_before_compute(dataset, ["train"] + ([config.eval_split] if config.eval_split in dataset.splits else []))
     if config.recipe not in RECIPES:
         raise SegsynthError(f"unknown recipe {config.recipe!r}; options: {', '.join(RECIPES)}")
     if config.synthetic and config.recipe == "real":
@@ -82,8 +88,8 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     sources = sources or RECIPES[config.recipe](config, dataset)
     first = sources[0].split[0]
     native = list(first.label.shape)
-    crop = _size_pair(config.crop or native, "crop")
-    base = _size_pair(config.base_size or native, "base_size")
+    crop = _size_pair(config.crop or native)
+    base = _size_pair(config.base_size or native)
     augment_config = AugmentConfig(crop=crop, base=base, scale_range=tuple(config.scale_range))
 
     # 2. Model and optimizer; resume state when asked and present.
@@ -120,10 +126,12 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     bar = tqdm(total=config.iterations, initial=start, desc="train", unit="it", disable=not info.is_main,
                dynamic_ncols=True, mininterval=1.0)
     window_start, window_images, loss_sum, loss_count = time.time(), 0, 0.0, 0
+    window_labelled, window_first = 0, start  # pixels with a label and a weight > 0, since window_first
     started = time.time()
     iteration = start
     model.train()
     for iteration, (images, labels, weights) in enumerate(loader, start):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
         torch.manual_seed(config.seed * 1_000_003 + iteration * info.world_size + info.rank)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, iteration)
@@ -138,7 +146,11 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
         optimizer.step()
 
         loss_sum, loss_count, window_images = loss_sum + loss.item(), loss_count + 1, window_images + images_per_iteration
+        window_labelled += int(((labels != IGNORE_INDEX) & (weights > 0)).sum())
         done = iteration + 1
+        if done % config.log_every == 0 or done == config.iterations:
+            _check_learning_signal(window_labelled, window_first, done, config, out, bar.close)
+            window_labelled, window_first = 0, done
         if info.is_main and (done % config.log_every == 0 or done == config.iterations):
             rate = window_images / max(time.time() - window_start, 1e-9)
             record = {"iteration": done, "loss": round(loss_sum / loss_count, 5), "lr": learning_rate(config, iteration),
@@ -164,6 +176,19 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     if config.eval_split and config.eval_split in dataset.splits:
         _evaluate_during_training(model, dataset, config, info, out, config.iterations)
     return out / "checkpoint"
+
+
+def _check_learning_signal(labelled: int, first: int, done: int, config: TrainConfig, out: Path,
+                           before_raising=lambda: None) -> None:
+    """Refuse to go on when no pixel of a whole log window had a label (and a weight): the loss is 0, nothing
+    is learned, and a run that "succeeds" would save an untrained checkpoint."""
+    if int(all_reduce_sum(torch.tensor([labelled], dtype=torch.int64))[0]) > 0:
+        return
+    before_raising()
+    raise SegsynthError(f"no labelled pixel in iterations {first + 1}..{done}: every pixel drawn was ignore (255) or "
+                        f"had weight 0, so the loss is 0 and nothing is learned; check the masks (`segsynth check-data "
+                        f"{config.data}`) and, for filtered synthetic sets, the filter's ignored fractions (refilter "
+                        f"with a larger --alpha, or train with --synthetic-masks raw); {_saved_note(out)}")
 
 
 def _saved_note(out: Path) -> str:
@@ -219,9 +244,8 @@ def _load_initial_weights(model, checkpoint: str, dataset, model_name: str) -> N
     model.load_state_dict(loaded.state_dict())
 
 
-def _size_pair(values, name: str) -> tuple[int, int]:
+def _size_pair(values) -> tuple[int, int]:
+    """H,W from one number (a square) or two (their range is checked with the config: stage_configs.CROP)."""
     if len(values) == 1:
         values = [values[0], values[0]]
-    if len(values) != 2 or min(values) < 8:
-        raise SegsynthError(f"--{name.replace('_', '-')} takes H,W (or one number for a square), each >= 8; got {values}")
     return int(values[0]), int(values[1])

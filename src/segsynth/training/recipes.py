@@ -22,16 +22,12 @@ from segsynth.formats.manifest import read_manifest
 from segsynth.io import SegsynthError
 from segsynth.training.stream import Source
 
-SYNTHETIC_MASK_CHOICES = ("auto", "filtered", "raw")
-REPLACE_FROM_CHOICES = ("same-mask", "pool")
 
 
 def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
     """Open every --synthetic folder with the chosen masks, checking it matches the real classes."""
     if not config.synthetic:
         raise SegsynthError(f"recipe {config.recipe!r} needs at least one --synthetic DIR")
-    if config.synthetic_masks not in SYNTHETIC_MASK_CHOICES:
-        raise SegsynthError(f"--synthetic-masks {config.synthetic_masks!r}; options: {', '.join(SYNTHETIC_MASK_CHOICES)}")
     sets = []
     for folder in config.synthetic:
         filtered_available = any(r.get("filtered_mask") for r in read_manifest(folder))
@@ -39,12 +35,23 @@ def open_synthetic_sets(config, real: Dataset) -> list[Dataset]:
             raise SegsynthError(f"{folder}: not filtered yet; run `segsynth filter --synthetic {folder} ...` "
                                 "or train with --synthetic-masks raw")
         use_filtered = config.synthetic_masks != "raw" and filtered_available
+        if use_filtered:
+            check_not_all_ignored(Path(folder))
         dataset = open_synthetic(Path(folder), f"synthetic:{folder}", filtered=use_filtered)
         if list(dataset.classes) != list(real.classes):
             raise SegsynthError(f"{folder}/classes.json: classes differ from {real.spec}'s; "
                                 "use a synthetic set made from this dataset")
         sets.append(dataset)
     return sets
+
+
+def check_not_all_ignored(folder: Path) -> None:
+    """A filtered set whose every sample the filter set entirely to ignore teaches nothing (alpha too small)."""
+    fractions = [r.get("ignored_fraction") for r in read_manifest(folder) if r.get("filtered_mask")]
+    if fractions and all(fraction is not None and fraction >= 1.0 for fraction in fractions):
+        raise SegsynthError(f"{folder}: the filter set every pixel of all {len(fractions)} filtered samples to ignore, "
+                            "so training on them would learn nothing; refilter with a larger --alpha (FreeMask uses "
+                            "1.25; see filter.json for the one used), or train with --synthetic-masks raw")
 
 
 def real_sources(config, real: Dataset):
@@ -67,10 +74,6 @@ def joint_sources(config, real: Dataset):
 def replace_sources(config, real: Dataset):
     """SegGen: a real draw becomes a synthetic sample with probability p -- of the same real mask (same-mask),
     or drawn uniformly from every synthetic sample (pool)."""
-    if not 0.0 <= config.replace_probability <= 1.0:
-        raise SegsynthError(f"--replace-probability must be in [0, 1], got {config.replace_probability}")
-    if config.replace_from not in REPLACE_FROM_CHOICES:
-        raise SegsynthError(f"--replace-from {config.replace_from!r}; options: {', '.join(REPLACE_FROM_CHOICES)}")
     sets = open_synthetic_sets(config, real)
     pool: Split = concat_splits("synthetic", [s.split("train") for s in sets])
     real_split = real.split("train")

@@ -151,12 +151,12 @@ def test_presets_resolve_and_say_what_to_capture():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(normalisation="softmax"), "options: max, min-max"),
-    (dict(upsampling="nearest"), "options: bilinear, bicubic"),
+    (dict(normalisation="softmax"), "normalisation must be one of: max, min-max"),
+    (dict(upsampling="nearest"), "upsampling must be one of: bilinear, bicubic"),
     (dict(uncertain_band=[0.6, 0.5]), "uncertain_band"),
-    (dict(background_threshold=1.5), "background_threshold"),
-    (dict(refine_power=-1), "refine_power"),
-    (dict(resolutions=[]), "resolutions is empty"),
+    (dict(background_threshold=1.5), r"background_threshold = 1.5 is too small|background_threshold = 1.5 is too large"),
+    (dict(refine_power=-1), "refine_power = -1 is too small: refine_power must be an integer in 0..16"),
+    (dict(resolutions=[]), r"resolutions = \[\] has 0 item\(s\)"),
 ])
 def test_bad_config_values_are_refused(overrides, message):
     with pytest.raises(SegsynthError, match=message):

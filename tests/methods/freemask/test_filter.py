@@ -141,7 +141,7 @@ def test_filter_refuses_segmenter_of_other_classes(tmp_path, toy_segmenter):
     dataset = open_dataset(TOY)
     root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
     info = json.loads((root / "classes.json").read_text())
-    info["classes"] = info["classes"][:-1]
+    info["classes"], info["palette"] = info["classes"][:-1], info["palette"][:-1]
     (root / "classes.json").write_text(json.dumps(info))
     with pytest.raises(SegsynthError, match="the segmenter has 9 classes .* but .*classes.json has"):
         filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))

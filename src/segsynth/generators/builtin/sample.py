@@ -14,7 +14,7 @@ from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageG
                                       initial_noise, resolve_device)
 from segsynth.generators.builtin.model import PATCH, check_generator_folder, decode_images, encode_masks
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
-from segsynth.io import SegsynthError
+from segsynth.io import SegsynthError, loading
 
 
 class BuiltinGenerator(MaskToImageGenerator):
@@ -46,9 +46,11 @@ class BuiltinGenerator(MaskToImageGenerator):
         if self.dtype is None:
             raise SegsynthError(f"the builtin generator runs in fp32 only (got dtype {settings.dtype!r})")
         # fp32 always: the shipped toy model is stored in fp16 to keep the package small
-        self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
-                                                use_safetensors=True).to(self.device).eval()
-        self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
+        with loading(self.folder, "the generator folder is damaged: restore it, or rerun `segsynth train-generator`",
+                     "the generator"):
+            self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
+                                                    use_safetensors=True).to(self.device).eval()
+            self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
         self.fingerprint = file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:

@@ -15,30 +15,36 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, build_unet, encode_images, encode_masks,
                                                training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, staged_swap
+from segsynth.io import append_jsonl, atomic_write_json, staged_swap
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import TrainGeneratorConfig
 from segsynth.training.schedule import check_finite, warmup_cosine
 
 
 def train_generator(config: TrainGeneratorConfig) -> Path:
     """Train a builtin generator on a dataset's (image, mask) pairs; returns the generator folder."""
+    with claim_folder(config.out, "train-generator", "train_generator.config.yaml", "TrainGeneratorConfig",
+                      markers=("segsynth_generator.json",)):
+        return _train_generator(config)
+
+
+def _train_generator(config: TrainGeneratorConfig) -> Path:
     out = Path(config.out)
     device = resolve_device(config.device)
 
     # 1. Check the data and the settings before any compute.
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
-    if config.batch_size < 1 or config.iterations < 1:
-        raise SegsynthError("--batch-size and --iterations must be >= 1")
 
     # 2. Hold every training pair in memory at native size: crops are cut from originals each iteration.
     pairs = [split[i] for i in tqdm(range(len(split)), desc="load", unit="img", leave=False)]
@@ -66,6 +72,7 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
     completed = 0
     unet.train()
     for iteration in range(config.iterations):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
         progress = iteration / config.iterations
         if budget > 0:
             progress = max(progress, (time.time() - started) / budget)

@@ -46,7 +46,7 @@ from segsynth.generators.builtin_text.model import IMAGE_CHANNELS, PATCH, decode
 from segsynth.generators.builtin_text.train import FORMAT, GENERATOR_FILE
 from segsynth.generators.builtin_text.tokenizer import VOCAB_FILE, WordTokenizer
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
-from segsynth.io import SegsynthError
+from segsynth.io import SegsynthError, loading
 
 REQUIRED_FILES = (
     GENERATOR_FILE,
@@ -103,12 +103,14 @@ class BuiltinTextGenerator(Generator):
             raise SegsynthError(f"the builtin text generator runs in fp32 only (got dtype {settings.dtype!r})")
 
         # 2. The parts, in fp32.
-        self.tokenizer = WordTokenizer.load(self.folder / "tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(self.folder / "text_encoder", use_safetensors=True)
-        self.text_encoder = self.text_encoder.float().to(self.device).eval()
-        self.unet = UNet2DConditionModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
-                                                         use_safetensors=True).to(self.device).eval()
-        self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
+        with loading(self.folder, "the text generator folder is damaged: restore it, or rerun "
+                                  "`segsynth train-text-generator`", "the text generator"):
+            self.tokenizer = WordTokenizer.load(self.folder / "tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(self.folder / "text_encoder", use_safetensors=True)
+            self.text_encoder = self.text_encoder.float().to(self.device).eval()
+            self.unet = UNet2DConditionModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
+                                                             use_safetensors=True).to(self.device).eval()
+            self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
         digest = hashlib.sha256()
         for part in MODEL_PARTS:
             digest.update(f"{part}:{folder_fingerprint(self.folder / part)};".encode())

@@ -55,8 +55,9 @@ from transformers import CLIPTextModel
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin_text.model import (
     PATCH,
@@ -69,9 +70,11 @@ from segsynth.generators.builtin_text.model import (
 )
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl, staged_swap
+from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl,
+                         staged_swap)
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import TrainTextGeneratorConfig
 
 GENERATOR_FILE = "segsynth_generator.json"
@@ -151,6 +154,12 @@ def prompts_kind(prompts: str) -> str:
 
 def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     """Train a builtin text generator; returns the generator folder."""
+    with claim_folder(config.out, "train-text-generator", "train_text_generator.config.yaml",
+                      "TrainTextGeneratorConfig", markers=("segsynth_generator.json", TRAINING_STATE)):
+        return _train_text_generator(config)
+
+
+def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     out = Path(config.out)
     device = resolve_device(config.device)
 
@@ -159,15 +168,9 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     kind = prompts_kind(config.prompts)
     size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
-    if config.batch_size < 1 or config.iterations < 1:
-        raise SegsynthError("--batch-size and --iterations must be >= 1")
-    if config.target == "colour-mask" and config.decode_max_distance <= 0:
-        raise SegsynthError(f"--decode-max-distance {config.decode_max_distance}: give a distance > 0 (RGB units)")
-    if not 0.0 <= config.cond_dropout < 1.0:
-        raise SegsynthError(f"--cond-dropout {config.cond_dropout}: a probability in [0, 1)")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
 
     # 2. Every target at working size and every prompt, in memory (small images; read once).
     palette = coding_palette(config, dataset)
@@ -213,6 +216,7 @@ def train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     unet.train()
     text_encoder.train()
     for iteration in range(start, config.iterations):
+        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
         progress = iteration / config.iterations
         if budget > 0:
             progress = max(progress, (time.time() - started) / budget)
@@ -434,6 +438,12 @@ def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordToken
     if WordTokenizer.load(folder) != tokenizer:
         raise SegsynthError(f"{folder}: the training prompts changed since this run was saved (its vocabulary "
                             "differs); resume on the same data and prompts or use a new --out")
+    with loading(folder, "the training state is damaged: train again into a new --out (or without --resume)",
+                 "the training state"):
+        return _load_state(folder, state, unet, text_encoder, ema, optimizer, device)
+
+
+def _load_state(folder: Path, state: dict, unet, text_encoder, ema, optimizer, device) -> tuple[int, float]:
     raw = load_file(str(folder / "weights.safetensors"))
     unet.load_state_dict({k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in raw.items() if k.startswith("text_encoder.")})

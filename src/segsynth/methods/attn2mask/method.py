@@ -38,8 +38,9 @@ import numpy as np
 from PIL import Image
 
 from segsynth.config import build_config
+from segsynth.data.base import read_image, read_raw_mask
 from segsynth.formats.manifest import read_manifest
-from segsynth.io import SegsynthError, atomic_write_png, read_json
+from segsynth.io import SegsynthError, atomic_write_png, read_json, safe_relative_path
 from segsynth.methods.attn2mask.variants import derive_label_set
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.plan import make_plan
@@ -159,11 +160,11 @@ def write_attention_grid(root: Path, path: Path, palette, rows: int) -> Path | N
     colours[: len(palette)] = np.asarray(palette, np.uint8)
     tiles = []
     for record in read_manifest(root)[:rows]:
-        image = np.array(Image.open(root / record["image"]).convert("RGB"))
-        mask = np.array(Image.open(root / record["mask"]))
+        image = read_image(safe_relative_path(root, record["image"], f"manifest image of {record['id']}"))
+        mask = read_raw_mask(safe_relative_path(root, record["mask"], f"manifest mask of {record['id']}"))
         extras = record.get("extras") or {}
-        heat = (np.array(Image.open(root / extras["attention"]).convert("RGB")) if "attention" in extras
-                else np.zeros_like(image))
+        heat = (read_image(safe_relative_path(root, extras["attention"], f"manifest extra of {record['id']}"))
+                if "attention" in extras else np.zeros_like(image))
         ignored = image.copy()
         hole = mask == 255
         ignored[hole] = (0.35 * ignored[hole] + 0.65 * np.array([255, 0, 0])).astype(np.uint8)

@@ -40,7 +40,6 @@ Recipes (`PRESETS`, plain dicts of config values):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -48,34 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from segsynth import IGNORE_INDEX
-from segsynth.config import build_config, field
+from segsynth.config import build_config
 from segsynth.io import SegsynthError
+from segsynth.stage_configs import PseudoMaskConfig  # the config lives with the stage configs (no torch)
 from segsynth.training.evaluate import confusion_matrix, metrics_from_confusion
-
-NORMALISATIONS = ("max", "min-max")
-NORMALISE_AT = ("each-resolution", "combined")
-UPSAMPLINGS = ("bilinear", "bicubic")
-CONFIDENCES = ("score", "margin", "none")
-
-
-@dataclass
-class PseudoMaskConfig:
-    """How attention maps become a pseudo label map (see the module docstring for the steps)."""
-
-    resolutions: list[int] = field([16, 32, 64], help="cross-attention resolutions (map heights) to average")
-    steps: list[int] = field([], help="[start, stop) denoising steps whose attention is averaged; [] = all "
-                                      "(for AttentionCapture(steps=...))")
-    refine_power: int = field(0, help="self-attention refinement power k (scores <- SA^k . scores); 0 = off")
-    self_attention_resolution: int = field(32, help="resolution of the self-attention used to refine")
-    normalisation: str = field("max", help="per-class scaling to [0, 1]: max (divide by the max) or min-max")
-    normalise_at: str = field("combined", help="each-resolution (before averaging, DiffuMask) or combined "
-                                               "(after averaging and refining)")
-    upsampling: str = field("bicubic", help="bilinear or bicubic")
-    background_threshold: float = field(0.5, help="a pixel whose top class score is below this is background")
-    uncertain_band: list[float] = field([], help="[low, high): top scores in it are labelled ignore (255); [] = none")
-    confidence: str = field("score", help="score (the winner's normalised score), margin (distance to the "
-                                          "decision) or none (1: no per-pixel weights)")
-
 
 # name -> config values. Each cites its recipe; see the module docstring for the details.
 PRESETS = {
@@ -102,19 +77,7 @@ def preset_config(name: str, **overrides) -> PseudoMaskConfig:
 
 
 def check_config(config: PseudoMaskConfig) -> None:
-    """Refuse settings that would silently do something else, naming the field and the options."""
-    for name, value, options in (("normalisation", config.normalisation, NORMALISATIONS),
-                                 ("normalise_at", config.normalise_at, NORMALISE_AT),
-                                 ("upsampling", config.upsampling, UPSAMPLINGS),
-                                 ("confidence", config.confidence, CONFIDENCES)):
-        if value not in options:
-            raise SegsynthError(f"pseudo-mask {name} {value!r} is unknown; options: {', '.join(options)}")
-    if not config.resolutions:
-        raise SegsynthError("pseudo-mask resolutions is empty: name at least one cross-attention resolution")
-    if config.refine_power < 0:
-        raise SegsynthError(f"pseudo-mask refine_power must be >= 0 (0 = off), got {config.refine_power}")
-    if not 0.0 <= config.background_threshold <= 1.0:
-        raise SegsynthError(f"pseudo-mask background_threshold must be in [0, 1], got {config.background_threshold}")
+    """Refuse settings that contradict each other (each field's own range is checked as the config is made)."""
     band = config.uncertain_band
     if band and (len(band) != 2 or not 0.0 <= band[0] < band[1] <= 1.0):
         raise SegsynthError(f"pseudo-mask uncertain_band must be [] or [low, high] with 0 <= low < high <= 1, got {band}")

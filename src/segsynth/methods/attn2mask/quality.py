@@ -22,25 +22,32 @@ from pathlib import Path
 import numpy as np
 
 from segsynth import IGNORE_INDEX
+from segsynth.config import save_config
+from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
+from segsynth.data.validate import check_before_compute
 from segsynth.generators import GeneratorSettings, open_generator
 from segsynth.generators.base import Request
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
 from segsynth.methods.attn2mask.pseudo_mask import class_scores, preset_config, score_pseudo_masks, scores_to_mask
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import AttentionQualityConfig
 
 
 def attention_quality(config: AttentionQualityConfig) -> dict:
     """Score every recipe's pseudo-masks on `config.split`; returns the results also written to OUT."""
+    with claim_folder(config.out, "attention-quality", "attention_quality.config.yaml", "AttentionQualityConfig",
+                      markers=("attention_quality.json",)):
+        return _attention_quality(config)
+
+
+def _attention_quality(config: AttentionQualityConfig) -> dict:
     from segsynth.generators.builtin_text.train import class_prompt, present_classes
 
     # 1. Data, recipes and generator, checked before any compute.
-    if not config.presets:
-        raise SegsynthError("--presets is empty: name at least one pseudo-mask recipe")
-    if config.limit < 0:
-        raise SegsynthError(f"--limit must be >= 0, got {config.limit}")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
+    check_before_compute(dataset, [config.split])
     recipes = {name: preset_config(name, **config.pseudo_mask_settings) for name in config.presets}
     generator = open_generator(config.generator, GeneratorSettings(
         pseudo_mask=config.presets[0], pseudo_mask_settings=dict(config.pseudo_mask_settings), dtype=config.dtype,
@@ -57,6 +64,7 @@ def attention_quality(config: AttentionQualityConfig) -> dict:
     predictions: dict[str, list[np.ndarray]] = {name: [] for name in recipes}
     labels, skipped = [], []
     for index in range(count):
+        thread_governor().tick()
         sample = split[index]
         names = [dataset.classes[c] for c in present_classes(sample.label, dataset.num_classes)]
         if not names:
@@ -89,6 +97,7 @@ def attention_quality(config: AttentionQualityConfig) -> dict:
     out = Path(config.out)
     atomic_write_json(out / "attention_quality.json", results)
     atomic_write_text(out / "attention_quality.md", format_quality(results) + "\n")
+    save_config(config, out / "attention_quality.config.yaml")
     return results
 
 

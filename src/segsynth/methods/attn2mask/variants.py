@@ -15,11 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
+from segsynth.data.base import read_raw_mask
 from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info, sample_record, write_set_info
-from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, read_json
+from segsynth.io import (SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, read_json,
+                         safe_relative_path)
 
 # Record keys that describe the source's own files and are not carried over.
 _FILE_KEYS = ("id", "image", "mask", "weight", "extras", "filtered_mask")
@@ -43,7 +43,7 @@ def derive_label_set(source: str | os.PathLike, out: str | os.PathLike, extra: s
         name = Path(record["image"]).name
         files = {"image": f"images/{name}", "mask": f"masks/{name}"}
         _link(source / record["image"], out / files["image"])
-        label = np.asarray(Image.open(source / record["extras"][extra]))
+        label = read_raw_mask(safe_relative_path(source, record["extras"][extra], f"manifest {extra} of {record['id']}"))
         atomic_write_png(out / files["mask"], label, info.get("palette"))
         fields = {key: value for key, value in record.items() if key not in _FILE_KEYS}
         lines.append(json.dumps(sample_record(record["id"], files, **fields)) + "\n")

@@ -29,14 +29,17 @@ from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
-from segsynth.cpu import torch_threads
+from segsynth.cpu import thread_governor, torch_threads
 from segsynth.data.base import group_by_size, read_image, read_raw_mask
+from segsynth.data.synthetic import open_synthetic
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import barrier, init_distributed, shard
 from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info
 from segsynth.formats.stats import load_class_stats
 from segsynth.io import (SegsynthError, append_text, atomic_write_json, atomic_write_png, atomic_write_text,
                          read_json, read_jsonl, rewind_jsonl, safe_relative_path)
 from segsynth.methods.freemask.stats import compute_class_stats
+from segsynth.outputs import check_no_escaping_links, claim_folder
 from segsynth.pipeline import run_pipeline
 from segsynth.segmenters import load_checkpoint_for
 from segsynth.segmenters.losses import pixel_losses
@@ -104,6 +107,7 @@ def _read_pair(root: Path, record: dict, num_classes: int) -> tuple[np.ndarray, 
     return image, mask
 
 
+SET_LOCK = ".synthesize.lock"  # synthesize.SET_LOCK (a stage does not import another stage)
 MAX_AUTO_LANES = 8  # beyond this, activations x lanes costs memory and the GIL costs more than it gains
 
 
@@ -174,72 +178,81 @@ def filter_synthetic(config: FilterConfig) -> dict:
     if not records:
         raise SegsynthError(f"{root}: no finished samples in {MANIFEST}; run `segsynth synthesize` first")
     classes = read_set_info(root)["classes"]
+    check_no_escaping_links(root)  # before anything is computed or written (class statistics included)
     for record in records:  # every path stays inside the set: checked before anything is loaded or written
         safe_relative_path(root, record["image"], f"{root / MANIFEST} image of {record['id']}")
         safe_relative_path(root, record["mask"], f"{root / MANIFEST} mask of {record['id']}")
         safe_relative_path(root / "masks_filtered", f"{record['id']}.png", f"{root / MANIFEST} id")
     model, _, checkpoint = load_checkpoint_for(config.segmenter, classes, str(root / "classes.json"),
                                                "filter with a segmenter trained on the set's real dataset")
-    stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
-    if not stats_path.is_file():
-        if config.stats:
-            raise SegsynthError(f"{stats_path}: class-stats file not found; make it with `segsynth stats` or omit --stats")
-        if info.is_main:
-            tqdm.write(f"computing class statistics once -> {stats_path}")
-        compute_class_stats(StatsConfig(segmenter=str(checkpoint), out=str(stats_path), device=config.device))
+    check_before_compute(open_synthetic(root, f"synthetic-raw:{root}", filtered=False), ["train"])
+
+    # The set's lock (the one synthesize takes): no synthesize and no second filter writes to it meanwhile.
+    with claim_folder(root, "filter", "filter.config.yaml", "FilterConfig", markers=(MANIFEST,), lock_name=SET_LOCK,
+                      lock=info.is_main, busy=f"{root}: another `segsynth filter` (or a `segsynth synthesize`) is "
+                                           "writing to this set; wait for it (torchrun shards one filter over "
+                                           "processes)"):
+        stats_path = Path(config.stats) if config.stats else checkpoint.parent / "class_stats.json"
+        if not stats_path.is_file():
+            if config.stats:
+                raise SegsynthError(f"{stats_path}: class-stats file not found; make it with `segsynth stats` or omit --stats")
+            if info.is_main:
+                tqdm.write(f"computing class statistics once -> {stats_path}")
+            compute_class_stats(StatsConfig(segmenter=str(checkpoint), out=str(stats_path), device=config.device))
+            barrier()
+        mean_loss = load_class_stats(stats_path, classes)
+        model.to(info.device).eval()
+
+        # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
+        settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
+                    "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
+        settings_path = root / "filter.json"
+        if settings_path.is_file() and read_json(settings_path) != settings:
+            raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
+                                "use the same settings, or delete masks_filtered/, filter.json and filter.rank*.jsonl to refilter")
         barrier()
-    mean_loss = load_class_stats(stats_path, classes)
-    model.to(info.device).eval()
+        if info.is_main:
+            atomic_write_json(settings_path, settings)
+            save_config(config, root / "filter.config.yaml")
+            for temp in (root / "masks_filtered").glob(".*.tmp"):  # a killed run's half-written masks
+                temp.unlink(missing_ok=True)
+        log_path = root / f"filter.rank{info.rank}.jsonl"
+        rewind_jsonl(log_path)  # a kill mid-append leaves a torn last line; appending after it would bury it
+        barrier()
+        done = {r["id"] for path in root.glob("filter.rank*.jsonl") for r in read_jsonl(path)
+                if (root / r["filtered_mask"]).is_file()}
+        pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
 
-    # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
-    settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
-                "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
-    settings_path = root / "filter.json"
-    if settings_path.is_file() and read_json(settings_path) != settings:
-        raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
-                            "use the same settings, or delete masks_filtered/, filter.json and filter.rank*.jsonl to refilter")
-    barrier()
-    if info.is_main:
-        atomic_write_json(settings_path, settings)
-        save_config(config, root / "filter.config.yaml")
-        for temp in (root / "masks_filtered").glob(".*.tmp"):  # a killed run's half-written masks
-            temp.unlink(missing_ok=True)
-    log_path = root / f"filter.rank{info.rank}.jsonl"
-    rewind_jsonl(log_path)  # a kill mid-append leaves a torn last line; appending after it would bury it
-    barrier()
-    done = {r["id"] for path in root.glob("filter.rank*.jsonl") for r in read_jsonl(path)
-            if (root / r["filtered_mask"]).is_file()}
-    pending = shard([r for r in records if r["id"] not in done], info.rank, info.world_size)
+        # 3. Stream: each lane decodes a batch, scores it and hands it to one writer thread.
+        started = time.time()  # the probe counts: it is part of what filtering costs
 
-    # 3. Stream: each lane decodes a batch, scores it and hands it to one writer thread.
-    started = time.time()  # the probe counts: it is part of what filtering costs
+        def probe(lanes: int, threads: int) -> dict:
+            # The choice is kept in the set, so a resumed run scores with the same thread count (it
+            # changes float rounding, ~1e-7) and does not pay for the probe again.
+            choice_path, key = root / f"filter.lanes.rank{info.rank}.json", {"device": str(info.device), "threads": threads}
+            if choice_path.is_file() and (kept := read_json(choice_path)).get("key") == key:
+                return kept["figures"]
+            sample = pending[: config.batch_size]  # smaller batches misjudge: a tiny model's team looked 25 % faster at 2
+            decode_started = time.perf_counter()
+            batch = [_read_pair(root, record, len(classes)) for record in sample]
+            figures = probe_lanes(model, batch, time.perf_counter() - decode_started, lanes, threads)
+            atomic_write_json(choice_path, {"key": key, "figures": figures})
+            return figures
 
-    def probe(lanes: int, threads: int) -> dict:
-        # The choice is kept in the set, so a resumed run scores with the same thread count (it
-        # changes float rounding, ~1e-7) and does not pay for the probe again.
-        choice_path, key = root / f"filter.lanes.rank{info.rank}.json", {"device": str(info.device), "threads": threads}
-        if choice_path.is_file() and (kept := read_json(choice_path)).get("key") == key:
-            return kept["figures"]
-        sample = pending[: config.batch_size]  # smaller batches misjudge: a tiny model's team looked 25 % faster at 2
-        decode_started = time.perf_counter()
-        batch = [_read_pair(root, record, len(classes)) for record in sample]
-        figures = probe_lanes(model, batch, time.perf_counter() - decode_started, lanes, threads)
-        atomic_write_json(choice_path, {"key": key, "figures": figures})
-        return figures
+        thread_governor().tick()  # the thread budget the lanes split: the cores other processes leave free
+        lanes, threads_per_lane, probed = scoring_lanes(config.lanes, info.device, probe if pending else None)
+        summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
+                   "threads_per_lane": threads_per_lane, "lane_probe": probed,
+                   "lane_probe_seconds": round(time.time() - started, 3)}
+        with torch_threads(threads_per_lane):  # the lanes started inside pick it up
+            _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path)
+        summary["seconds"] = round(time.time() - started, 2)
+        barrier()
 
-    lanes, threads_per_lane, probed = scoring_lanes(config.lanes, info.device, probe if pending else None)
-    summary = {"samples": len(records), "filtered_now": len(pending), "lanes": lanes,
-               "threads_per_lane": threads_per_lane, "lane_probe": probed,
-               "lane_probe_seconds": round(time.time() - started, 3)}
-    with torch_threads(threads_per_lane):  # the lanes started inside pick it up
-        _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path)
-    summary["seconds"] = round(time.time() - started, 2)
-    barrier()
-
-    # 4. Merge the logs into the manifest (rank 0), atomically.
-    if info.is_main:
-        summary.update(_merge_into_manifest(root, records, classes))
-    return summary
+        # 4. Merge the logs into the manifest (rank 0), atomically.
+        if info.is_main:
+            summary.update(_merge_into_manifest(root, records, classes))
+        return summary
 
 
 def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: FilterConfig, info, lanes: int,
@@ -256,6 +269,7 @@ def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: 
 
     @torch.inference_mode()  # grad mode is per thread: set in the lane that scores
     def score(batch: list[dict]) -> list[tuple[np.ndarray, dict]]:
+        thread_governor().tick(share=lanes)  # this lane's share of the load-aware thread count (segsynth.cpu)
         pairs = [_read_pair(root, record, len(classes)) for record in batch]
         scored = []
         for group in group_by_size([(record, image, mask) for record, (image, mask) in zip(batch, pairs)],

@@ -50,8 +50,6 @@ def hardness_counts(hardness: list[float], nmax: int, budget: int = 0) -> list[i
 
 def hardness_planner(config: PlanConfig, dataset: Dataset, ids: list[str]) -> tuple[list[int], list[dict]]:
     """FreeMask's hardness-aware plan: harder masks (higher mean class loss) get more images."""
-    if config.nmax < 1:
-        raise SegsynthError(f"--nmax must be >= 1, got {config.nmax}")
     if not config.stats:
         raise SegsynthError("the hardness plan needs --stats FILE (class statistics from `segsynth stats`)")
     mean_loss = load_class_stats(config.stats, dataset.classes)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.data import open_dataset
-from segsynth.data.validate import quick_check
+from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, init_distributed, shard
 from segsynth.formats.checkpoint import read_checkpoint_meta, resolve_checkpoint
-from segsynth.formats.stats import write_class_stats
+from segsynth.formats.stats import is_class_stats_file, write_class_stats
+from segsynth.outputs import claim_file
 from segsynth.segmenters import load_checkpoint_for
 from segsynth.segmenters.losses import pixel_losses
 from segsynth.stage_configs import StatsConfig
@@ -54,9 +55,16 @@ def compute_class_stats(config: StatsConfig) -> dict:
     info = init_distributed(config.device)
     spec = config.data or read_checkpoint_meta(resolve_checkpoint(config.segmenter))["data"]
     dataset = open_dataset(spec)
-    quick_check(dataset, [config.split])
+    check_before_compute(dataset, [config.split])
     model, _, checkpoint = load_checkpoint_for(config.segmenter, dataset.classes, f"dataset {spec}",
                                                "use a segmenter trained on this dataset")
+    out = Path(config.out)
+    with claim_file(out, "stats", "class-statistics file", is_class_stats_file, out.with_suffix(".config.yaml"),
+                    "StatsConfig", lock=info.is_main):
+        return _compute_class_stats(config, info, spec, dataset, model, checkpoint)
+
+
+def _compute_class_stats(config: StatsConfig, info, spec: str, dataset, model, checkpoint: Path) -> dict:
     model.to(info.device)
 
     # 2. Sum loss and pixels per class (sharded over ranks, then reduced).

@@ -31,9 +31,11 @@ from segsynth import IGNORE_INDEX
 from segsynth.config import save_config
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
+from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device, resolve_dtype
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_text, read_jsonl, rewind_jsonl
 from segsynth.methods.seggen.colour import connected_components
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import CaptionConfig
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -237,6 +239,12 @@ def write_captions(path: str | Path, captions: Mapping[str, str]) -> None:
 
 def make_captions(config: CaptionConfig) -> Path:
     """Caption every mask of a split; returns the captions.jsonl written (with the resolved config beside it)."""
+    with claim_folder(config.out, "captions", CONFIG_FILE, "CaptionConfig",
+                      markers=(CAPTIONS_FILE, CAPTIONS_FILE + ".partial")):
+        return _make_captions(config)
+
+
+def _make_captions(config: CaptionConfig) -> Path:
     # 1. check the arguments before any work
     if config.captioner == "file" and not config.captions:
         raise SegsynthError("--captioner file needs --captions FILE (JSON {mask id: caption} or JSONL)")
@@ -245,10 +253,9 @@ def make_captions(config: CaptionConfig) -> Path:
                             "drop one of them")
     if config.captioner not in CAPTIONERS:
         check_blip2_location(config.captioner)
-        if config.batch_size < 1 or config.max_new_tokens < 1:
-            raise SegsynthError("--batch-size and --max-new-tokens must be at least 1")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
+    check_before_compute(dataset, [config.split])
     out = Path(config.out)
     # 2. caption
     captioner = CAPTIONERS.get(config.captioner, captions_from_blip2)

@@ -28,10 +28,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segsynth.config import save_config
 from segsynth.data import open_dataset
+from segsynth.data.base import read_image, read_raw_mask
 from segsynth.data.synthetic import open_synthetic
+from segsynth.data.validate import check_before_compute
 from segsynth.formats.manifest import read_manifest
-from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text
+from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, safe_relative_path
 from segsynth.methods.seggen.mask_quality import format_mask_quality, mask_quality
+from segsynth.outputs import claim_folder
 from segsynth.stage_configs import MaskQualityConfig
 
 REPORT = "mask_quality.json"
@@ -42,6 +45,12 @@ CAPTION_WIDTH = 256
 
 def write_mask_quality(config: MaskQualityConfig) -> dict:
     """Mask statistics and (with a segmenter and rendered sets) the alignment score; returns the report."""
+    with claim_folder(config.out, "mask-quality", "mask_quality.config.yaml", "MaskQualityConfig",
+                      markers=(REPORT,)):
+        return _write_mask_quality(config)
+
+
+def _write_mask_quality(config: MaskQualityConfig) -> dict:
     # 1. Everything is opened and checked before any model runs.
     real = open_dataset(config.data)
     masks = open_synthetic(Path(config.masks), f"synthetic-raw:{config.masks}", filtered=False)
@@ -51,6 +60,9 @@ def write_mask_quality(config: MaskQualityConfig) -> dict:
     rendered = [open_synthetic(Path(folder), f"synthetic-raw:{folder}", filtered=False) for folder in config.rendered]
     if config.rendered and config.segmenter is None:
         raise SegsynthError("--rendered needs --segmenter (the real-trained checkpoint that scores the alignment)")
+    check_before_compute(real, [config.split] + ([config.eval_split] if config.segmenter else []))
+    for generated in [masks, *rendered]:
+        check_before_compute(generated, ["train"])
 
     # 2. The masks as a set, against the real ones.
     generated_split, real_split = masks.split("train"), real.split(config.split)
@@ -134,7 +146,7 @@ def write_mask_grid(masks: Path, rendered: list[Path], path: Path, palette, rows
     tiles = []
     for record in records:
         colour_map = _rgb(masks / ((record.get("extras") or {}).get("colour_mask") or record["image"]))
-        decoded = colours[np.asarray(Image.open(masks / record["mask"]))]
+        decoded = colours[read_raw_mask(safe_relative_path(masks, record["mask"], f"manifest mask of {record['id']}"))]
         image = _rgb(renderings[record["id"]]) if record["id"] in renderings else np.zeros_like(colour_map)
         caption = record.get("prompt") or (record.get("meta") or {}).get("prompt") or ""
         row = [_caption_tile(caption, font)] + [_scaled(picture) for picture in (colour_map, decoded, image)]
@@ -147,8 +159,7 @@ def write_mask_grid(masks: Path, rendered: list[Path], path: Path, palette, rows
 
 
 def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    return read_image(path)
 
 
 def _scaled(picture: np.ndarray) -> np.ndarray:
