@@ -89,7 +89,7 @@ def dataset_spec(data: str) -> str:
 
 def choose_splits(dataset: Dataset, config: ExportConfig) -> dict[str, tuple[Split, list[int]]]:
     """Split name -> (split, the indices exported). Data with a train split only (a synthetic set) gets a
-    val split of every k-th sample (k = 1 / val_fraction), the rest stays train."""
+    val split of every k-th sample (k = 1 / val_fraction, at most the sample count), the rest stays train."""
     names = list(config.splits or dataset.splits)
     unknown = [name for name in names if name not in dataset.splits]
     if unknown:
@@ -97,7 +97,7 @@ def choose_splits(dataset: Dataset, config: ExportConfig) -> dict[str, tuple[Spl
     chosen = {name: (dataset.splits[name], list(range(len(dataset.splits[name])))) for name in names}
     if list(dataset.splits) == ["train"] and not config.splits and config.val_fraction > 0:
         split = dataset.splits["train"]
-        every = max(2, round(1 / config.val_fraction))
+        every = max(2, min(round(1 / config.val_fraction), len(split)))  # at least one val sample
         chosen = {"train": (split, [i for i in range(len(split)) if i % every != every - 1]),
                   "val": (split, [i for i in range(len(split)) if i % every == every - 1])}
     if config.limit > 0:

@@ -181,7 +181,7 @@ def arm_sets(run: RunFolder) -> dict[str, list[str]]:
 def arm_method(run: RunFolder, arm: str) -> str:
     if run.method != "all":
         return run.method
-    return next((member for member in MEMBERS if arm.startswith(member + "-")), "all")
+    return next((member for member in MEMBERS if arm.startswith(member + "-")), "shared")
 
 
 # --- 2. The numbers -----------------------------------------------------------------------------------------

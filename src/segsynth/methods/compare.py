@@ -36,7 +36,7 @@ MEMBERS = {"freemask": FREEMASK, "seggen": SEGGEN, "attn2mask": ATTN2MASK}
 
 # compare arm name -> (member name, the member's arm name); "real" is everyone's reference.
 ORIGIN: dict[str, tuple[str, str]] = {}
-ARMS = {"real": Arm("real", "real")}
+ARMS = {"real": Arm("real", "real", method="shared")}
 for _member_name, _member in MEMBERS.items():
     for _arm in _member.arms.values():
         if _arm.name != "real":
