@@ -377,7 +377,8 @@ def freemask_section(run: RunFolder, config: ReportConfig) -> str:
             left.set_ylabel("masks")
             left.set_title("Hardness of the real masks")
             counts = np.bincount(images)
-            right.bar(np.arange(len(counts)), counts, color="#cc6677")
+            right.bar(np.arange(1, len(counts)), counts[1:], color="#cc6677")
+            right.set_xticks(np.arange(1, len(counts), max(1, (len(counts) - 1) // 10)))
             right.set_xlabel("synthetic images for the mask (k)")
             right.set_ylabel("masks")
             right.set_title(f"Images per mask ({sum(images)} in all)")
@@ -559,7 +560,8 @@ def _read(root: Path, relative: str) -> np.ndarray | None:
 
 def gallery(run: RunFolder, config: ReportConfig, name: str, columns: tuple[str, str, str], row_of) -> str:
     """Under each class, up to `per_class` samples of set `name` where the class covers the largest share of the
-    mask (a sample is shown under one class while others remain); each row made by `row_of(run, root, record)`."""
+    mask, from different source masks, each shown under one class while others remain; each row made by
+    `row_of(run, root, record)`."""
     root = run.synthetic(name)
     records = read_manifest(root)
     shares: dict[str, np.ndarray] = {}
@@ -573,8 +575,13 @@ def gallery(run: RunFolder, config: ReportConfig, name: str, columns: tuple[str,
     sections = []
     for index, class_name in enumerate(run.classes):
         ranked = sorted((ids for ids in shares if shares[ids][index] > 0), key=lambda i: -shares[i][index])
-        chosen = [i for i in ranked if i not in used][: config.per_class]
-        chosen += [i for i in ranked if i not in chosen][: config.per_class - len(chosen)]
+        chosen, sources = [], set()
+        for pool in ([i for i in ranked if i not in used], ranked):  # unused samples first
+            for sample_id in pool:
+                source = by_id[sample_id].get("source") or sample_id
+                if len(chosen) < config.per_class and sample_id not in chosen and source not in sources:
+                    chosen.append(sample_id)
+                    sources.add(source)
         used.update(chosen)
         if not chosen:
             continue

@@ -77,6 +77,8 @@ def test_each_member_gets_its_own_generator_sections_under_the_users_keys():
     assert demo.train["iterations"] == 300 and demo.images_per_mask == 1 and demo.seeds == [0, 1]
     assert all(member_config(demo, name).train_text_generator["max_minutes"] == 0.75
                for name in ("seggen", "attn2mask"))
+    assert member_config(demo, "attn2mask").synthesize["steps"] == 6 and member_config(demo, "freemask").synthesize[
+        "steps"] == 8
     # Any arm of any member can be chosen.
     chosen = resolve_run_config({"method": "all", "arms": ["real", "freemask-joint-raw-uniform"]})
     assert chosen.arms == ["real", "freemask-joint-raw-uniform"] and len(ARMS) == 1 + 6 + 4 + 3

@@ -138,10 +138,13 @@ def grids(context) -> list:
 
 
 # Sizes over run.PRESETS for the comparison. The toy "demo" preset (make demo) gives each text generator
-# 45 s of training instead of 60-75 s: the comparison has two of them.
+# 45 s of training instead of 60-75 s (the comparison has two of them) and the attention generator 6 denoising
+# steps instead of 8: its capture of every step's attention makes it the slowest sampler of the run (about
+# 1 image/s against 4-7 for the others on a busy 2-core machine), and its toy images stay noise either way.
 PRESETS = {
     ("toy", "demo"): {"per_method": {"seggen": {"train_text_generator": {"max_minutes": 0.75}},
-                                     "attn2mask": {"train_text_generator": {"max_minutes": 0.75}}}},
+                                     "attn2mask": {"train_text_generator": {"max_minutes": 0.75},
+                                                   "synthesize": {"steps": 6}}}},
 }
 
 COMPARE = Method("all", "FreeMask, SegGen and Attn2mask side by side: one segmenter, schedule, seeds and budget",
