@@ -64,6 +64,7 @@ class RunFolder:
     seconds: dict
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    manifests: dict = field(default_factory=dict)  # set name -> its records, read once per report
 
     @property
     def method(self) -> str:
@@ -83,6 +84,17 @@ class RunFolder:
 
     def synthetic(self, name: str) -> Path:
         return self.root / "synthetic" / name
+
+    def records(self, name: str) -> list[dict]:
+        """The finished samples of synthetic set `name` ([] when it has none, or its manifest is unreadable)."""
+        if name not in self.manifests:
+            folder = self.synthetic(name)
+            try:
+                self.manifests[name] = read_manifest(folder) if folder.is_dir() else []
+            except SegsynthError as error:
+                self.missing.append(f"synthetic/{name}/manifest.jsonl (unreadable: {error})")
+                self.manifests[name] = []
+        return self.manifests[name]
 
 
 def read_run(root: Path) -> RunFolder:
@@ -204,16 +216,9 @@ def arm_table(run: RunFolder, sets: dict[str, list[str]]) -> dict[str, dict]:
             run.missing.append(f"{path.relative_to(run.root)} (arm {arm}, seed {seed}: not trained or not evaluated)")
         summary = summarize_seeds(metrics, run.classes)
         seconds = sum(run.seconds.get(f"train {arm} seed {seed}", 0.0) for seed in run.seeds)
-        images = sum(_count(run.synthetic(name)) for name in sets.get(arm, []))
+        images = sum(len(run.records(name)) for name in sets.get(arm, []))
         table[arm] = {**summary, "method": arm_method(run, arm), "synthetic_images": images, "train_seconds": seconds}
     return table
-
-
-def _count(folder: Path) -> int:
-    try:
-        return len(read_manifest(folder)) if folder.is_dir() else 0
-    except SegsynthError:
-        return 0
 
 
 def check_sets(run: RunFolder, sets: dict[str, list[str]]) -> None:
@@ -222,7 +227,7 @@ def check_sets(run: RunFolder, sets: dict[str, list[str]]) -> None:
         users = ", ".join(arm for arm, names in sets.items() if name in names)
         if not (run.synthetic(name) / "manifest.jsonl").is_file():
             run.missing.append(f"synthetic/{name}/ (the synthetic set of {users}: not synthesized yet)")
-        elif _count(run.synthetic(name)) == 0:
+        elif not run.records(name):
             run.missing.append(f"synthetic/{name}/ has no finished sample (used by {users})")
     methods = {arm_method(run, arm) for arm, names in sets.items() if names}
     wanted = {"seggen": ("mask_quality/mask_quality.json", "SegGen's mask quality"),
@@ -359,7 +364,7 @@ def per_class_section(run: RunFolder, table: dict[str, dict]) -> str:
 
 
 def freemask_section(run: RunFolder, config: ReportConfig) -> str:
-    filtered = [name for name in ("hardness", "uniform") if _count(run.synthetic(name))]
+    filtered = [name for name in ("hardness", "uniform") if run.records(name)]
     plan_path = run.root / "plans" / "hardness.jsonl"
     if not filtered and not plan_path.is_file():
         return ""
@@ -404,7 +409,7 @@ def freemask_section(run: RunFolder, config: ReportConfig) -> str:
 
 def _ignored_by_class(run: RunFolder, name: str) -> dict[str, float]:
     """Mean over filtered samples of each class's ignored share (the filter's per-record `ignored`)."""
-    records = [r for r in read_manifest(run.synthetic(name)) if isinstance(r.get("ignored"), dict)]
+    records = [r for r in run.records(name) if isinstance(r.get("ignored"), dict)]
     result = {}
     for c in run.classes:
         values = [r["ignored"][c] for r in records if c in r["ignored"]]
@@ -415,7 +420,7 @@ def _ignored_by_class(run: RunFolder, name: str) -> dict[str, float]:
 
 def seggen_section(run: RunFolder, config: ReportConfig) -> str:
     quality_path = run.root / "mask_quality" / "mask_quality.json"
-    rendered = [name for name in ("masksyn-a", "masksyn-b") if _count(run.synthetic(name))]
+    rendered = [name for name in ("masksyn-a", "masksyn-b") if run.records(name)]
     if not quality_path.is_file() and not rendered:
         return ""
     parts = ["<h2 id='seggen'>SegGen</h2>"]
@@ -469,7 +474,7 @@ def mask_quality_html(run: RunFolder, report: dict) -> str:
 
 def attention_section(run: RunFolder, config: ReportConfig) -> str:
     quality_path = run.root / "attention_quality" / "attention_quality.json"
-    band = "attention-band" if _count(run.synthetic("attention-band")) else None
+    band = "attention-band" if run.records("attention-band") else None
     if not quality_path.is_file() and band is None:
         return ""
     parts = ["<h2 id='attn2mask'>Attn2mask / DiffuMask</h2>"]
@@ -502,7 +507,7 @@ def attention_section(run: RunFolder, config: ReportConfig) -> str:
 def _band_ignored(run: RunFolder, name: str, scan: int) -> dict[str, float]:
     """Per class of the plain (band-free) label: the share of its pixels the band set marks ignore."""
     root = run.synthetic(name)
-    records = [r for r in read_manifest(root) if "raw_label" in (r.get("extras") or {})]
+    records = [r for r in run.records(name) if "raw_label" in (r.get("extras") or {})]
     labelled = np.zeros(256, np.int64)
     ignored = np.zeros(256, np.int64)
     for record in records[: scan or None]:
@@ -526,10 +531,9 @@ def stages_section(run: RunFolder) -> str:
         bare = re.sub(r"^[\w-]+: ", "", stage)  # "seggen: synthesize masks" -> "synthesize masks"
         images = None
         if match := re.fullmatch(r"(synthesize|relabel) (\S+)", bare):
-            images = _count(run.synthetic(match.group(2)))
+            images = len(run.records(match.group(2))) or None
         elif match := re.fullmatch(r"filter (\S+)", bare):
-            root = run.synthetic(match.group(1))
-            images = sum(1 for r in read_manifest(root) if r.get("filtered_mask")) if root.is_dir() else None
+            images = sum(1 for r in run.records(match.group(1)) if r.get("filtered_mask")) or None
         elif re.fullmatch(r"train .+ seed \d+", bare) and images_per_training:
             images = images_per_training
         rate = images / seconds if images and seconds > 0 else None
@@ -563,7 +567,7 @@ def gallery(run: RunFolder, config: ReportConfig, name: str, columns: tuple[str,
     mask, from different source masks, each shown under one class while others remain; each row made by
     `row_of(run, root, record)`."""
     root = run.synthetic(name)
-    records = read_manifest(root)
+    records = run.records(name)
     shares: dict[str, np.ndarray] = {}
     for record in records[: config.scan or None]:
         mask = _read(root, record["mask"])
