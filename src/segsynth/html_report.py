@@ -229,14 +229,13 @@ def check_sets(run: RunFolder, sets: dict[str, list[str]]) -> None:
             run.missing.append(f"synthetic/{name}/ (the synthetic set of {users}: not synthesized yet)")
         elif not run.records(name):
             run.missing.append(f"synthetic/{name}/ has no finished sample (used by {users})")
-    methods = {arm_method(run, arm) for arm, names in sets.items() if names}
-    wanted = {"seggen": ("mask_quality/mask_quality.json", "SegGen's mask quality"),
-              "attn2mask": ("attention_quality/attention_quality.json", "Attn2mask's pseudo-mask quality"),
-              "freemask": ("plans/hardness.jsonl", "FreeMask's hardness plan")}
-    for method, (path, what) in wanted.items():
-        if method in methods and not (run.root / path).is_file():
-            if method != "freemask" or any("hardness" in names for names in sets.values()):
-                run.missing.append(f"{path} ({what})")
+    used = {name for names in sets.values() for name in names}
+    wanted = {"masksyn": ("mask_quality/mask_quality.json", "SegGen's mask quality"),
+              "attention": ("attention_quality/attention_quality.json", "Attn2mask's pseudo-mask quality"),
+              "hardness": ("plans/hardness.jsonl", "FreeMask's hardness plan")}
+    for prefix, (path, what) in wanted.items():  # the diagnostics of the sets some arm trains on
+        if any(name.startswith(prefix) for name in used) and not (run.root / path).is_file():
+            run.missing.append(f"{path} ({what})")
 
 
 # --- 3. Pictures ---------------------------------------------------------------------------------------------
@@ -276,8 +275,8 @@ def grouped_bars(groups: list[str], series: dict[str, list], ylabel: str, title:
     plt = _pyplot()
     per_row = 24
     rows = max(1, math.ceil(len(groups) / per_row))
-    figure, axes = plt.subplots(rows, 1, figsize=(min(16, 2.5 + 0.55 * min(len(groups), per_row) * max(1, len(series)) ** 0.5),
-                                                 3.2 * rows), squeeze=False)
+    width_inches = min(16, 2.5 + 0.55 * min(len(groups), per_row) * max(1, len(series)) ** 0.5)
+    figure, axes = plt.subplots(rows, 1, figsize=(width_inches, 3.2 * rows), squeeze=False)
     width = 0.8 / max(1, len(series))
     for row in range(rows):
         axis = axes[row][0]
@@ -357,8 +356,8 @@ def per_class_section(run: RunFolder, table: dict[str, dict]) -> str:
     if not scored or not run.classes:
         return "<h2 id='per-class'>Per-class IoU</h2><p>No arm has been evaluated yet.</p>"
     rows = [[name] + [arm["per_class"].get(c) for c in run.classes] for name, arm in scored.items()]
-    chart = grouped_bars(run.classes, {name: [arm["per_class"].get(c) for c in run.classes] for name, arm in scored.items()},
-                         "IoU (%)", "Per-class IoU per arm (mean over seeds)", ymax=100)
+    series = {name: [arm["per_class"].get(c) for c in run.classes] for name, arm in scored.items()}
+    chart = grouped_bars(run.classes, series, "IoU (%)", "Per-class IoU per arm (mean over seeds)", ymax=100)
     return ("<h2 id='per-class'>Per-class IoU</h2>" + img(chart, "per-class IoU bars per arm") +
             table_html(["arm", *run.classes], rows, sortable=True))
 
@@ -456,7 +455,8 @@ def mask_quality_html(run: RunFolder, report: dict) -> str:
     alignment = report.get("alignment") or {}
     numbers = [["KL(real || generated) of class frequencies", report.get("kl_real_generated")],
                ["co-occurrence mean |real - generated|", report.get("cooccurrence_mean_abs_diff")],
-               ["ignore share of generated masks (%)", 100 * (report.get("ignore_fraction") or {}).get("generated", math.nan)],
+               ["ignore share of generated masks (%)",
+                100 * (report.get("ignore_fraction") or {}).get("generated", math.nan)],
                ["masks generated / real", f"{report.get('num_generated')} / {report.get('num_real')}"]]
     if alignment:
         numbers += [["alignment: real-trained segmenter's mIoU on the rendered images vs their masks",
@@ -549,7 +549,8 @@ def stages_section(run: RunFolder) -> str:
     return (f"<h2 id='stages'>Seconds per stage</h2><p>Total {total:.0f} s ({total / 60:.1f} min). Images/s: "
             "synthetic samples made (synthesize, relabel) or scored (filter), or training images seen "
             "(iterations x batch) per second.</p>" +
-            table_html(["stage", "seconds", "images", "images/s"], rows, sortable=True) + img(figure_uri(figure), "seconds per stage"))
+            table_html(["stage", "seconds", "images", "images/s"], rows, sortable=True) +
+            img(figure_uri(figure), "seconds per stage"))
 
 
 # --- 6. Galleries, grouped by class ---------------------------------------------------------------------------------

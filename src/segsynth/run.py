@@ -7,10 +7,12 @@
      SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
      each a (name, action, done) triple from `Method.stages`
   4. every other arm with every seed, each evaluated on the held-out split
-  5. results.json, results.md, the printed table and the method's grids (segsynth.report)
+  5. results.json, results.md, the printed tables, the method's grids (segsynth.report) and
+     report.html (segsynth.html_report, from the files alone)
 
 A method (segsynth.methods) is a plain list of stages and arms; this module
-knows no method. Every stage writes to its own folder under OUT and is skipped
+knows no method. `--method all` (methods/compare.py) is one more row of METHODS:
+the three methods' arms and stages over one real reference. Every stage writes to its own folder under OUT and is skipped
 when its output is already complete, so an interrupted run continues where it
 stopped; the checkpoints of every arm stay, for `segsynth evaluate` later.
 

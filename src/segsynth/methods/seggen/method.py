@@ -102,7 +102,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
         quality = out / "mask_quality"
         result.append(Stage("mask quality", lambda: write_mask_quality(MaskQualityConfig(
             masks=str(context.synthetic_set(MASK_SET)), data=config.data, out=str(quality),
-            rendered=[str(context.synthetic_set(f"masksyn-{half}")) for half in ("a", "b") if f"masksyn-{half}" in sets],
+            rendered=[str(context.synthetic_set(name)) for name in ("masksyn-a", "masksyn-b") if name in sets],
             segmenter=str(context.reference_segmenter), eval_split=config.eval_split,
             size=context.train_settings.eval_size, grid_rows=config.grids, device=config.device)),
             lambda: (quality / "mask_quality.json").is_file()))
