@@ -20,10 +20,10 @@ IMG = re.compile(r"<img [^>]*src=\"([^\"]*)\"")
 
 
 def images_of(page: str) -> list[np.ndarray]:
-    """Every <img> of the page, decoded; each must be an embedded PNG (no file beside the page, no server)."""
+    """Every <img> of the page, decoded; each must be embedded (no file beside the page, no server)."""
     pictures = []
     for source in IMG.findall(page):
-        assert source.startswith("data:image/png;base64,"), source[:60]
+        assert source.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")), source[:60]
         pictures.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))))
     return pictures
 
@@ -54,6 +54,9 @@ def test_the_report_of_a_comparison_run_holds_every_section(compare_run, tmp_pat
     # Every picture is an embedded PNG that decodes.
     pictures = images_of(page)
     assert len(pictures) > 30 and all(p.size > 0 for p in pictures)
+    # Datasets with many classes: each gallery shows the classes found in the most samples.
+    capped = write_report(ReportConfig(run=str(out), out=str(tmp_path / "capped.html"), gallery_classes=3)).read_text()
+    assert capped.count("<details open>") == 3 * 3 and "The 3 classes found in the most samples" in capped
 
 
 def read_first_caption(root: Path) -> str:
@@ -147,3 +150,20 @@ def test_the_report_of_a_single_method_run_shows_its_own_sections(tmp_path):
     assert "id='freemask'" in page and "id='seggen'" not in page and "id='attn2mask'" not in page
     assert "synthetic-filtered-hardness" in page and "id='missing'" not in page
     images_of(page)
+
+
+def test_large_gallery_pictures_are_stored_small():
+    """A 512 x 512 picture (Stable Diffusion size) is stored 192 high as JPEG; a mask stays PNG with its values."""
+    from segsynth.html_report import TILE_STORED, tile_uri
+
+    photo = np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)
+    uri = tile_uri(photo, photo=True)
+    assert uri.startswith("data:image/jpeg;base64,") and len(uri) < 120_000
+    assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (TILE_STORED, TILE_STORED)
+    mask = np.zeros((512, 512, 3), np.uint8)
+    mask[:, 256:] = (70, 130, 180)
+    small = np.asarray(Image.open(io.BytesIO(base64.b64decode(tile_uri(mask, photo=False).split(",", 1)[1]))))
+    assert small.shape == (TILE_STORED, TILE_STORED, 3)
+    assert {tuple(c) for c in small.reshape(-1, 3)} == {(0, 0, 0), (70, 130, 180)}  # nearest: no blended colours
+    tiny = tile_uri(photo[:64, :80], photo=True)
+    assert tiny.startswith("data:image/png;base64,")  # toy-sized pictures stay lossless

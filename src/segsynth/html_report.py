@@ -46,7 +46,10 @@ from segsynth.stage_configs import ReportConfig
 
 REPORT = "report.html"
 MEMBERS = ("freemask", "seggen", "attn2mask")  # method names a `--method all` arm name starts with
-TILE_HEIGHT = 96  # CSS pixels a gallery tile is shown at (the PNG keeps its own size)
+TILE_HEIGHT = 96  # CSS pixels a gallery tile is shown at
+# Tiles are stored at most twice that high (masks scaled nearest, pictures smoothly), pictures taller than
+# TILE_HEIGHT as JPEG: a 512 x 512 Stable Diffusion image would otherwise add ~300 KB to the page per tile.
+TILE_STORED = 2 * TILE_HEIGHT
 IGNORE_COLOUR = (0, 0, 0)
 RED = np.array([255, 0, 0])
 
@@ -245,6 +248,19 @@ def png_uri(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG", compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def tile_uri(array: np.ndarray, photo: bool) -> str:
+    """A gallery tile: at most TILE_STORED high; a picture taller than TILE_HEIGHT as JPEG, the rest PNG."""
+    picture = Image.fromarray(np.asarray(array, np.uint8)[..., :3] if np.ndim(array) == 3 else np.asarray(array, np.uint8))
+    if picture.height > TILE_STORED:
+        width = max(1, round(picture.width * TILE_STORED / picture.height))
+        picture = picture.resize((width, TILE_STORED), Image.BILINEAR if photo else Image.NEAREST)
+    if not photo or picture.height <= TILE_HEIGHT:
+        return png_uri(np.asarray(picture))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def figure_uri(figure) -> str:
@@ -578,7 +594,10 @@ def gallery(run: RunFolder, config: ReportConfig, name: str, columns: tuple[str,
     by_id = {r["id"]: r for r in records}
     used: set[str] = set()
     sections = []
-    for index, class_name in enumerate(run.classes):
+    presence = np.sum([share > 0 for share in shares.values()], axis=0) if shares else np.zeros(len(run.classes))
+    shown = sorted(np.argsort(-presence, kind="stable")[: config.gallery_classes or None])  # the most common classes
+    for index in shown:
+        class_name = run.classes[index]
         ranked = sorted((ids for ids in shares if shares[ids][index] > 0), key=lambda i: -shares[i][index])
         chosen, sources = [], set()
         for pool in ([i for i in ranked if i not in used], ranked):  # unused samples first
@@ -596,13 +615,16 @@ def gallery(run: RunFolder, config: ReportConfig, name: str, columns: tuple[str,
                         f"<th>sample</th></tr></thead><tbody>{rows}</tbody></table></details>")
     header = (f"<h3>Gallery: set <code>{esc(name)}</code> ({len(records)} samples; grouped by class, the samples where "
               f"it covers most of the mask)</h3>" + legend_html(run))
+    if len(shown) < len(run.classes):
+        header += (f"<p class='hint'>The {len(shown)} classes found in the most samples of the first "
+                   f"{len(shares)}; --gallery-classes shows more.</p>")
     return header + ("".join(sections) or "<p>No sample could be read.</p>")
 
 
-def _tile(array: np.ndarray | None, alt: str) -> str:
+def _tile(array: np.ndarray | None, alt: str, photo: bool = True) -> str:
     if array is None:
         return "<td class='absent'>(file missing)</td>"
-    return f"<td>{img(png_uri(array), alt, 'tile')}</td>"
+    return f"<td>{img(tile_uri(array, photo), alt, 'tile')}</td>"
 
 
 def _colour(run: RunFolder, mask: np.ndarray | None) -> np.ndarray | None:
@@ -620,7 +642,7 @@ def _freemask_row(run: RunFolder, root: Path, record: dict) -> str:
             shown[ignored] = (0.35 * shown[ignored] + 0.65 * RED).astype(np.uint8)
     fraction = record.get("ignored_fraction")
     note = "not filtered" if fraction is None else f"{100 * fraction:.1f}% ignored"
-    return (f"<tr>{_tile(_colour(run, mask), 'real mask')}{_tile(image, 'synthetic image')}"
+    return (f"<tr>{_tile(_colour(run, mask), 'real mask', photo=False)}{_tile(image, 'synthetic image')}"
             f"{_tile(shown, 'filtered pixels')}<td class='meta'>{esc(record['id'])}<br>{esc(note)}</td></tr>")
 
 
@@ -628,7 +650,7 @@ def _seggen_row(run: RunFolder, root: Path, record: dict) -> str:
     source = (record.get("meta") or {}).get("source") or {}
     caption = source.get("prompt") or record.get("prompt") or "(no caption)"
     mask, image = _read(root, record["mask"]), _read(root, record["image"])
-    return (f"<tr><td class='caption'>{esc(caption)}</td>{_tile(_colour(run, mask), 'generated mask')}"
+    return (f"<tr><td class='caption'>{esc(caption)}</td>{_tile(_colour(run, mask), 'generated mask', photo=False)}"
             f"{_tile(image, 'rendered image')}<td class='meta'>{esc(record['id'])}</td></tr>")
 
 
@@ -639,7 +661,8 @@ def _attention_row(run: RunFolder, root: Path, record: dict) -> str:
     if heat is not None and heat.ndim == 2:
         heat = np.repeat(heat[..., None], 3, axis=2)
     prompt = record.get("prompt") or (record.get("meta") or {}).get("prompt") or ""
-    return (f"<tr>{_tile(image, 'image')}{_tile(heat, 'attention heat map')}{_tile(_colour(run, mask), 'pseudo-mask')}"
+    return (f"<tr>{_tile(image, 'image')}{_tile(heat, 'attention heat map')}"
+            f"{_tile(_colour(run, mask), 'pseudo-mask', photo=False)}"
             f"<td class='meta'>{esc(record['id'])}<br>{esc(prompt)}</td></tr>")
 
 

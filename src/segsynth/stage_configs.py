@@ -260,6 +260,7 @@ class ReportConfig:
     run: str = field(help="run folder (the --out of `segsynth run`)")
     out: str | None = field(None, help="HTML file to write (default: RUN/report.html)")
     per_class: int = field(2, help="gallery samples shown per class and synthetic set")
+    gallery_classes: int = field(30, help="classes a gallery shows at most: those in the most samples (0: all)")
     scan: int = field(400, help="masks read per synthetic set to find each class's samples (0: all)")
 
 
