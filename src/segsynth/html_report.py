@@ -1,7 +1,8 @@
 """`segsynth report RUN`: one self-contained HTML page for a run folder.
 
 The page needs no server and no other file: every picture (matplotlib charts,
-gallery tiles) is a base64 PNG data URI inside it, and it opens from disk. It
+gallery tiles) is a base64 data URI inside it (PNG; JPEG for large pictures), and
+it opens from disk. It
 reads only files in the run folder (run.config.yaml, classes.json, seconds.json,
 results.json, each arm's metrics_<split>.json, the synthetic sets' manifests
 and pictures, plans/, mask_quality/, attention_quality/), so it can be made on
