@@ -23,7 +23,7 @@ $(VENV)/.setup-done: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(BIN)/segsynth run --out runs/demo
+	$(BIN)/segsynth run --method all --preset demo --out runs/demo
 
 # Two workers: the suite's tiny models keep about one core busy, and many tests wait on subprocesses
 # (SIGKILL resumes, torchrun), so two workers finish it in about 60 % of the serial time on 2 cores.

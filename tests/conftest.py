@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fakes import (FOLDER_SPLITS, TINY_TRAIN, TOY_SPEC, build_ade20k, build_camvid, build_cityscapes,
+from fakes import (FOLDER_SPLITS, TINY_COMPARE, TINY_TRAIN, TOY_SPEC, build_ade20k, build_camvid, build_cityscapes,
                    build_coco_stuff, build_folder, build_voc)
 
 # --- fixtures ------------------------------------------------------------------
@@ -67,3 +67,18 @@ def trained(tmp_path_factory):
         train_module.create_segmenter = original
     assert checkpoint == out / "checkpoint"
     return out, created[0]
+
+
+@pytest.fixture(scope="session")
+def compare_run(tmp_path_factory):
+    """One tiny `--method all` run, shared by the report and browser tests: (folder, results, printed output)."""
+    import contextlib
+    import io
+
+    from segsynth.run import resolve_run_config, run
+
+    out = tmp_path_factory.mktemp("compare") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        results = run(resolve_run_config({**TINY_COMPARE, "out": str(out)}))
+    return out, results, printed.getvalue()

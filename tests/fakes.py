@@ -190,3 +190,15 @@ def subprocess_env() -> dict:
     shared 2-core machine), no progress bars, and this checkout's sources."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
             "PYTHONPATH": str(REPO / "src")}
+
+
+# `segsynth run --method all` in a few seconds (tests/conftest.py::compare_run).
+TINY_COMPARE = dict(
+    method="all", data="toy:n=8,n_val=4,size=32x40", seeds=[0, 1], generator="train", images_per_mask=1, grids=2,
+    device="cpu",
+    train=dict(iterations=4, batch_size=4, warmup=1, workers=0),
+    train_generator=dict(size=[32, 40], channels=[32, 64], layers_per_block=1, iterations=2, max_minutes=0.0,
+                         batch_size=4),
+    train_text_generator=dict(size=[32, 40], channels=[32, 64], layers_per_block=1, text_width=32, iterations=2,
+                              max_minutes=0.0, batch_size=4, warmup=1),
+    synthesize=dict(steps=2, batch_size=8))

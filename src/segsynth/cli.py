@@ -15,9 +15,9 @@ import sys
 
 from segsynth import __version__, cpu_load  # noqa: F401  (cpu_load starts its CPU meter now, before torch loads)
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, FilterConfig, MaskQualityConfig,
-                                    PlanConfig, RunConfig, StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
-                                    TrainTextGeneratorConfig)
+from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig, FilterConfig,
+                                    MaskQualityConfig, PlanConfig, ReportConfig, RunConfig, StatsConfig, SynthesizeConfig,
+                                    TrainConfig, TrainGeneratorConfig, TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -143,7 +143,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from segsynth.html_report import write_report
+
+    print(f"report: {write_report(config_from_args(ReportConfig, args))}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from segsynth.export import export
+
+    summary = export(config_from_args(ExportConfig, args))
+    counts = ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
+    print(f"exported {summary['data']} as {summary['format']} to {summary['out']} ({counts})")
+    return 0
+
+
 # verb -> (help, config dataclass whose fields become the flags, shim), in pipeline order.
+# Fields named in POSITIONAL are positional arguments of their verb (`segsynth report RUN`).
+POSITIONAL = {"report": ("run",), "export": ("data",)}
 VERBS = {
     "train": ("train a segmenter (recipes: real, synthetic, joint, pretrain-finetune, replace)", TrainConfig, cmd_train),
     "evaluate": ("mIoU of a checkpoint on a dataset split", EvalConfig, cmd_evaluate),
@@ -162,8 +180,12 @@ VERBS = {
                      MaskQualityConfig, cmd_mask_quality),
     "attention-quality": ("score attention pseudo-masks of real held-out images against their labels, per recipe",
                           AttentionQualityConfig, cmd_attention_quality),
-    "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data) + table",
-            RunConfig, cmd_run),
+    "run": ("a method's stages and arms on a dataset (default: FreeMask on the built-in toy data; --method all: the "
+            "three side by side) + table + report.html", RunConfig, cmd_run),
+    "report": ("one self-contained HTML page for a run folder (tables, charts, galleries; opens from disk)",
+               ReportConfig, cmd_report),
+    "export": ("a dataset or synthetic set in the layouts people train with: mmseg (img_dir/ann_dir + config "
+               "snippet) or hf (imagefolder for datasets.load_dataset)", ExportConfig, cmd_export),
 }
 
 
@@ -178,12 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check-data", help="validate a dataset: per-split counts and class-pixel histogram")
     check.add_argument("spec", help="dataset spec, e.g. camvid:PATH, folder:PATH, toy:n=400,size=96")
     check.add_argument("--limit", type=int, default=0, help="decode at most N samples per split (0: all)")
-    check.set_defaults(run=cmd_check_data)
+    check.set_defaults(shim=cmd_check_data)
 
     for verb, (help_text, config_class, shim) in VERBS.items():
         sub = verbs.add_parser(verb, help=help_text)
-        add_config_arguments(sub, config_class)
-        sub.set_defaults(run=shim)
+        add_config_arguments(sub, config_class, POSITIONAL.get(verb, ()))
+        sub.set_defaults(shim=shim)  # not "run": a config field may be named so (report RUN)
     return parser
 
 
@@ -208,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "in 1..1024")
         os.environ["SEGSYNTH_THREADS"] = args.threads
     try:
-        return args.run(args)
+        return args.shim(args)
     except SegsynthError as error:
         return _bad_input(args.verb, one_line(str(error)))
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ summary.json and manifest, seconds.json; writes results.json and results.md.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +18,40 @@ from segsynth.formats.manifest import MANIFEST, read_manifest
 from segsynth.io import atomic_write_json, atomic_write_png, atomic_write_text, read_json, safe_relative_path
 
 
+def summarize_seeds(metrics_by_seed: dict, classes) -> dict:
+    """One arm's metrics files ({seed: metrics}) -> mIoU per seed, mean, spread (max - min), per-class IoU
+    averaged over the seeds (None for a class no seed could score)."""
+    per_seed = {str(seed): round(m["miou"], 2) for seed, m in metrics_by_seed.items()}
+    per_class = [[math.nan if m["per_class"].get(c) is None else m["per_class"][c] for c in classes]
+                 for m in metrics_by_seed.values()]
+    values = list(per_seed.values())
+    return {
+        "miou": per_seed,
+        "mean": round(float(np.mean(values)), 2) if values else None,
+        "spread": round(float(np.max(values) - np.min(values)), 2) if values else None,
+        "per_class": {c: (round(float(np.nanmean(col)), 2) if np.isfinite(col).any() else None)
+                      for c, col in zip(classes, np.array(per_class, dtype=float).T)} if per_class else {},
+    }
+
+
 def collect_results(context, method) -> dict:
-    """Per arm: mIoU per seed, mean and spread (max - min), per-class IoU averaged over seeds."""
+    """Per arm: mIoU per seed, mean and spread (max - min), per-class IoU averaged over seeds, the method it
+    belongs to, the synthetic samples it trains on and its training seconds."""
     config, out, classes = context.config, context.out, list(context.dataset.classes)
     arms = {}
     for arm_name in config.arms:
         folders = [out / "arms" / arm_name / f"seed{seed}" for seed in config.seeds]
-        per_seed, per_class = {}, []
-        for seed, folder in zip(config.seeds, folders):
-            path = folder / f"metrics_{config.eval_split}.json"
-            if path.is_file():
-                metrics = read_json(path)
-                per_seed[str(seed)] = round(metrics["miou"], 2)
-                per_class.append([metrics["per_class"][c] for c in classes])
-        values = list(per_seed.values())
+        metrics = {seed: read_json(folder / f"metrics_{config.eval_split}.json") for seed, folder in
+                   zip(config.seeds, folders) if (folder / f"metrics_{config.eval_split}.json").is_file()}
+        arm = method.arms[arm_name]
         arms[arm_name] = {
-            "miou": per_seed,
-            "mean": round(float(np.mean(values)), 2) if values else None,
-            "spread": round(float(np.max(values) - np.min(values)), 2) if values else None,
-            "per_class": {c: (round(float(np.nanmean(col)), 2) if np.isfinite(col).any() else None)
-                          for c, col in zip(classes, np.array(per_class, dtype=float).T)} if per_class else {},
+            "method": arm.method or method.name,
+            **summarize_seeds(metrics, classes),
+            "synthetic_sets": list(arm.synthetic),
+            "synthetic_images": sum(len(read_manifest(context.synthetic_set(name))) for name in arm.synthetic
+                                    if context.synthetic_set(name).is_dir()),
+            "train_seconds": round(sum(context.seconds.get(f"train {arm_name} seed {seed}", 0.0)
+                                       for seed in config.seeds), 1),
             "checkpoints": [str(folder / "checkpoint") for folder in folders],
         }
     synthetic = {}
@@ -45,39 +60,60 @@ def collect_results(context, method) -> dict:
             synthetic[folder.name] = read_json(folder / "summary.json")
     train = context.train_settings
     return {"method": method.name, "data": config.data, "eval_split": config.eval_split, "seeds": config.seeds,
-            "model": train.model, "iterations": train.iterations, "arms": arms, "synthetic": synthetic,
+            "model": train.model, "iterations": train.iterations, "batch_size": train.batch_size,
+            "images_per_mask": config.images_per_mask, "classes": classes,
+            "palette": [list(colour) for colour in context.dataset.palette], "arms": arms, "synthetic": synthetic,
             "seconds": context.seconds, "total_seconds": round(sum(context.seconds.values()), 1),
             "config": to_dict(config)}
 
 
 def format_table(results: dict) -> str:
+    """mIoU per arm: mean, spread and seeds, the difference to real, the synthetic samples it trained on."""
     real = results["arms"].get("real", {}).get("mean")
-    lines = ["| arm | mIoU mean | spread | per seed | vs real |", "|---|---|---|---|---|"]
+    lines = ["| arm | mIoU mean | spread | per seed | vs real | synthetic images | train s |",
+             "|---|---|---|---|---|---|---|"]
     for name, arm in results["arms"].items():
         mean = arm["mean"]
         delta = "" if mean is None or real is None or name == "real" else f"{mean - real:+.2f}"
         seeds = ", ".join(f"{v:.2f}" for v in arm["miou"].values())
         spread = arm["spread"]
         lines.append(f"| {name} | {'-' if mean is None else f'{mean:.2f}'} | "
-                     f"{'-' if spread is None else f'{spread:.2f}'} | {seeds} | {delta} |")
+                     f"{'-' if spread is None else f'{spread:.2f}'} | {seeds} | {delta} | "
+                     f"{arm.get('synthetic_images', 0)} | {arm.get('train_seconds', 0):.0f} |")
     return "\n".join(lines)
+
+
+def format_per_class(results: dict) -> str:
+    """Per-class IoU (mean over seeds), one row per arm."""
+    classes = results.get("classes") or list(next(iter(results["arms"].values()), {}).get("per_class", {}))
+    lines = ["| arm | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for name, arm in results["arms"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            "-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}" for c in classes) + " |")
+    return "\n".join(lines)
+
+
+def format_seconds(results: dict) -> str:
+    lines = ["| stage | s |", "|---|---|"] + [f"| {name} | {value:.0f} |" for name, value in results["seconds"].items()]
+    return "\n".join(lines) + f"\n\nTotal: {results['total_seconds']:.0f} s."
+
+
+def format_tables(results: dict) -> str:
+    """What `segsynth run` prints at its end: mIoU per arm, per-class IoU, seconds per stage."""
+    return (f"mIoU per arm ({results['eval_split']}, seeds {results['seeds']}, {results['model']}, "
+            f"{results['iterations']} iterations):\n{format_table(results)}\n\nper-class IoU (mean over seeds):\n"
+            f"{format_per_class(results)}\n\nseconds per stage:\n{format_seconds(results)}")
 
 
 def write_results(context, method) -> dict:
     """results.json and results.md in the run folder; returns the results."""
     results = collect_results(context, method)
     atomic_write_json(context.out / "results.json", results)
-    classes = list(context.dataset.classes)
-    per_class = ["| arm | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
-    for name, arm in results["arms"].items():
-        per_class.append(f"| {name} | " + " | ".join(
-            "-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}" for c in classes) + " |")
-    stage_lines = [f"| {name} | {value:.0f} |" for name, value in results["seconds"].items()]
     text = (f"# segsynth run: {results['data']}\n\nmethod `{results['method']}`; val split: `{results['eval_split']}`; "
-            f"seeds {results['seeds']}; segmenter {results['model']}, {results['iterations']} iterations per arm.\n\n"
-            f"## mIoU per arm\n\n{format_table(results)}\n\n## Per-class IoU (mean over seeds)\n\n" + "\n".join(per_class) +
-            "\n\n## Seconds per stage\n\n| stage | s |\n|---|---|\n" + "\n".join(stage_lines) +
-            f"\n\nTotal: {results['total_seconds']:.0f} s.\n")
+            f"seeds {results['seeds']}; segmenter {results['model']}, {results['iterations']} iterations per arm; "
+            f"{results['images_per_mask']} synthetic image(s) per real mask.\n\n"
+            f"## mIoU per arm\n\n{format_table(results)}\n\n## Per-class IoU (mean over seeds)\n\n"
+            f"{format_per_class(results)}\n\n## Seconds per stage\n\n{format_seconds(results)}\n")
     atomic_write_text(context.out / "results.md", text)
     return results
 

@@ -7,10 +7,12 @@
      SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
      each a (name, action, done) triple from `Method.stages`
   4. every other arm with every seed, each evaluated on the held-out split
-  5. results.json, results.md, the printed table and the method's grids (segsynth.report)
+  5. results.json, results.md, the printed tables, the method's grids (segsynth.report) and
+     report.html (segsynth.html_report, from the files alone)
 
 A method (segsynth.methods) is a plain list of stages and arms; this module
-knows no method. Every stage writes to its own folder under OUT and is skipped
+knows no method. `--method all` (methods/compare.py) is one more row of METHODS:
+the three methods' arms and stages over one real reference. Every stage writes to its own folder under OUT and is skipped
 when its output is already complete, so an interrupted run continues where it
 stopped; the checkpoints of every arm stay, for `segsynth evaluate` later.
 
@@ -38,11 +40,13 @@ from segsynth.io import SegsynthError, atomic_write_json, read_json
 from segsynth.generators.builtin import train_generator
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.attn2mask.method import ATTN2MASK
+from segsynth.methods.compare import COMPARE
 from segsynth.methods.freemask.method import FREEMASK
 from segsynth.methods.seggen.method import SEGGEN
+from segsynth.html_report import write_report
 from segsynth.outputs import claim_folder
-from segsynth.report import format_table, write_results
-from segsynth.stage_configs import RUN_SECTIONS, RunConfig, TrainConfig, TrainGeneratorConfig
+from segsynth.report import format_tables, write_results
+from segsynth.stage_configs import RUN_SECTIONS, ReportConfig, RunConfig, TrainConfig, TrainGeneratorConfig
 from segsynth.training.loop import train
 
 TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
@@ -52,6 +56,7 @@ METHODS = {
     "freemask": FREEMASK,
     "seggen": SEGGEN,
     "attn2mask": ATTN2MASK,
+    "all": COMPARE,  # the three above side by side (methods/compare.py)
 }
 
 # Sizes by data kind ("toy" for the built-in data, "real" for any other) and preset. Each preset is
@@ -73,6 +78,11 @@ PRESETS = {
     ("toy", "quick"): {"data": "toy:n=120,n_val=40,size=64x80", "seeds": [0], "images_per_mask": 1, "grids": 4,
                        "train": {"iterations": 200}, "synthesize": {"steps": 8},
                        "train_generator": {"max_minutes": 0.75}, "train_text_generator": {"max_minutes": 0.5}},
+    # `make demo`: the three methods side by side (--method all) in a few minutes on 2 cores. Against the
+    # default: 1 image per real mask instead of 2 (240 per synthetic arm), 300 training iterations instead of
+    # 600, 8 denoising steps instead of 12; still 2 seeds, so every arm has a spread.
+    ("toy", "demo"): {"seeds": [0, 1], "images_per_mask": 1, "train": {"iterations": 300},
+                      "synthesize": {"steps": 8}},
     ("real", "quick"): {"seeds": [0], "images_per_mask": 1,
                         "train": {"model": "segformer-tiny", "iterations": 300, "crop": [128, 160]},
                         "train_generator": {"size": [64, 80], "max_minutes": 3.0},
@@ -99,18 +109,29 @@ def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     preset = values.get("preset", "default")
     data = values.get("data") or PRESETS[("toy", preset)].get("data") or RunConfig.data
     kind = "toy" if data.split(":")[0] == "toy" else "real"
+    if (kind, preset) not in PRESETS:
+        raise SegsynthError(f"preset {preset!r} has no sizes for {kind} data ({data}); options for {kind} data: "
+                            f"{', '.join(name for k, name in PRESETS if k == kind)}")
     method = METHODS.get(values.get("method", RunConfig.method))
-    method_sizes = method.presets.get((kind, preset), {}) if method else {}
+    method_sizes = method.preset(kind, preset) if method else {}
     merged = _merge(_merge(_merge(BASE, PRESETS[(kind, preset)]), method_sizes), values)
+    if method and method.configure:
+        merged = method.configure(merged, values, kind, preset)
     config = build_config(RunConfig, merged, source)
     method = method_of(config)
+    if config.per_method and not method.configure:
+        raise SegsynthError(f"run config key 'per_method' is for --method all (a member method's own keys); "
+                            f"--method {config.method} takes its sections at the top level")
     for section, (stage_config, owned) in RUN_SECTIONS.items():
         check_section(section, getattr(config, section), stage_config, owned, source)
+    for member, keys in config.per_method.items():  # sections of one member method (--method all)
+        for section in set(keys) & set(RUN_SECTIONS):
+            check_section(f"per_method.{member}.{section}", keys[section], *RUN_SECTIONS[section], source)
     unknown = [arm for arm in config.arms if arm not in method.arms]
     if unknown:
         raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
                             f"options: {', '.join(method.arms)}")
-    config = dataclasses.replace(config, arms=list(config.arms or method.arms))
+    config = dataclasses.replace(config, arms=list(config.arms or method.main_arms or method.arms))
     check_pretrain_split(config, method, source)
     return config
 
@@ -216,6 +237,8 @@ def _run(config: RunConfig) -> dict:
     # 1. The data, checked once before any compute.
     dataset = open_dataset(config.data)
     check_before_compute(dataset, ["train", config.eval_split])
+    atomic_write_json(out / "classes.json", {"data": config.data, "classes": list(dataset.classes),  # for reports
+                                             "palette": [list(c) for c in dataset.palette], "ignore_index": 255})
     context = RunContext(config, out, dataset, _read_seconds(out))
     say(f"segsynth run --method {config.method}: {config.data} ({len(dataset.split('train'))} train / "
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
@@ -238,11 +261,12 @@ def _run(config: RunConfig) -> dict:
         for seed in config.seeds:
             _run_stage(context, Stage(f"train {arm.name} seed {seed}", lambda a=arm, s=seed: train_arm(context, a, s)))
 
-    # 5. Tables and grids.
+    # 5. Tables, grids and the HTML report (which reads only the files written so far).
     if any(arm.synthetic for arm in arms):
         _run_stage(context, Stage("grids", lambda: method.grids(context)))
     results = write_results(context, method)
-    say(f"\n{format_table(results)}\n\nresults: {out / 'results.md'}, {out / 'results.json'}")
+    report = write_report(ReportConfig(run=str(out)))
+    say(f"\n{format_tables(results)}\n\nresults: {out / 'results.md'}, {out / 'results.json'}; report: {report}")
     return results
 
 

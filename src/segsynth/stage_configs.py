@@ -49,7 +49,7 @@ RECIPE_NAMES = ("real", "synthetic", "joint", "pretrain-finetune", "replace")  #
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm-solver++", "dpmpp", "uni-pc")
 SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
 PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
-METHOD_NAMES = ("freemask", "seggen", "attn2mask")  # run.METHODS
+METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
 
 
 def _ordered_pair(key: str):
@@ -416,6 +416,32 @@ class MaskQualityConfig:
 
 
 @config_class
+class ReportConfig:
+    run: str = field(help="run folder (the --out of `segsynth run`)")
+    out: str | None = field(None, help="HTML file to write (default: RUN/report.html)")
+    per_class: int = field(2, range=Range(1, 100), help="gallery samples shown per class and synthetic set")
+    gallery_classes: int = field(30, range=Range(0, 255),
+                                 help="classes a gallery shows at most: those in the most samples (0: all)")
+    scan: int = field(400, range=Range(0, 10**8), help="masks read per synthetic set to find each class's samples (0: all)")
+
+
+@config_class
+class ExportConfig:
+    data: str = field(help="what to export: a synthetic set folder (filtered masks when it has them), or any "
+                           "dataset spec (camvid:PATH, synthetic:DIR, synthetic-raw:DIR, toy ...)")
+    out: str = field(help="target folder (refused when it exists and is not empty, unless --overwrite)")
+    format: str = field("mmseg", range=Range(choices=("mmseg", "hf")),
+                        help="mmseg (img_dir/ann_dir + a config snippet) or hf (an imagefolder dataset "
+                             "for datasets.load_dataset)")
+    splits: list[str] = field([], help="splits to export (default: every split the data has)")
+    val_fraction: float = field(0.1, range=Range(0.0, 1.0, high_open=True),
+                                help="data with a train split only (a synthetic set): this share of it, "
+                                     "every k-th sample, becomes the val split (0: none)")
+    overwrite: bool = field(False, help="replace a target folder that exists and is not empty")
+    limit: int = field(0, range=Range(0, 10**9), help="export only the first N samples of each split (0: all)")
+
+
+@config_class
 class RunConfig:
     """`segsynth run`: a method's stages and arms on one dataset. The run's own keys are below; each
     stage section holds keys of that stage's config (TrainConfig, TrainGeneratorConfig, StatsConfig,
@@ -424,11 +450,13 @@ class RunConfig:
     itself (data, out, seeds, recipes, which synthetic sets) is not a section key."""
 
     method: str = field("freemask", range=Range(choices=METHOD_NAMES),
-                        help="method whose stages and arms run: freemask or seggen (segsynth.run.METHODS)")
+                        help="method whose stages and arms run: freemask, seggen, attn2mask, or all (the "
+                             "three side by side: one segmenter, schedule, seeds and budget; segsynth.run.METHODS)")
     data: str = field("toy:n=240,n_val=80,size=64x80", help="dataset spec (default: the embedded toy dataset)")
     out: str = field("runs/segsynth", help="output folder")
-    preset: str = field("default", range=Range(choices=("quick", "default")),
-                        help="quick or default: sizes for toy or real data (any key overrides them)")
+    preset: str = field("default", range=Range(choices=("quick", "default", "demo")),
+                        help="quick or default: sizes for toy or real data (any key overrides them); "
+                             "demo: the toy data's comparison of `make demo` (--method all)")
     arms: list[str] = field([], help="arms to run (default: every arm of the method)")
     seeds: list[int] = field([0, 1], range=Range(0, 2**31 - 1, lengths=tuple(range(1, 33))),
                              help="training seeds per arm")
@@ -453,6 +481,10 @@ class RunConfig:
     captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
     train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
                                                 "max_minutes=20")
+    per_method: dict = field({}, help="method all: keys of one member method over the shared ones: its generator "
+                                      "and stage sections but train, e.g. per_method: {seggen: "
+                                      "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
+                                      "attention-sd:BASE}} (resolved per member in run.config.yaml)")
 
     __cross_checks__ = (_distinct_seeds,)
 

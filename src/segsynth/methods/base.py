@@ -19,6 +19,7 @@ class Arm:
     synthetic: tuple[str, ...] = ()  # names of the synthetic sets it trains on (OUT/synthetic/<name>)
     masks: str = "raw"  # raw or filtered masks of those sets
     train: tuple[tuple[str, object], ...] = ()  # other TrainConfig keys this arm sets, e.g. (("loss", "reliable"),)
+    method: str = ""  # the method whose arm it is, where a run mixes methods (`--method all`); "" = the run's
 
 
 @dataclass
@@ -38,3 +39,12 @@ class Method:
     stages: Callable  # (run context, arms to train) -> list[Stage], in order
     grids: Callable  # (run context) -> list of grid PNGs written
     presets: dict = field(default_factory=dict)  # (data kind, preset) -> run values over run.PRESETS for this method
+    main_arms: tuple[str, ...] = ()  # the arms a run trains when none are named (empty: every arm)
+    # (merged run values, the user's values, data kind, preset) -> run values: a method that needs more than a
+    # merge of presets (`--method all` fills in each member method's sections) finishes them here
+    configure: Callable | None = None
+
+    def preset(self, kind: str, preset: str) -> dict:
+        """This method's sizes for a data kind and preset; a preset it has no entry for (e.g. the toy
+        "demo" of `--method all`) gets its default entry, so its generators keep their sizes."""
+        return self.presets.get((kind, preset), self.presets.get((kind, "default"), {}))

@@ -70,7 +70,8 @@ MASKSYN_FIRST_SEED = 10_000_000
 def stages(context, arms: list[Arm]) -> list[Stage]:
     """SegGen's stages for the arms being trained (a source no arm uses is not made)."""
     config, out = context.config, context.out
-    used = {name.rsplit("-", 1)[0] for arm in arms for name in arm.synthetic}
+    sets = {name for arm in arms for name in arm.synthetic}  # a half no arm trains on is not rendered
+    used = {name.rsplit("-", 1)[0] for name in sets}
     plans = out / "plans"
     result: list[Stage] = []
 
@@ -91,8 +92,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                 context.stage_config(PlanConfig, "plan", data=s, out=str(plans / "masksyn.jsonl"), uniform=1,
                                      seed=MASKSYN_FIRST_SEED))))
             data = mask_set
-        for half in ("a", "b"):
-            name = f"{source}-{half}"
+        for name in [f"{source}-{half}" for half in ("a", "b") if f"{source}-{half}" in sets]:
             result.append(Stage(f"synthesize {name}", lambda n=name, d=data: synthesize(context.stage_config(
                 SynthesizeConfig, "synthesize", data=d, plan=str(plans / f"{n}.jsonl"), generator=generator,
                 out=str(context.synthetic_set(n)), device=config.device))))
@@ -102,7 +102,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
         quality = out / "mask_quality"
         result.append(Stage("mask quality", lambda: write_mask_quality(MaskQualityConfig(
             masks=str(context.synthetic_set(MASK_SET)), data=config.data, out=str(quality),
-            rendered=[str(context.synthetic_set(f"masksyn-{half}")) for half in ("a", "b")],
+            rendered=[str(context.synthetic_set(name)) for name in ("masksyn-a", "masksyn-b") if name in sets],
             segmenter=str(context.reference_segmenter), eval_split=config.eval_split,
             size=context.train_settings.eval_size, grid_rows=config.grids, device=config.device)),
             lambda: (quality / "mask_quality.json").is_file()))
