@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from segsynth import stage_configs
-from segsynth.cli import VERBS, main
+from segsynth.cli import POSITIONAL, VERBS, main
 from segsynth.config import Range, _non_optional, build_config
 from segsynth.io import SegsynthError
 from segsynth.stage_configs import RUN_SECTIONS, SETTINGS_SECTIONS, RunConfig
@@ -105,6 +105,13 @@ def _required(cls, tmp_path: Path) -> dict:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
 
+def _required_arguments(verb: str, cls, work: Path) -> list[str]:
+    """The required fields as the verb takes them: positional (`segsynth report RUN`) or --flag=value."""
+    positional = POSITIONAL.get(verb, ())
+    return [text if key in positional else f"--{key.replace('_', '-')}={text}"
+            for key, text in _required(cls, work).items()]
+
+
 def _flag_arguments(flag: str, value) -> list[str]:
     if isinstance(value, list):
         if value and isinstance(value[0], str):
@@ -157,8 +164,7 @@ def test_out_of_range_value_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
         if section is None:
             flag = next(f.metadata.get("flag") for f in dataclasses.fields(cls) if f.name == name) or \
                 "--" + name.replace("_", "-")
-            argv = [verb] + [f"--{key.replace('_', '-')}={text}" for key, text in _required(cls, work).items()]
-            argv += _flag_arguments(flag, value)
+            argv = [verb] + _required_arguments(verb, cls, work) + _flag_arguments(flag, value)
         else:
             text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
             argv = ["run", f"--out={work / 'run'}", f"--{section.replace('_', '-')}", f"{name}={text}"]
@@ -196,7 +202,7 @@ def test_out_of_range_settings_key_is_refused_with_the_config(tmp_path, capsys, 
     before = _listing(tmp_path)
     for value in values:
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        argv = [verb] + [f"--{key.replace('_', '-')}={path}" for key, path in _required(cls, work).items()]
+        argv = [verb] + _required_arguments(verb, cls, work)
         argv += [f"--{settings.replace('_', '-')}", f"{name}={text}"]
         assert main(argv) == 2, value
         err = capsys.readouterr().err

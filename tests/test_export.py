@@ -132,9 +132,9 @@ def test_a_failure_midway_leaves_no_target_and_no_staging(filtered_set, tmp_path
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--format", "coco"], "--format 'coco': options: mmseg, hf"),
+    (["--format", "coco"], "--format coco is unknown: format must be one of: mmseg, hf"),
     (["--splits", "test"], "--splits test: .* has train"),
-    (["--val-fraction", "1.5"], "--val-fraction 1.5: give a share"),
+    (["--val-fraction", "1.5"], r"--val-fraction 1.5 is too large: val_fraction must be a number in \[0, 1\)"),
 ])
 def test_bad_export_options(filtered_set, tmp_path, capsys, argv, message):
     assert main(["export", str(filtered_set), "--out", str(tmp_path / "out"), *argv]) == 2

@@ -193,6 +193,11 @@ def build_config(cls: type[C], values: dict, source: str = "config") -> C:
     outside their fields' ranges (naming the allowed values)."""
     coerced = coerce_values(cls, values, source)
     check_values(cls, coerced, source)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in coerced and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SegsynthError(f"{source}: required {', '.join(missing)} not given; give it on the command line (see "
+                            "--help) or as a key of the --config file")
     try:
         config = cls(**coerced)
     except TypeError as error:  # a required field is missing
@@ -285,8 +290,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if default not in (None, [], "", {}):
             help_text += f" (default: {default})"
-        if f.name in positional:
-            parser.add_argument(f.name, help=help_text)
+        if f.name in positional:  # optional here: a --config file may give it; build_config asks for it if not
+            parser.add_argument(f.name, nargs="?", default=None, help=help_text)
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         origin = typing.get_origin(kind)
