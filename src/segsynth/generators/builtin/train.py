@@ -22,12 +22,16 @@ from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, bu
                                                training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, staged_swap
-from segsynth.stage_configs import TrainGeneratorConfig
+from segsynth.stage_configs import TrainGeneratorConfig, resolve_generator_kind
 from segsynth.training.schedule import check_finite, warmup_cosine
 
 
 def train_generator(config: TrainGeneratorConfig) -> Path:
     """Train a builtin generator on a dataset's (image, mask) pairs; returns the generator folder."""
+    config = resolve_generator_kind(config)
+    if config.kind != "builtin":
+        raise SegsynthError(f"train_generator trains the builtin kind, not {config.kind!r}; use "
+                            "segsynth.generators.train_generator_kind")
     out = Path(config.out)
     device = resolve_device(config.device)
 
