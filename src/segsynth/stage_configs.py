@@ -342,6 +342,9 @@ class RunConfig:
                                         "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
                                         "the builtin text generator, attention:DIR or attention-sd:BASE)")
     grids: int = field(6, help="rows in each visual grid")
+    parallel: int = field(1, help="arm trainings run at once, in worker processes that share the CPU threads "
+                                  "(2 on 2 cores: two one-thread trainings, faster than one after the other for "
+                                  "small segmenters)")
     device: str = field("auto", help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
