@@ -152,15 +152,16 @@ class RunContext:
     pool: object = None  # the training worker processes (config.parallel > 1), started on first use
 
     def worker_pool(self):
-        """`config.parallel` spawned worker processes, each with its share of the CPU threads, kept for the whole
-        run (a worker pays its imports once). Spawned, not forked: forking a process whose OpenMP threads have
-        run can hang the child."""
+        """`config.parallel` spawned worker processes, each with its share of this process's torch threads (at
+        least one), kept for the whole run (a worker pays its imports once). Spawned, not forked: forking a
+        process whose OpenMP threads have run can hang the child."""
         if self.pool is None:
             import multiprocessing
-            import os
             from concurrent.futures import ProcessPoolExecutor
 
-            threads = max(1, (os.cpu_count() or 1) // self.config.parallel)
+            import torch
+
+            threads = max(1, torch.get_num_threads() // self.config.parallel)
             self.pool = ProcessPoolExecutor(max_workers=self.config.parallel, initializer=_quiet_worker,
                                             initargs=(threads,), mp_context=multiprocessing.get_context("spawn"))
         return self.pool
