@@ -199,3 +199,12 @@ def test_a_folder_missing_its_files_is_refused(trained, tmp_path):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(SegsynthError, match="not a text2mask-sd model, missing unet/diffusion_pytorch_model.safetensors"):
         open_generator(f"text2mask-sd:{broken}")
+
+
+def test_a_diverging_training_stops_with_a_clear_error_and_writes_no_model(tiny_bases, tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(SegsynthError, match=r"non-finite loss \(\w+\) at iteration \d of 4: training diverged; lower "
+                                            r"the learning rate \(--lr 1e\+30 now; try 1e\+29\); no model was saved"):
+        train_generator_kind(TrainGeneratorConfig(out=str(out), base=str(tiny_bases["sd"]), iterations=4, lr=1e30,
+                                                  **{**TINY, "warmup": 0}))
+    assert not (out / "unet").exists() and not (out / "segsynth_generator.json").exists()

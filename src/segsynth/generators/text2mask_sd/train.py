@@ -188,9 +188,11 @@ def train_text2mask_sd(config: TrainGeneratorConfig) -> Path:
                 pending = batches.submit(read, iteration + 1)
             loss = _loss(config, parts, model, noise_schedule, pixels, batch_prompts, dropped, size, iteration,
                          info, amp)
-            check_finite(loss.detach(), iteration + 1, config.iterations, config.lr,
-                         saved=f"the training state saved earlier in {out} is intact" if _state_folder(out)
-                         else f"no model was saved in {out}", before_raise=bar.close)
+            if not torch.isfinite(loss.detach()):
+                check_finite(loss.detach(), iteration + 1, config.iterations, config.lr,
+                             saved=f"the training state saved earlier in {out} is intact (--resume continues "
+                                   "from it)" if _state_folder(out) else f"no model was saved in {out}",
+                             before_raise=bar.close)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
