@@ -16,9 +16,10 @@ Rows (both are run unless --rows says otherwise):
                  --text2mask-dir a trained one (e.g. a toy run's OUT/text2mask)
   text2mask-sd   a tiny random SD 1.x (tests' components, 32x32 pictures) fine-tuned 2 iterations
 
-Bare and synthesize runs alternate (bare, synth, bare, ..., bare) and the medians
-are compared, so machine-load drift shows as spread in the per-run figures (all in
-the JSON) instead of biasing the ratio. The decoding cost per mask is also timed
+Bare and synthesize runs alternate (bare, synth, bare, ..., bare); each synthesize
+run is divided by the mean of the bare runs on either side of it and the median of
+those paired ratios is reported (the machine is shared: load drifts between rounds),
+with every run's figure in the JSON. The decoding cost per mask is also timed
 on its own, on the pictures the generator drew.
 
     python benchmarks/bench_mask_generation.py [--rows text2mask,text2mask-sd] [--text2mask-dir DIR]
@@ -179,10 +180,14 @@ def measure(row: str, tmp: Path, data: str, captions: Path, plan: Path, prompts,
     ignored = float(np.mean([np.mean(label == 255) for label in labels]))
 
     bare_ips, synth_ips = float(np.median(bare_runs)), float(np.median(synth_runs))
+    # Each synthesize run against the mean of the bare runs just before and after it: load drift between
+    # rounds cancels; the median of these is the ratio reported.
+    paired = [synth / ((bare_runs[i] + bare_runs[i + 1]) / 2) for i, synth in enumerate(synth_runs)]
     return {"row": row, "generator": generator.identity()["name"], "size": list(generator.size),
             "guidance": generator.guidance, "trained_dir": args.text2mask_dir if row == "text2mask" else None,
             "bare_images_per_s": round(bare_ips, 3), "synthesize_images_per_s": round(synth_ips, 3),
-            "ratio": round(synth_ips / bare_ips, 3),
+            "ratio": round(float(np.median(paired)), 3), "paired_ratios": [round(v, 3) for v in paired],
+            "ratio_of_medians": round(synth_ips / bare_ips, 3),
             "bare_runs_images_per_s": [round(v, 3) for v in bare_runs],
             "synthesize_runs_images_per_s": [round(v, 3) for v in synth_runs],
             "synthesize_wall_s_including_startup": [round(v, 2) for v in walls],
@@ -230,7 +235,8 @@ def main() -> int:
         print(f"{r['row']:14s} {r['size'][0]:>3d}x{r['size'][1]:<3d} {args.batch:>5d} {args.steps:>5d} "
               f"{r['bare_images_per_s']:>10.2f} {r['synthesize_images_per_s']:>11.2f} {r['ratio']:>6.3f} "
               f"{r['decode_ms_per_mask']:>9.2f} {r['bare_ms_per_mask']:>8.2f}")
-    print(f"(medians of {args.rounds + 1} bare and {args.rounds} synthesize runs of {args.images} masks each; load "
+    print(f"(ratio: median of {args.rounds} synthesize runs each over the mean of the bare runs before and after it; "
+          f"{args.images} masks per run; load "
           f"average {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__})")
     out = Path(args.out)

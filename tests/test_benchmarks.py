@@ -23,6 +23,7 @@ SMOKE = {
     "planning": (["--data", "toy:n=40,size=32"], []),
     "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
                    "--channels", "8,16,32"], ["ratio"]),
+    "mask_generation": (["--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1"], ["ratio"]),
 }
 
 
