@@ -301,11 +301,15 @@ def train_arms(context: RunContext, jobs: list[tuple[Arm, int]], group: str) -> 
 
 
 def _quiet_worker(threads: int) -> None:
-    """A training worker: its share of the threads, and no progress bars of its own (they would interleave)."""
+    """A training worker: its share of the threads, and no progress bars of its own (they would interleave).
+    A spawned process inherits "spawn" as its default start method; its trainings' data loader workers are
+    forked again, as in a `segsynth train` process (their dataset closures cannot be pickled for spawn)."""
+    import multiprocessing
     import os
 
     import torch
 
+    multiprocessing.set_start_method(None, force=True)  # back to the platform's default (fork on Linux)
     os.environ["TQDM_DISABLE"] = "1"
     torch.set_num_threads(threads)
 
