@@ -595,7 +595,8 @@ def test_no_unsafe_loader_anywhere_in_the_package():
              if unsafe.search(line)]
     assert found == []
     loaders = {"segmenters/segformer.py": "SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True)",
-               "generators/builtin/sample.py": "use_safetensors=True", "config.py": "yaml.safe_load("}
+               "generators/builtin/sample.py": "use_safetensors=True", "config.py": "yaml.safe_load(",
+               "generators/text2mask_sd/sample.py": "from_pretrained(self.folder, torch_dtype=self.dtype, use_safetensors=True"}
     for name, call in loaders.items():
         assert call in (SRC / name).read_text(), name
 
@@ -924,3 +925,92 @@ def test_a_train_folder_killed_while_pretraining_is_still_train_s(tmp_path, caps
     err = one_line(fails(capsys, ["train", "--data", "nope:x", "--out", out, *TINY_TRAIN]))
     assert "unknown dataset kind 'nope'" in err and "did not write" not in err
     assert sorted(p.name for p in out.iterdir()) == ["pretrain"]  # the lock is gone again
+
+
+# --- SegGen: captions, colour maps, generated colour maps -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from segsynth.generators.testing import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("bad-input-sd"))
+
+
+def _caption_verb(verb: str, captions: Path, out: Path, tiny_sd: Path) -> list:
+    if verb == "plan":
+        return ["plan", "--data", TOY_SPEC, "--captions", captions, "--per-caption", "1", "--out", out]
+    if verb == "captions":
+        return ["captions", "--data", TOY_SPEC, "--captioner", "file", "--captions", captions, "--out", out]
+    if verb == "train-text-generator":
+        return ["train-text-generator", "--data", TOY_SPEC, "--target", "colour-mask", "--prompts", captions,
+                "--out", out, "--iterations", "1", "--device", "cpu"]
+    return ["train-generator", "--kind", "text2mask-sd", "--base", tiny_sd, "--data", TOY_SPEC, "--prompts", captions,
+            "--out", out, "--iterations", "1", "--device", "cpu"]
+
+
+CAPTION_BREAKAGES = {
+    "unknown-id": (b'{"id": "toy_train_00000", "caption": "sky"}\n{"id": "nope_7", "caption": "road"}\n',
+                   r"captions.jsonl: 1 id\(s\) are not masks of this split: 'nope_7' \(line 2\)"),
+    "empty-caption": (b'{"id": "toy_train_00000", "caption": "  "}\n',
+                      r"captions.jsonl:1: the caption of 'toy_train_00000' is empty"),
+    "not-utf8": (b'{"id": "toy_train_00000", "caption": "sky"}\n{"id": "toy_train_00001", "caption": "caf\xe9"}\n',
+                 r"captions.jsonl:2: not UTF-8 text \(byte \d+\); save the file as UTF-8"),
+}
+
+
+@pytest.mark.parametrize("verb", ["plan", "captions", "train-text-generator", "train-generator"])
+@pytest.mark.parametrize("breakage", list(CAPTION_BREAKAGES))
+def test_captions_file_that_cannot_be_used(tmp_path, capsys, tiny_sd, breakage, verb):
+    content, needle = CAPTION_BREAKAGES[breakage]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes(content)
+    out = tmp_path / ("out.jsonl" if verb == "plan" else "out")
+    err = fails(capsys, _caption_verb(verb, captions, out, tiny_sd))
+    assert re.search(needle, err), err
+    assert not out.exists()
+
+
+COLOUR_MAP_BREAKAGES = {
+    "shared-colour": ({"sky": [1, 2, 3], "building": [1, 2, 3]},
+                      r"'sky' and 'building' share the colour \[1, 2, 3\], so decoding could not tell them apart; "
+                      r"give each class \(and ignore\) its own colour"),
+    "missing-colour": ({"sky": [1, 2, 3]}, r"no colour for class\(es\) building, .*; every class needs one"),
+}
+
+
+@pytest.mark.parametrize("verb", ["train-text-generator", "train-generator"])
+@pytest.mark.parametrize("breakage", list(COLOUR_MAP_BREAKAGES))
+def test_colour_map_that_cannot_be_decoded(tmp_path, capsys, tiny_sd, breakage, verb):
+    colours, needle = COLOUR_MAP_BREAKAGES[breakage]
+    classes = open_dataset(TOY_SPEC).classes
+    full = {name: [10 * i, 255 - 10 * i, 7] for i, name in enumerate(classes)}
+    colour_map = tmp_path / "colours.json"
+    colour_map.write_text(json.dumps({**full, **colours} if breakage == "shared-colour" else colours))
+    out = tmp_path / "out"
+    argv = (["train-text-generator", "--target", "colour-mask"] if verb == "train-text-generator"
+            else ["train-generator", "--kind", "text2mask-sd", "--base", tiny_sd])
+    err = fails(capsys, argv + ["--data", TOY_SPEC, "--palette", colour_map, "--out", out, "--iterations", "1",
+                                "--device", "cpu"])
+    assert f"colour map {colour_map}: " in err and re.search(needle, err), err
+    assert not out.exists()
+
+
+def test_generated_colour_map_of_the_wrong_size(tmp_path, capsys, tiny_sd, monkeypatch):
+    from segsynth.formats.manifest import read_manifest
+    from segsynth.formats.plan import PlanEntry, write_plan
+    from segsynth.generators.text2mask_sd.sample import SDTextToMaskGenerator
+
+    model = tmp_path / "model"
+    assert main(["train-generator", "--kind", "text2mask-sd", "--base", str(tiny_sd), "--data", TOY_SPEC,
+                 "--out", str(model), "--iterations", "1", "--batch-size", "1", "--sample-steps", "1",
+                 "--device", "cpu"]) == 0
+    plan = write_plan(tmp_path / "masks.jsonl", [PlanEntry("street", [0, 1], kind="text", prompt="a road")])
+    monkeypatch.setattr(SDTextToMaskGenerator, "run", lambda self, prepared: [
+        self.colour_sample(np.zeros((16, 24, 3), np.uint8), prompt) for prompt in prepared.prompts])
+    out = tmp_path / "masks"
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", plan, "--generator", f"text2mask-sd:{model}",
+                         "--out", out, "--device", "cpu", "--no-progress"])
+    assert ("text2mask-sd sample street_s0: colour-coded mask is 24x16 (WxH) but 32x32 was expected; generate at "
+            "the mask size, or resize with nearest-neighbour before decoding") in err
+    assert read_manifest(out) == [] and not list(out.rglob("*.png"))  # no sample of the failed batch was written

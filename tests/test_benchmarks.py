@@ -28,6 +28,7 @@ SMOKE = {
                     ["generated_cold_s", "generated_cached_s", "projected_20k_pairs_cold_s"]),
     "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
                    "--channels", "8,16,32"], ["ratio"]),
+    "mask_generation": (["--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1"], ["ratio"]),
 }
 
 

@@ -105,3 +105,33 @@ def test_shipped_toy_generator_renders_toy_masks(tmp_path):
     assert all(image.dtype == np.uint8 and image.std() > 5 for image in images)
     assert shipped_toy_generator(open_dataset("toy:n=4,size=32").__class__(
         spec="x", classes=("a",), palette=((0, 0, 0),), splits={})) is None
+
+
+@pytest.mark.slow  # two spawned workers import torch and transformers (the SegGen run test covers parallel: 2 too)
+def test_parallel_arm_trainings_match_one_after_the_other(tmp_path, monkeypatch):
+    """`parallel: 2` trains in two spawned worker processes (one thread each here) and ends at the weights of
+    the same trainings run in turn on one thread; the report counts the group's wall time once."""
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # so each of the two workers gets one thread
+    values = {**TINY_RUN, "arms": ["real"], "seeds": [0, 1], "train": {**TINY_RUN["train"], "iterations": 4}}
+    side_by_side = run(resolve_run_config({**values, "out": str(tmp_path / "parallel"), "parallel": 2}))
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_turn = run(resolve_run_config({**values, "out": str(tmp_path / "sequential")}))
+    finally:
+        torch.set_num_threads(threads)
+    assert side_by_side["arms"]["real"]["miou"] == in_turn["arms"]["real"]["miou"]
+    from safetensors.torch import load_file
+
+    for seed in (0, 1):
+        a, b = (load_file(str(tmp_path / kind / "arms" / "real" / f"seed{seed}" / "checkpoint" / "model.safetensors"))
+                for kind in ("parallel", "sequential"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    seconds = side_by_side["seconds"]
+    assert set(seconds) == {"train real seed 0 (parallel)", "train real seed 1 (parallel)",
+                            "real arm: 2 trainings, 2 at once (wall)"}
+    assert side_by_side["total_seconds"] == seconds["real arm: 2 trainings, 2 at once (wall)"]
+    assert "(parallel) ran side by side" in (tmp_path / "parallel" / "results.md").read_text()

@@ -92,10 +92,11 @@ def cmd_synthesize(args) -> int:
 
 
 def cmd_train_generator(args) -> int:
-    from segsynth.generators.builtin import train_generator
+    from segsynth.generators import train_generator_kind
 
-    folder = train_generator(config_from_args(TrainGeneratorConfig, args))
-    print(f"generator: {folder} (use it with --generator builtin:{folder})")
+    folder, spec = train_generator_kind(config_from_args(TrainGeneratorConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"generator: {folder} (use it with --generator {spec})")
     return 0
 
 
@@ -170,7 +171,9 @@ VERBS = {
              cmd_plan),
     "captions": ("a caption per real mask (from the mask, a file or BLIP-2): captions.jsonl (SegGen)", CaptionConfig,
                  cmd_captions),
-    "train-generator": ("train the builtin mask-to-image diffusion model", TrainGeneratorConfig, cmd_train_generator),
+    "train-generator": ("train a generator: --kind builtin (the CPU mask-to-image diffusion model) or text2mask-sd "
+                        "(fine-tune SD / SDXL to draw colour-coded masks from captions: SegGen's text -> mask)",
+                        TrainGeneratorConfig, cmd_train_generator),
     "train-text-generator": ("train the builtin text-conditioned diffusion model (--target colour-mask: text -> mask, "
                              "SegGen's MaskSyn; --target image: text -> image)", TrainTextGeneratorConfig,
                              cmd_train_text_generator),

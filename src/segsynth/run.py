@@ -6,7 +6,8 @@
   3. the method's stages (FreeMask: class statistics, plans, generator, synthesis, filter;
      SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
      each a (name, action, done) triple from `Method.stages`
-  4. every other arm with every seed, each evaluated on the held-out split
+  4. every other arm with every seed, each evaluated on the held-out split (`parallel`: N trainings at
+     once, in worker processes sharing the cores)
   5. results.json, results.md, the printed tables, the method's grids (segsynth.report) and
      report.html (segsynth.html_report, from the files alone)
 
@@ -45,7 +46,7 @@ from segsynth.methods.freemask.method import FREEMASK
 from segsynth.methods.seggen.method import SEGGEN
 from segsynth.html_report import write_report
 from segsynth.outputs import claim_folder
-from segsynth.report import format_tables, write_results
+from segsynth.report import PARALLEL_MARK, format_tables, write_results
 from segsynth.stage_configs import RUN_SECTIONS, ReportConfig, RunConfig, TrainConfig, TrainGeneratorConfig
 from segsynth.training.loop import train
 
@@ -186,6 +187,27 @@ class RunContext:
     out: Path
     dataset: Dataset
     seconds: dict = field(default_factory=dict)
+    pool: object = None  # the training worker processes (config.parallel > 1), started on first use
+
+    def worker_pool(self):
+        """`config.parallel` spawned worker processes, each with its share of this process's torch threads (at
+        least one), kept for the whole run (a worker pays its imports once). Spawned, not forked: forking a
+        process whose OpenMP threads have run can hang the child."""
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            import torch
+
+            threads = max(1, torch.get_num_threads() // self.config.parallel)
+            self.pool = ProcessPoolExecutor(max_workers=self.config.parallel, initializer=_quiet_worker,
+                                            initargs=(threads,), mp_context=multiprocessing.get_context("spawn"))
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
     def stage_config(self, cls: type, section: str, defaults: dict | None = None, **run_values):
         """`cls` from `defaults` < the run's section < what the run decides."""
@@ -243,23 +265,21 @@ def _run(config: RunConfig) -> dict:
     say(f"segsynth run --method {config.method}: {config.data} ({len(dataset.split('train'))} train / "
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
         f"seeds {config.seeds}")
+    try:
+        # 2. Real-only reference segmenters (the method's stage list is made first: it checks its settings).
+        arms = [method.arms[name] for name in config.arms]
+        stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
+        train_arms(context, [(method.arms["real"], seed) for seed in config.seeds], "real arm")
 
-    # 2. Real-only reference segmenters (the method's stage list is made first: it checks its settings).
-    arms = [method.arms[name] for name in config.arms]
-    stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
-    for seed in config.seeds:
-        _run_stage(context, Stage(f"train real seed {seed}", lambda s=seed: train_arm(context, method.arms["real"], s)))
+        # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).
+        for stage in stages:
+            _run_stage(context, stage)
 
-    # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).
-    for stage in stages:
-        _run_stage(context, stage)
-
-    # 4. Every other arm, every seed.
-    for arm in arms:
-        if arm.name == "real":
-            continue
-        for seed in config.seeds:
-            _run_stage(context, Stage(f"train {arm.name} seed {seed}", lambda a=arm, s=seed: train_arm(context, a, s)))
+        # 4. Every other arm, every seed.
+        train_arms(context, [(arm, seed) for arm in arms if arm.name != "real" for seed in config.seeds],
+                   "other arms")
+    finally:
+        context.close()
 
     # 5. Tables, grids and the HTML report (which reads only the files written so far).
     if any(arm.synthetic for arm in arms):
@@ -288,6 +308,63 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
         synthetic=[str(context.synthetic_set(name)) for name in arm.synthetic],
         iterations=iterations - pretrain, pretrain_iterations=pretrain, seed=seed, resume=True,
         eval_split=config.eval_split, device=config.device))
+
+
+def train_arms(context: RunContext, jobs: list[tuple[Arm, int]], group: str) -> None:
+    """Train (arm, seed) pairs: one after another, or `config.parallel` at once in worker processes, each
+    with its share of the CPU threads. A small segmenter uses two cores poorly (its OpenMP team waits at
+    barriers more than it computes), so two one-thread trainings side by side finish sooner than the same two
+    run one after the other on two threads; each training's result depends only on its own settings and
+    seed (and, by float rounding, its thread count)."""
+    names = {(arm.name, seed): f"train {arm.name} seed {seed}" for arm, seed in jobs}
+    pending = []
+    for arm, seed in jobs:
+        if (arm_dir(context.out, arm.name, seed) / f"metrics_{context.config.eval_split}.json").is_file():
+            say(f"[skip] {names[(arm.name, seed)]}: already done")
+        else:
+            pending.append((arm, seed))
+    workers = min(max(1, context.config.parallel), len(pending))
+    if workers <= 1:
+        for arm, seed in pending:
+            _run_stage(context, Stage(names[(arm.name, seed)], lambda a=arm, s=seed: train_arm(context, a, s)))
+        return
+    from concurrent.futures import as_completed
+
+    say(f"[stage] {group}: {len(pending)} trainings, {context.config.parallel} at once")
+    started = time.time()
+    pool = context.worker_pool()
+    futures = {pool.submit(_train_arm_in_worker, context.config, arm.name, seed): (arm.name, seed)
+               for arm, seed in pending}
+    for future in as_completed(futures):
+        seconds = future.result()  # a worker's error is raised here
+        name = names[futures[future]]
+        context.seconds[name + PARALLEL_MARK] = round(context.seconds.get(name + PARALLEL_MARK, 0.0) + seconds, 1)
+        atomic_write_json(context.out / "seconds.json", context.seconds)
+        say(f"[done] {name}: {seconds:.0f} s")
+    wall = f"{group}: {len(pending)} trainings, {context.config.parallel} at once (wall)"
+    context.seconds[wall] = round(context.seconds.get(wall, 0.0) + time.time() - started, 1)
+    atomic_write_json(context.out / "seconds.json", context.seconds)
+
+
+def _quiet_worker(threads: int) -> None:
+    """A training worker: its share of the threads, and no progress bars of its own (they would interleave).
+    A spawned process inherits "spawn" as its default start method; its trainings' data loader workers are
+    forked again, as in a `segsynth train` process (their dataset closures cannot be pickled for spawn)."""
+    import multiprocessing
+    import os
+
+    import torch
+
+    multiprocessing.set_start_method(None, force=True)  # back to the platform's default (fork on Linux)
+    os.environ["TQDM_DISABLE"] = "1"
+    torch.set_num_threads(threads)
+
+
+def _train_arm_in_worker(config: RunConfig, arm_name: str, seed: int) -> float:
+    started = time.time()
+    context = RunContext(config, Path(config.out), open_dataset(config.data))
+    train_arm(context, method_of(config).arms[arm_name], seed)
+    return time.time() - started
 
 
 def shipped_toy_generator(dataset) -> str | None:

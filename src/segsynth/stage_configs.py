@@ -62,7 +62,9 @@ def _ordered_pair(key: str):
 
 
 def _size_fits_unet(values: dict, source: str) -> str | None:
-    """The working size must pass space-to-depth (x2) and every UNet downsampling."""
+    """The working size must pass space-to-depth (x2) and every UNet downsampling (the builtin kind's UNet)."""
+    if values.get("kind", "builtin") != "builtin" or not values.get("size"):
+        return None
     multiple = 2 * 2 ** (len(values["channels"]) - 1)
     if any(side % multiple for side in values["size"]):
         return (f"key 'size' {values['size']}: H and W must be multiples of {multiple} (space-to-depth x2 and "
@@ -196,21 +198,57 @@ class PlanConfig:
 @config_class
 class TrainGeneratorConfig:
     data: str = field(help="dataset spec whose (image, mask) pairs the generator learns, e.g. camvid:PATH")
-    out: str = field(help="output folder: a builtin generator (load it with --generator builtin:OUT)")
+    out: str = field(help="output folder: a generator (load it with --generator builtin:OUT, or text2mask-sd:OUT)")
+    kind: str = field("builtin", range=Range(choices=("builtin", "text2mask-sd")), help="what to train: builtin (the CPU mask -> image diffusion model) or "
+                                      "text2mask-sd (fine-tune a diffusers SD 1.x/2.x or SDXL text-to-image model "
+                                      "from --base on (caption, colour-coded mask) pairs: SegGen's text -> mask)")
     split: str = field("train", help="split to train on")
-    size: list[int] = field([96, 128], range=GENERATOR_SIZE,
-                            help="working resolution H,W (each a multiple of 2*2^(levels-1))")
-    channels: list[int] = field([64, 128, 256], range=CHANNELS, help="UNet widths per level (one level per entry)")
-    layers_per_block: int = field(2, range=Range(1, 8), help="ResNet blocks per UNet level")
-    attention: bool = field(True, help="self-attention at the lowest UNet level")
+    size: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2), shape="H,W or one number for a "
+                                                                                  "square; empty: the kind's default"),
+                            help="working resolution H,W (default: builtin 96,128, each a multiple of "
+                                 "2*2^(levels-1); text2mask-sd the base model's own size, e.g. 512,512)")
+    channels: list[int] = field([64, 128, 256], range=CHANNELS,
+                                help="builtin: UNet widths per level (one level per entry)")
+    layers_per_block: int = field(2, range=Range(1, 8), help="builtin: ResNet blocks per UNet level")
+    attention: bool = field(True, help="builtin: self-attention at the lowest UNet level")
+    base: str | None = field(None, help="text2mask-sd: the text-to-image model to fine-tune, a hub id or diffusers "
+                                        "folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 or "
+                                        "stabilityai/stable-diffusion-xl-base-1.0")
+    prompts: str = field("classes", help="text2mask-sd: 'classes' ('a photo of sky, road, car') or a captions file "
+                                         "with a caption per training mask (`segsynth captions`: JSONL {\"id\", "
+                                         "\"caption\"} lines, or JSON {id: caption})")
+    palette: str = field("separated", help="text2mask-sd: colours the masks are drawn in: separated (maximally far "
+                                           "apart, SegGen), dataset, or a JSON file {class: [r, g, b]}; stored "
+                                           "with the model, which decodes by it")
+    # the default is methods.seggen.colour.MAX_DISTANCE (this module imports no numpy)
+    decode_max_distance: float = field(64.0, range=Range(0.0, 442.0, low_open=True),
+                                       help="text2mask-sd: a generated pixel farther than this (RGB, 0..441) "
+                                            "from every palette colour decodes to ignore; stored with the model")
+    lora_rank: int = field(0, range=Range(0, 1024),
+                           help="text2mask-sd: 0 fine-tunes the whole UNet; N > 0 trains rank-N LoRA adapters on "
+                                "its attention projections (peft), merged into the saved UNet")
+    cond_dropout: float = field(0.1, range=Range(0.0, 1.0, high_open=True),
+                                help="text2mask-sd: probability of training on the empty prompt (for "
+                                     "classifier-free guidance)")
+    guidance: float = field(5.0, range=GUIDANCE,
+                            help="text2mask-sd: default classifier-free guidance scale stored with the model")
+    mixed_precision: str = field("auto", range=Range(choices=("auto", "no", "fp16", "bf16")),
+                                 help="text2mask-sd: auto (bf16 on a GPU that has it, else fp16 on GPU, "
+                                      "none on CPU), no, fp16 or bf16: autocast for the UNet, frozen parts "
+                                      "held in that type")
+    gradient_checkpointing: bool = field(False, help="text2mask-sd: recompute UNet activations in the backward pass "
+                                                     "(less memory, ~30% slower)")
+    resume: bool = field(False, help="text2mask-sd: continue from OUT/training_state if it exists")
     iterations: int = field(4000, range=ITERATIONS, help="training iterations")
     max_minutes: float = field(0.0, range=MINUTES,
                                help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
-    batch_size: int = field(16, range=BATCH, help="images per iteration")
-    lr: float = field(6e-4, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
+    batch_size: int = field(16, range=BATCH, help="images per iteration (per process under torchrun)")
+    lr: float | None = field(None, range=POSITIVE,
+                             help="peak learning rate (AdamW, linear warm-up then cosine decay; default: "
+                                  "builtin 6e-4, text2mask-sd 1e-5, or 1e-4 with --lora-rank)")
     warmup: int = field(100, range=COUNT, help="warm-up iterations")
     ema_decay: float = field(0.9995, range=Range(0.0, 1.0, high_open=True),
-                             help="largest EMA decay (EMA warm-up ramps towards it)")
+                             help="largest EMA decay (EMA warm-up ramps towards it; text2mask-sd: 0 = no EMA)")
     min_snr_gamma: float = field(5.0, range=Range(0.0, 1000.0), help="min-SNR loss weighting gamma (0: plain MSE)")
     crop_scale: float = field(0.7, range=Range(0.0, 1.0, low_open=True),
                               help="random crops cover this fraction of each side or more, then resize")
@@ -218,11 +256,48 @@ class TrainGeneratorConfig:
     sample_steps: int = field(20, range=STEPS, help="default sampling steps stored with the model")
     sample_scheduler: str = field("dpm++", range=SCHEDULER, help="default sampling scheduler stored with the model")
     seed: int = field(0, range=SEED, help="run seed")
-    save_every: int = field(500, range=EVERY, help="write the (EMA) model every N iterations, so a kill loses little")
+    save_every: int = field(500, range=EVERY, help="write the (EMA) model every N iterations, so a kill loses little "
+                                                   "(text2mask-sd: the resumable training state)")
     log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
     __cross_checks__ = (_size_fits_unet,)
+
+
+# train-generator kinds: the keys only that kind reads (a key of another kind set away from its default is an
+# error), and the defaults of keys whose good value depends on the kind (`resolve_generator_kind`).
+GENERATOR_KINDS = {
+    "builtin": {"only": ("channels", "layers_per_block", "attention"),
+                "defaults": {"size": [96, 128], "lr": 6e-4}},
+    "text2mask-sd": {"only": ("base", "prompts", "palette", "decode_max_distance", "lora_rank", "cond_dropout",
+                              "guidance", "mixed_precision", "gradient_checkpointing", "resume"),
+                     "defaults": {"lr": 1e-5}},
+}
+LORA_LR = 1e-4  # text2mask-sd's default learning rate with --lora-rank (adapters start at zero and need more)
+
+
+def resolve_generator_kind(config: "TrainGeneratorConfig") -> "TrainGeneratorConfig":
+    """The config with its kind checked, keys of other kinds refused unless left at their defaults, and the
+    kind's defaults filled in for the keys left unset (size, lr)."""
+    from dataclasses import MISSING, fields, replace
+
+    from segsynth.io import SegsynthError
+
+    if config.kind not in GENERATOR_KINDS:
+        raise SegsynthError(f"unknown generator kind {config.kind!r}; options: {', '.join(GENERATOR_KINDS)}")
+    defaults = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
+                for f in fields(config) if not (f.default is MISSING and f.default_factory is MISSING)}
+    foreign = [name for kind, entry in GENERATOR_KINDS.items() if kind != config.kind for name in entry["only"]
+               if getattr(config, name) != defaults[name]]
+    if foreign:
+        raise SegsynthError(f"train-generator --kind {config.kind} takes no {', '.join('--' + n.replace('_', '-') for n in foreign)} "
+                            f"(keys of kind(s) {', '.join(k for k in GENERATOR_KINDS if k != config.kind)}); "
+                            "leave them out")
+    filled = {key: value for key, value in GENERATOR_KINDS[config.kind]["defaults"].items()
+              if getattr(config, key) in (None, [])}
+    if config.kind == "text2mask-sd" and config.lr is None and config.lora_rank > 0:
+        filled["lr"] = LORA_LR
+    return replace(config, **filled)
 
 
 @config_class
@@ -470,6 +545,10 @@ class RunConfig:
                                         "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
                                         "the builtin text generator, attention:DIR or attention-sd:BASE)")
     grids: int = field(6, range=Range(1, 64), help="rows in each visual grid")
+    parallel: int = field(1, range=Range(1, 64),
+                          help="arm trainings run at once, in worker processes that share the CPU threads "
+                               "(2 on 2 cores: two one-thread trainings, faster than one after the other for "
+                               "small segmenters)")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
@@ -496,7 +575,7 @@ SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig}
 RUN_SECTIONS = {
     "train": (TrainConfig, ("data", "out", "recipe", "synthetic", "synthetic_masks", "pretrain_iterations",
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
-    "train_generator": (TrainGeneratorConfig, ("data", "out", "device")),
+    "train_generator": (TrainGeneratorConfig, ("data", "out", "kind", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
                           "class_prompts")),

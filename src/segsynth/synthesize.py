@@ -31,9 +31,10 @@ Guarantees, and how:
   samples and appends to manifest.rank<R>.jsonl; rank 0 merges them into
   manifest.jsonl (in plan order) at the end, or at the next start after a kill.
 * Fast: a loader thread reads masks and prepares batches, a writer thread
-  encodes PNGs and appends the manifest, and the main thread only runs the
-  model (segsynth.pipeline), so the pipeline's own work hides behind the
-  denoising loop.
+  finishes the samples (`Generator.finish`: a text -> mask generator decodes
+  its colour maps there), encodes PNGs and appends the manifest, and the main
+  thread only runs the model (segsynth.pipeline), so the pipeline's own work
+  hides behind the denoising loop.
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ def render(generator: Generator, split: Split, dataset, requests: list[Request],
         return batch
 
     def write(batch: dict) -> None:
+        batch["samples"] = generator.finish(batch["prepared"], batch["samples"])  # e.g. colour maps -> labels
         _write_batch(batch, out, manifest, dataset.palette, fields, generator.uses_prompts, sources)
         written[0] += len(batch["samples"])
         bar.update(len(batch["samples"]))

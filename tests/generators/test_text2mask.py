@@ -51,7 +51,10 @@ def test_folder_stores_the_separated_palette_and_samples_decode_by_it(mask_gener
     monkeypatch.setattr(generator, "denoise", lambda prepared, on_step=None: encode_images(
         torch.from_numpy(colours).permute(2, 0, 1)[None].float()))
     condition = Condition(Request("c_s0", "text", 0, prompt="sky at the top"), None, "sky at the top")
-    [sample] = generator.run(generator.prepare([condition]))
+    prepared = generator.prepare([condition])
+    [drawn] = generator.run(prepared)
+    assert drawn.label is None  # decoding is left to `finish` (synthesize's writer thread)
+    [sample] = generator.finish(prepared, [drawn])
     assert np.array_equal(sample.label, label)
     assert np.array_equal(sample.image, colours) and np.array_equal(sample.extras["colour_mask"], colours)
     assert sample.meta["prompt"] == "sky at the top"

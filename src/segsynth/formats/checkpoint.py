@@ -81,13 +81,18 @@ def save_checkpoint(out: Path, model, optimizer, meta: dict) -> Path:
         folder = staging / FOLDER
         folder.mkdir()
         model.save(folder)
-        state = optimizer.state_dict()
-        tensors = {f"state.{index}.{key}": value.detach().contiguous() for index, entry in state["state"].items()
-                   for key, value in entry.items()}
-        groups = [dict(group) for group in state["param_groups"]]
-        save_file(tensors, folder / "optimizer.safetensors", metadata={"param_groups": json.dumps(groups)})
+        save_optimizer_state(optimizer, folder / "optimizer.safetensors")
         atomic_write_json(folder / META_FILE, meta)
     return out / FOLDER
+
+
+def save_optimizer_state(optimizer, path: Path) -> None:
+    """The optimizer's state as safetensors (tensors per parameter index), its param groups in the metadata."""
+    state = optimizer.state_dict()
+    tensors = {f"state.{index}.{key}": value.detach().contiguous().cpu() for index, entry in state["state"].items()
+               for key, value in entry.items()}
+    groups = [dict(group) for group in state["param_groups"]]
+    save_file(tensors, path, metadata={"param_groups": json.dumps(groups)})
 
 
 def load_optimizer_state(optimizer, path: Path) -> None:

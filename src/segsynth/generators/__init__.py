@@ -5,6 +5,8 @@ A generator spec is 'NAME:ARGUMENT', as dataset specs are:
   builtin:DIR                 a `segsynth train-generator` folder (mask -> image)
   text2mask:DIR               a `segsynth train-text-generator --target colour-mask` folder (text -> colour-coded
                               mask, decoded to labels: SegGen's MaskSyn)
+  text2mask-sd:DIR            a `segsynth train-generator --kind text2mask-sd` folder: Stable Diffusion / SDXL
+                              fine-tuned to draw colour-coded masks (the GPU MaskSyn)
   controlnet:BASE             Stable Diffusion 1.x/2.x + a ControlNet (settings.controlnet), hub id or folder
   controlnet-sdxl:BASE        SDXL + an SDXL ControlNet
   attention:DIR               text -> image + attention pseudo-mask, a `segsynth train-text-generator` folder
@@ -43,6 +45,12 @@ def _text2mask(argument: str, settings: GeneratorSettings) -> Generator:
     return TextToMaskGenerator(argument, settings)
 
 
+def _text2mask_sd(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.text2mask_sd.sample import SDTextToMaskGenerator
+
+    return SDTextToMaskGenerator(argument, settings)
+
+
 def _attention(argument: str, settings: GeneratorSettings) -> Generator:
     from segsynth.generators.attention_generator import BuiltinAttentionGenerator
 
@@ -61,9 +69,39 @@ GENERATORS = {
     "controlnet": _controlnet,
     "controlnet-sdxl": _controlnet_sdxl,
     "text2mask": _text2mask,
+    "text2mask-sd": _text2mask_sd,
     "attention": _attention,
     "attention-sd": _attention_sd,
 }
+
+
+def _train_builtin(config):
+    from segsynth.generators.builtin import train_generator
+
+    return train_generator(config)
+
+
+def _train_text2mask_sd(config):
+    from segsynth.generators.text2mask_sd import train_text2mask_sd
+
+    return train_text2mask_sd(config)
+
+
+# `segsynth train-generator --kind KIND` -> (trainer(TrainGeneratorConfig) -> folder, the generator name that loads
+# the folder). The keys each kind takes are listed in stage_configs.GENERATOR_KINDS.
+TRAINERS = {
+    "builtin": (_train_builtin, "builtin"),
+    "text2mask-sd": (_train_text2mask_sd, "text2mask-sd"),
+}
+
+
+def train_generator_kind(config) -> tuple:
+    """Train the generator `config.kind` names; returns (its folder, the spec that loads it)."""
+    if config.kind not in TRAINERS:
+        raise SegsynthError(f"unknown generator kind {config.kind!r}; options: {', '.join(TRAINERS)}")
+    trainer, name = TRAINERS[config.kind]
+    folder = trainer(config)
+    return folder, f"{name}:{folder}"
 
 
 def open_generator(spec: str, settings: GeneratorSettings | None = None) -> Generator:
@@ -78,4 +116,5 @@ def open_generator(spec: str, settings: GeneratorSettings | None = None) -> Gene
     return GENERATORS[name](argument, settings or GeneratorSettings())
 
 
-__all__ = ["GENERATORS", "Generator", "GeneratorSettings", "Prepared", "open_generator"]
+__all__ = ["GENERATORS", "TRAINERS", "Generator", "GeneratorSettings", "Prepared", "open_generator",
+           "train_generator_kind"]

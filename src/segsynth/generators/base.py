@@ -17,11 +17,15 @@ whose "image" is the colour-coded mask and whose label is its decoding) and
 text -> image with attention pseudo-masks (Attn2mask) all fit it. Filtering,
 training, evaluation and reports never ask which kind made a sample.
 
-Work is split in two so the synthesis loop can overlap it:
+Work is split in three so the synthesis loop can overlap it:
 
   prepare(conditions) -> Prepared            CPU-only (colour maps, one-hot masks,
-                                             tokens, initial noise); background thread
+                                             tokens, initial noise); loader thread
   run(prepared) -> list[GeneratedSample]     the model; the main thread
+  finish(prepared, samples) -> samples       CPU-only work on the model's output that
+                                             needs no model (a text -> mask generator
+                                             decodes its colour maps to labels here);
+                                             writer thread, overlapping the next run
 
 Determinism contract: a sample's pixels depend only on (generator, condition,
 seed, settings) -- never on its batch. Backends draw each sample's initial
@@ -102,7 +106,7 @@ class GeneratedSample:
     """What a generator returns per request (see the module docstring)."""
 
     image: np.ndarray  # H x W x 3 uint8
-    label: np.ndarray  # H x W uint8, classes 0..C-1, 255 = ignore
+    label: np.ndarray | None  # H x W uint8, classes 0..C-1, 255 = ignore (None from `run` only: `finish` fills it)
     weight: np.ndarray | None = None  # H x W float32 in [0, 1]: per-pixel confidence, used as loss weight
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> H x W (x 3) uint8 picture kept beside
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able, recorded in the manifest
@@ -150,9 +154,16 @@ class Generator(ABC):
     def run(self, prepared: Prepared) -> list[GeneratedSample]:
         """Make a prepared batch: one sample per condition, at the working size."""
 
+    def finish(self, prepared: Prepared, samples: list[GeneratedSample]) -> list[GeneratedSample]:
+        """CPU-only work on `run`'s samples that needs no model (thread-safe): e.g. decoding a drawn colour map
+        to its label map. `synthesize` runs it in the writer thread, where it overlaps the next batch's model
+        call. Default: nothing to do."""
+        return samples
+
     def generate(self, conditions: list[Condition]) -> list[GeneratedSample]:
         """The whole contract in one call: conditions -> samples."""
-        return self.run(self.prepare(conditions))
+        prepared = self.prepare(conditions)
+        return self.finish(prepared, self.run(prepared))
 
     @abstractmethod
     def identity(self) -> dict:

@@ -73,34 +73,48 @@ def _unet_and_controlnet_kwargs(sdxl: bool) -> dict:
     return common
 
 
-def save_tiny_controlnet_models(folder: str | Path, sdxl: bool = False, seed: int = 0) -> tuple[Path, Path]:
-    """Save a tiny SD (or SDXL) base pipeline and a matching ControlNet; returns (base dir, controlnet dir)."""
-    from diffusers import (
-        ControlNetModel,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+def _tiny_unet(sdxl: bool):
+    from diffusers import UNet2DConditionModel
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    kwargs = _unet_and_controlnet_kwargs(sdxl)
-    unet = UNet2DConditionModel(sample_size=16, out_channels=4, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                **kwargs)
-    controlnet = ControlNetModel(conditioning_embedding_out_channels=(16, 32), **kwargs)
+    return UNet2DConditionModel(sample_size=16, out_channels=4, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                **_unet_and_controlnet_kwargs(sdxl))
+
+
+def _tiny_pipeline(unet, sdxl: bool):
+    """SD 1.x (or SDXL) around `unet`: tiny VAE and text encoder(s), SD 1.5's scheduler (scaled-linear betas,
+    epsilon prediction)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     if sdxl:
-        base = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+        return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
                                          text_encoder_2=tiny_text_encoder(with_projection=True),
                                          tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
-    else:
-        base = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_tiny_sd(folder: str | Path, sdxl: bool = False, seed: int = 0) -> Path:
+    """Save a tiny random SD 1.x (or SDXL) text-to-image pipeline folder (32x32 images, 16x16 latents) at
+    folder/sd (folder/sdxl); returns it."""
+    torch.manual_seed(seed)
+    base_dir = Path(folder) / ("sdxl" if sdxl else "sd")
+    _tiny_pipeline(_tiny_unet(sdxl), sdxl).save_pretrained(base_dir, safe_serialization=True)
+    return base_dir
+
+
+def save_tiny_controlnet_models(folder: str | Path, sdxl: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny SD (or SDXL) base pipeline and a matching ControlNet; returns (base dir, controlnet dir)."""
+    from diffusers import ControlNetModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = _tiny_unet(sdxl)
+    controlnet = ControlNetModel(conditioning_embedding_out_channels=(16, 32), **_unet_and_controlnet_kwargs(sdxl))
     base_dir, controlnet_dir = folder / ("sdxl" if sdxl else "sd"), folder / ("controlnet-sdxl" if sdxl else "controlnet")
-    base.save_pretrained(base_dir, safe_serialization=True)
+    _tiny_pipeline(unet, sdxl).save_pretrained(base_dir, safe_serialization=True)
     controlnet.save_pretrained(controlnet_dir, safe_serialization=True)
     return base_dir, controlnet_dir
 

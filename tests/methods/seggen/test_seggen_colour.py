@@ -16,6 +16,7 @@ from segsynth.methods.seggen.colour import (
     colour_distance,
     connected_components,
     decode_colour_mask,
+    decode_colour_masks,
     encode_mask,
     load_colour_map,
     remove_speckles,
@@ -291,3 +292,24 @@ def test_check_colour_image_refuses_wrong_sizes_and_formats():
         check_colour_image(np.zeros((32, 48, 4), np.uint8), (32, 48), "gen/0002.png")
     with pytest.raises(SegsynthError, match="gen/0003.png: .* 8-bit"):
         check_colour_image(np.zeros((32, 48, 3), np.float32), (32, 48), "gen/0003.png")
+
+
+def test_decoding_a_batch_gives_each_picture_its_own_decoding(toy):
+    """Stacked with separator rows, pictures decode exactly as one by one: noisy, speckled, tiny (smaller than
+    min_component: all ignore), of two sizes, and colours far from every class."""
+    palette = separated_palette(len(toy.classes))
+    rng = np.random.default_rng(3)
+    pictures = []
+    for label in toy_labels(toy)[:6]:
+        colours = encode_mask(label, palette).astype(int)
+        pictures.append(np.clip(colours + rng.normal(0, 40, colours.shape), 0, 255).astype(np.uint8))
+    pictures += [rng.integers(0, 256, (64, 80, 3), dtype=np.uint8),  # noise: speckles everywhere, every round
+                 rng.integers(0, 256, (2, 3, 3), dtype=np.uint8),  # a map smaller than min_component
+                 np.broadcast_to(palette[0], (2, 3, 3)).copy(),  # ... of one colour: one small component -> ignore
+                 np.kron(rng.integers(0, 256, (8, 10, 3)), np.ones((4, 4, 1))).astype(np.uint8)]
+    for settings in ((64.0, 8), (100.0, 20), (30.0, 1)):
+        alone = [decode_colour_mask(picture, palette, *settings) for picture in pictures]
+        together = decode_colour_masks(pictures, palette, *settings)
+        assert [label.shape for label in together] == [picture.shape[:2] for picture in pictures]
+        assert all(np.array_equal(a, b) for a, b in zip(alone, together)), settings
+    assert (decode_colour_masks(pictures[-2:-1], palette)[0] == 255).all()

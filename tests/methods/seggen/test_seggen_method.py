@@ -12,7 +12,7 @@ from segsynth.run import resolve_run_config, run
 
 TINY_SEGGEN = dict(method="seggen", data="toy:n=12,n_val=4,size=32x40", seeds=[0], generator="train",
                    images_per_mask=1, grids=2, device="cpu",
-                   train=dict(iterations=6, batch_size=4, warmup=1, workers=0),
+                   train=dict(iterations=6, batch_size=4, warmup=1, workers=1),  # loader workers inside parallel ones
                    train_generator=dict(size=[32, 40], channels=[32, 64], layers_per_block=1, iterations=2,
                                         max_minutes=0.0, batch_size=4),
                    train_text_generator=dict(size=[16, 20], channels=[32, 64], text_width=32, iterations=2,

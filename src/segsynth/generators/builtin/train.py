@@ -22,14 +22,18 @@ from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, build_unet, encode_images, encode_masks,
                                                training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import append_jsonl, atomic_write_json, staged_swap
+from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, staged_swap
 from segsynth.outputs import claim_folder
-from segsynth.stage_configs import TrainGeneratorConfig
+from segsynth.stage_configs import TrainGeneratorConfig, resolve_generator_kind
 from segsynth.training.schedule import check_finite, warmup_cosine
 
 
 def train_generator(config: TrainGeneratorConfig) -> Path:
     """Train a builtin generator on a dataset's (image, mask) pairs; returns the generator folder."""
+    config = resolve_generator_kind(config)
+    if config.kind != "builtin":
+        raise SegsynthError(f"train_generator trains the builtin kind, not {config.kind!r}; use "
+                            "segsynth.generators.train_generator_kind")
     with claim_folder(config.out, "train-generator", "train_generator.config.yaml", "TrainGeneratorConfig",
                       markers=("segsynth_generator.json",)):
         return _train_generator(config)

@@ -5,8 +5,9 @@ in the colours of its stored palette (segsynth_generator.json, "colour_coding";
 SegGen's colour coding, segsynth.methods.seggen.colour). Each sample is
 
   image   the generated colour map (RGB), what the model drew
-  label   `decode_colour_mask(image, palette)`: nearest palette colour per pixel,
-          too-far pixels and the ignore colour -> 255, speckles merged away
+  label   its decoding by the stored palette (`generators.colour_decoding`: in
+          `finish`, i.e. synthesize's writer thread): nearest palette colour per
+          pixel, too-far pixels and the ignore colour -> 255, speckles merged away
   extras  {"colour_mask": image}, kept under extras/colour_mask/ by synthesize
   meta    {"prompt": ...} (and any out-of-vocabulary words)
 
@@ -23,17 +24,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from segsynth.generators.base import GeneratedSample, GeneratorSettings, Prepared
 from segsynth.generators.builtin_text.model import decode_images
 from segsynth.generators.builtin_text.sample import BuiltinTextGenerator, check_text_generator_folder
 from segsynth.generators.builtin_text.train import GENERATOR_FILE
+from segsynth.generators.colour_decoding import ColourMaskDecoding
 from segsynth.io import SegsynthError, read_json
-from segsynth.methods.seggen.colour import decode_colour_mask
 
 
-class TextToMaskGenerator(BuiltinTextGenerator):
+class TextToMaskGenerator(ColourMaskDecoding, BuiltinTextGenerator):
     """Text -> (colour map, decoded label map) with a colour-mask builtin text generator folder."""
 
     name = "text2mask"
@@ -46,30 +45,17 @@ class TextToMaskGenerator(BuiltinTextGenerator):
         if meta.get("target") != "colour-mask":
             raise SegsynthError(f"{folder / GENERATOR_FILE}: target {meta.get('target')!r}; text2mask:DIR needs a "
                                 "text generator trained with --target colour-mask (train-text-generator)")
-        coding = meta.get("colour_coding")
-        palette = np.asarray((coding or {}).get("palette", []))
-        if palette.ndim != 2 or palette.shape != (len(meta["classes"]) + 1, 3):
-            raise SegsynthError(f"{folder / GENERATOR_FILE}: no \"colour_coding\" palette of {len(meta['classes']) + 1} "
-                                "colours (classes, then ignore); retrain the text -> mask generator with this version")
+        self.setup_decoding(meta, folder / GENERATOR_FILE)
         # 2. The model itself.
         super().__init__(folder, settings)
-        self.coding_palette = palette.astype(np.uint8)
-        self.max_distance = float(coding["max_distance"])
-        self.min_component = int(coding["min_component"])
 
     def run(self, prepared: Prepared) -> list[GeneratedSample]:
-        pictures = decode_images(self.denoise(prepared))
+        """The drawn colour maps; their labels are decoded in `finish` (the writer thread in synthesize)."""
         samples = []
-        for picture, prompt in zip(pictures, prepared.prompts):
-            meta = {"prompt": prompt}
+        for picture, prompt in zip(decode_images(self.denoise(prepared)), prepared.prompts):
             _, unknown = self.tokenizer.encode(prompt)
-            if unknown:
-                meta["unknown_words"] = unknown
-            label = decode_colour_mask(picture, self.coding_palette, self.max_distance, self.min_component)
-            samples.append(GeneratedSample(picture, label, extras={"colour_mask": picture}, meta=meta))
+            samples.append(self.colour_sample(picture, prompt, **({"unknown_words": unknown} if unknown else {})))
         return samples
 
     def identity(self) -> dict:
-        return {**super().identity(), "name": self.name,
-                "decoding": {"palette": self.coding_palette.tolist(), "max_distance": self.max_distance,
-                             "min_component": self.min_component}}
+        return {**super().identity(), "name": self.name, "decoding": self.decoding_identity()}

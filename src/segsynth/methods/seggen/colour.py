@@ -48,6 +48,8 @@ GRID_LEVELS = 18  # candidate colours per channel (0, 15, 30, ..., 255): 5832 ca
 DECODE_CHUNK_VALUES = 1 << 22  # pixels x palette colours per distance block (16 MiB of float32)
 MAX_DISTANCE = 64.0  # default: farther than this from every colour is ignore (nearest colours of 150 are ~40 apart)
 MIN_COMPONENT = 8  # default: smaller regions are decoding speckles (a few pixels where colours meet or noise)
+SEPARATOR = 254  # a value no label takes (classes < 254, ignore 255): the rows between stacked pictures
+STACK_PIXELS = 1 << 14  # pictures decoded together up to this many pixels (decode_colour_masks)
 
 
 @dataclass
@@ -304,6 +306,45 @@ def decode_colour_mask(rgb: np.ndarray, palette: np.ndarray, max_distance: float
     return label
 
 
+def decode_colour_masks(pictures: Sequence[np.ndarray], palette: np.ndarray, max_distance: float = MAX_DISTANCE,
+                        min_component: int = MIN_COMPONENT, connectivity: int = 8) -> list[np.ndarray]:
+    """`decode_colour_mask` of several colour images at once, with the same result for each.
+
+    On small maps numpy's per-call overhead, not arithmetic, is much of the cost of speckle removal (tens of
+    calls per round, each little work on a 32x40 map). So pictures of one size are stacked into tall maps of
+    up to STACK_PIXELS pixels, each picture followed by a separator row of a value no label takes:
+    components never cross it, it never votes and it is never relabelled (`remove_speckles(...,
+    separator=)`), so every picture decodes as alone while a stack pays the calls once. (A stack runs as many
+    rounds as its slowest picture needs, which is why stacks stay small: large pictures go one by one.)
+    """
+    pictures = [np.asarray(picture) for picture in pictures]
+    palette = np.asarray(palette, np.uint8)
+    for picture in pictures:
+        if picture.ndim != 3 or picture.shape[2] != 3:
+            raise SegsynthError(f"decode_colour_mask: expected an H x W x 3 colour image, got shape {picture.shape}")
+    labels: list[np.ndarray | None] = [None] * len(pictures)
+    by_shape: dict[tuple, list[int]] = {}
+    for index, picture in enumerate(pictures):
+        by_shape.setdefault(picture.shape, []).append(index)
+    lookup = np.arange(len(palette), dtype=np.int64)
+    lookup[-1] = IGNORE_INDEX
+    stacks = [(shape, indices[start:start + max(1, STACK_PIXELS // (shape[0] * shape[1]))])
+              for shape, indices in by_shape.items()
+              for start in range(0, len(indices), max(1, STACK_PIXELS // max(1, shape[0] * shape[1])))]
+    for (height, width, _), indices in stacks:
+        index, distance = nearest_colours(np.concatenate([pictures[i] for i in indices]), palette)
+        decoded = lookup[index].astype(np.uint8)
+        decoded[distance > max_distance] = IGNORE_INDEX
+        if min_component > 1:
+            stacked = np.full((len(indices), height + 1, width), SEPARATOR, np.uint8)
+            stacked[:, :height] = decoded.reshape(len(indices), height, width)
+            stacked = remove_speckles(stacked.reshape(-1, width), min_component, connectivity, separator=SEPARATOR)
+            decoded = stacked.reshape(len(indices), height + 1, width)[:, :height].reshape(-1, width)
+        for position, i in enumerate(indices):
+            labels[i] = decoded[position * height:(position + 1) * height].copy()
+    return labels
+
+
 def check_colour_image(rgb: np.ndarray, expected_hw: tuple[int, int], path: str | Path) -> np.ndarray:
     """Refuse a generated colour mask that is not H x W x 3 uint8 of the expected size (the error names `path`)."""
     rgb = np.asarray(rgb)
@@ -371,11 +412,15 @@ def connected_components(label: np.ndarray, connectivity: int = 8) -> tuple[np.n
             if np.array_equal(grandparent, parent):
                 break
             parent = grandparent
-    roots, component_of_run = np.unique(parent, return_inverse=True)
-    return component_of_run[run], len(roots)
+    # Each root is the smallest run of its component (roots only ever hook onto smaller ones), so numbering
+    # the roots in run order numbers components by their first pixel, without a sort.
+    is_root = parent == np.arange(num_runs)
+    component_of_root = np.cumsum(is_root) - 1
+    return component_of_root[parent][run], int(is_root.sum())
 
 
-def remove_speckles(label: np.ndarray, min_component: int, connectivity: int = 8, max_rounds: int = 8) -> np.ndarray:
+def remove_speckles(label: np.ndarray, min_component: int, connectivity: int = 8, max_rounds: int = 8,
+                    separator: int | None = None) -> np.ndarray:
     """Relabel components smaller than `min_component` pixels by the majority label of their neighbours.
 
     A speckle votes with the pixels just outside it (one vote per touching pixel pair). Neighbours that are
@@ -383,18 +428,26 @@ def remove_speckles(label: np.ndarray, min_component: int, connectivity: int = 8
     from its border inwards, one layer per round. Speckles with no big neighbour (and every speckle in the
     last round) count all their neighbours. A map that is one small component becomes ignore. Ties go to
     the smaller label. Returns a new uint8 map.
+
+    `separator`: a value that splits the map into independent maps (`decode_colour_masks` stacks pictures
+    with separator rows between them): its pixels are never speckles, never vote and keep their value, and a
+    speckle with no other neighbour (a whole map smaller than `min_component`) becomes ignore, as when alone.
     """
     label = np.asarray(label, np.uint8).copy()
     for round_number in range(max_rounds):
         components, count = connected_components(label, connectivity)
+        component_label = np.zeros(count, np.uint8)
+        component_label[components.ravel()] = label.ravel()
         sizes = np.bincount(components.ravel(), minlength=count)
         small = sizes < min_component
+        if separator is not None:
+            small &= component_label != separator
         if not small.any():
             break
         if count == 1:  # nothing around it to vote
             return np.full_like(label, IGNORE_INDEX)
         near, far_label, far_small = _touching_pairs(components, label, small, connectivity)
-        speckle_side = small[near]
+        speckle_side = np.ones(len(near), bool) if separator is None else far_label != separator
         from_big = speckle_side & ~far_small
         has_big = np.zeros(count, bool)
         has_big[near[from_big]] = True
@@ -408,24 +461,30 @@ def remove_speckles(label: np.ndarray, min_component: int, connectivity: int = 8
         component, candidate = component[order], candidate[order]
         first = np.ones(len(component), bool)
         first[1:] = component[1:] != component[:-1]
-        component_label = np.zeros(count, np.uint8)
-        component_label[components.ravel()] = label.ravel()
+        if separator is not None:  # speckles touching only separators: whole maps too small to have a neighbour
+            voted = np.zeros(count, bool)
+            voted[component] = True
+            component_label[small & ~voted] = IGNORE_INDEX
         component_label[component[first]] = candidate[first]
         label = component_label[components]
     return label
 
 
 def _touching_pairs(components: np.ndarray, label: np.ndarray, small: np.ndarray, connectivity: int):
-    """Every ordered pair of touching pixels in different components: (this component, other label, other small)."""
+    """Every ordered pair of touching pixels in different components whose first pixel is in a small component:
+    (this component, other label, other small). Pairs are kept only around speckles, so a round costs a few
+    full-map comparisons and gathers only where speckles are."""
     everything, head, tail = slice(None), slice(1, None), slice(None, -1)
     offsets = [((head, everything), (tail, everything)), ((everything, head), (everything, tail))]
     if connectivity == 8:
         offsets += [((head, head), (tail, tail)), ((head, tail), (tail, head))]
+    in_speckle = small[components]
     near, far_label, far_small = [], [], []
     for a, b in offsets:
         for this, other in ((a, b), (b, a)):
-            differ = components[this] != components[other]
-            near.append(components[this][differ])
-            far_label.append(label[other][differ].astype(np.int64))
-            far_small.append(small[components[other][differ]])
+            keep = in_speckle[this] & (components[this] != components[other])
+            others = components[other][keep]
+            near.append(components[this][keep])
+            far_label.append(label[other][keep].astype(np.int64))
+            far_small.append(small[others])
     return np.concatenate(near), np.concatenate(far_label), np.concatenate(far_small)
