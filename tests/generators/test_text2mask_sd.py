@@ -176,8 +176,8 @@ def test_sdxl_trains_one_step_and_samples(tiny_bases, tmp_path):
     (["--size", "30,32"], "--size \\[30, 32\\]: give H,W, each a multiple of 4"),
     (["--base", "MISSING"], "base model .*MISSING: no such folder"),
     (["--kind", "builtin"], "--kind builtin takes no --base"),
-    (["--kind", "diffusion"], "unknown generator kind 'diffusion'; options: builtin, text2mask-sd"),
-    (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'; options: auto, no, fp16, bf16"),
+    (["--kind", "diffusion"], "--kind diffusion is unknown: kind must be one of: builtin, text2mask-sd"),
+    (["--mixed-precision", "fp8"], "--mixed-precision fp8 is unknown: mixed_precision must be one of: auto, no, fp16, bf16"),
 ])
 def test_bad_settings_are_refused_before_any_training(tiny_bases, tmp_path, capsys, args, message):
     base = str(tmp_path / "MISSING") if "MISSING" in args else str(tiny_bases["sd"])
