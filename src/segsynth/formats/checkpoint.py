@@ -105,3 +105,25 @@ def load_optimizer_state(optimizer, path: Path) -> None:
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- a generator's resumable training state (OUT/training_state, swapped in whole) -------------------------
+
+
+def training_state_folder(out: Path, name: str = "training_state") -> Path | None:
+    """The saved training state in `out` (or its `.old` copy when a kill fell between the two renames)."""
+    for candidate in (out / name, out / f".{name}.old"):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def check_resumed_settings(folder: Path, saved_config: dict, current_config: dict, resumable: tuple[str, ...]) -> None:
+    """A resumed run must use the saved run's settings, except the `resumable` ones (length, logging, device)."""
+    saved = {k: v for k, v in saved_config.items() if k not in resumable}
+    current = {k: v for k, v in current_config.items() if k not in resumable}
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise SegsynthError(f"{folder}: settings differ from the run being resumed ({', '.join(changed)}); "
+                            "resume with the same settings or use a new --out")
+

@@ -70,6 +70,7 @@ from segsynth.generators.builtin_text.model import (
 )
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer
 from segsynth.generators.schedulers import scheduler_name
+from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl,
                          staged_swap)
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
@@ -192,7 +193,7 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     for stale in out.glob(".text-generator-*"):  # staging folders of a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     start, seconds_before = 0, 0.0
-    state_folder = _training_state_folder(out) if config.resume else None
+    state_folder = training_state_folder(out, TRAINING_STATE) if config.resume else None
     if state_folder is not None:
         start, seconds_before = _resume(state_folder, config, tokenizer, unet, text_encoder, optimizer, ema, device)
     save_config(config, out / "train_text_generator.config.yaml")
@@ -418,23 +419,12 @@ def _save_training_state(folder: Path, unet, text_encoder, tokenizer: WordTokeni
                                               "train_config": meta["train_config"]})
 
 
-def _training_state_folder(out: Path) -> Path | None:
-    for candidate in (out / TRAINING_STATE, out / f".{TRAINING_STATE}.old"):
-        if (candidate / "state.json").is_file():
-            return candidate
-    return None
-
 
 def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordTokenizer, unet, text_encoder,
             optimizer, ema: EMAModel, device: torch.device) -> tuple[int, float]:
     """Load the saved training state into the fresh networks; returns (iteration, seconds trained so far)."""
     state = read_json(folder / "state.json")
-    saved = {k: v for k, v in state.get("train_config", {}).items() if k not in RESUMABLE_CHANGES}
-    current = {k: v for k, v in to_dict(config).items() if k not in RESUMABLE_CHANGES}
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        raise SegsynthError(f"{folder}: settings differ from the run being resumed ({', '.join(changed)}); "
-                            "resume with the same settings or use a new --out")
+    check_resumed_settings(folder, state.get("train_config", {}), to_dict(config), RESUMABLE_CHANGES)
     if WordTokenizer.load(folder) != tokenizer:
         raise SegsynthError(f"{folder}: the training prompts changed since this run was saved (its vocabulary "
                             "differs); resume on the same data and prompts or use a new --out")

@@ -61,6 +61,7 @@ from segsynth.generators.builtin_text.train import (MIN_CLASS_FRACTION, PROMPT_T
                                                     present_classes, prompts_kind, read_captions)
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.generators.text2mask_sd.model import Parts, encode_prompts, folder_parts, load_parts, make_pipeline
+from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
 from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, read_json, rewind_jsonl, staged_swap
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
 from segsynth.stage_configs import TrainGeneratorConfig, resolve_generator_kind
@@ -141,7 +142,7 @@ def train_text2mask_sd(config: TrainGeneratorConfig) -> Path:
 
     # 3. Resume, or start afresh.
     start, seconds_before = 0, 0.0
-    state_folder = _state_folder(out) if config.resume else None
+    state_folder = training_state_folder(out, TRAINING_STATE) if config.resume else None
     if state_folder is not None:
         start, seconds_before = _resume(state_folder, config, unet, trainable_names, optimizer, ema)
     if info.is_main:
@@ -191,7 +192,7 @@ def train_text2mask_sd(config: TrainGeneratorConfig) -> Path:
             if not torch.isfinite(loss.detach()):
                 check_finite(loss.detach(), iteration + 1, config.iterations, config.lr,
                              saved=f"the training state saved earlier in {out} is intact (--resume continues "
-                                   "from it)" if _state_folder(out) else f"no model was saved in {out}",
+                                   "from it)" if training_state_folder(out, TRAINING_STATE) else f"no model was saved in {out}",
                              before_raise=bar.close)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -427,22 +428,11 @@ def _save_model(out: Path, parts: Parts, unet, trainable, names, optimizer, ema,
         atomic_write_json(staging / GENERATOR_FILE, meta)
 
 
-def _state_folder(out: Path) -> Path | None:
-    for candidate in (out / TRAINING_STATE, out / f".{TRAINING_STATE}.old"):
-        if (candidate / "state.json").is_file():
-            return candidate
-    return None
-
 
 def _resume(folder: Path, config: TrainGeneratorConfig, unet, names: list[str], optimizer, ema) -> tuple[int, float]:
     """Load the saved training state into the fresh model; returns (iteration, seconds trained so far)."""
     state = read_json(folder / "state.json")
-    saved = {k: v for k, v in state.get("train_config", {}).items() if k not in RESUMABLE_CHANGES}
-    current = {k: v for k, v in to_dict(config).items() if k not in RESUMABLE_CHANGES}
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        raise SegsynthError(f"{folder}: settings differ from the run being resumed ({', '.join(changed)}); "
-                            "resume with the same settings or use a new --out")
+    check_resumed_settings(folder, state.get("train_config", {}), to_dict(config), RESUMABLE_CHANGES)
     weights = load_file(str(folder / "trainable.safetensors"))
     if sorted(weights) != sorted(names):
         raise SegsynthError(f"{folder}/trainable.safetensors: holds other weights than this model trains; "
