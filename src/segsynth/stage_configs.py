@@ -325,7 +325,13 @@ class TrainTextGeneratorConfig:
                                 help="UNet widths per level; cross-attention on all but the first")
     layers_per_block: int = field(2, range=Range(1, 8), help="ResNet blocks per UNet level")
     text_width: int = field(64, range=Range(8, 4096), help="text encoder width = the UNet's cross-attention dim")
-    text_layers: int = field(2, range=Range(1, 48), help="text encoder transformer layers")
+    text_layers: int = field(2, range=Range(0, 48),
+                             help="text encoder transformer layers (0: each token its own embedding, no context)")
+    keys: str = field("all", range=Range(choices=("all", "class-words")),
+                      help="which prompt tokens the UNet's cross-attention may attend to: all, or class-words "
+                           "(the class names and <bos>, which stands for 'none of them'): with class words "
+                           "only, each pixel's attention is a competition between the classes named, which "
+                           "is what an attention pseudo-mask reads; stored with the model")
     max_length: int = field(0, range=Range(3, 1024, also=(0,)),
                             help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
     iterations: int = field(4000, range=ITERATIONS, help="training iterations")

@@ -262,3 +262,39 @@ def test_a_run_that_spends_its_time_budget_is_finished(tmp_path):
                                                            max_minutes=1e-7, **TINY))
     training = json.loads((folder / "segsynth_generator.json").read_text())["training"]
     assert training["finished"] and training["stopped_by"] == "max_minutes" and training["iterations"] < 1000
+
+
+def test_class_word_keys_leave_only_class_tokens_and_bos_to_attend_to(tmp_path):
+    from segsynth.generators.builtin_text.model import key_mask
+
+    folder = train_text_generator(TrainTextGeneratorConfig(data=TOY, out=str(tmp_path / "g"), iterations=2,
+                                                           keys="class-words", text_layers=0, **TINY))
+    meta = json.loads((folder / "segsynth_generator.json").read_text())
+    generator = BuiltinTextGenerator(folder)
+    tokenizer = generator.tokenizer
+    assert meta["keys"] == "class-words" and generator.keys == "class-words"
+    assert [tokenizer.tokens[i] for i in meta["class_token_ids"]] == list(open_dataset(TOY).classes)
+    ids = tokenizer(["a photo of sky, car", ""])
+    mask = generator.key_mask(ids)
+    kept = [[tokenizer.tokens[int(t)] for t, m in zip(row, mask_row) if m] for row, mask_row in zip(ids, mask)]
+    assert kept == [["<bos>", "sky", "car"], ["<bos>"]]
+    assert key_mask(ids, "all", meta["class_token_ids"], tokenizer.bos_id) is None
+    with pytest.raises(SegsynthError, match="options: all, class-words"):
+        key_mask(ids, "nouns", meta["class_token_ids"], tokenizer.bos_id)
+    # the mask reaches the UNet: masking a class token out changes the prediction, keys 'all' ignore no token
+    states = generator.text_encoder(input_ids=ids[:1]).last_hidden_state
+    noisy = torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = generator.unet(noisy, 500, encoder_hidden_states=states, encoder_attention_mask=mask[:1]).sample
+        unmasked = generator.unet(noisy, 500, encoder_hidden_states=states).sample
+    assert not torch.allclose(masked, unmasked)
+    sample = generator.sample_prompts(["a photo of sky, car"], [1])[0]
+    assert sample.image.shape == (32, 32, 3)
+
+
+def test_class_word_keys_need_class_prompts(tmp_path):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"id": i, "caption": "a road"}) + "\n" for i in open_dataset(TOY).split("train").ids))
+    with pytest.raises(SegsynthError, match="--keys class-words needs --prompts classes"):
+        train_text_generator(TrainTextGeneratorConfig(data=TOY, out=str(tmp_path / "g"), iterations=2,
+                                                      keys="class-words", prompts=str(captions), **TINY))

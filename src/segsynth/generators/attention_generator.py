@@ -212,11 +212,11 @@ class _AttentionLabelling:
         noise = torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(int(seed))).to(clean)
         t = torch.tensor([step], device=clean.device)
         noisy = schedule.add_noise(clean, noise, t)
-        states = self._encode_prompt(request.prompt)
+        states, mask = self._encode_prompt(request.prompt)
         tokens = [sorted({p for group in groups for p in group})]
         with AttentionCapture(self.unet, tokens, resolutions=resolutions, self_resolutions=self_resolutions,
                               latent_size=self.latent_size, batch="all") as capture:
-            self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=states).sample
+            self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
             cross = capture.cross_attention(0, groups=groups)
             self_attention = capture.self_attention(0) if self_resolutions else {}
         return class_ids, cross, self_attention
@@ -275,8 +275,10 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
     def _noise_schedule_config(self):
         return self.text.noise_schedule_config
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        return encode_text(self.text.text_encoder, self.tokenizer([prompt]).to(self.text.device))
+    def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token states, the UNet's key mask or None) of one prompt."""
+        ids = self.tokenizer([prompt]).to(self.text.device)
+        return encode_text(self.text.text_encoder, ids), self.text.key_mask(ids)
 
     def prepare(self, conditions: list[Condition]) -> Prepared:
         prepared = self.text.prepare(conditions)
@@ -364,9 +366,9 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
     def _noise_schedule_config(self):
         return self.pipeline.scheduler.config
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+    def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, None]:
         embeddings, _ = self.pipeline.encode_prompt(prompt, self.device, 1, False)
-        return embeddings
+        return embeddings, None
 
     def prepare(self, conditions: list[Condition]) -> Prepared:
         seeds = [condition.request.seed for condition in conditions]

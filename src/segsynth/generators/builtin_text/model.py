@@ -37,8 +37,8 @@ transformers_logging.disable_progress_bar()  # its own "Loading weights" bars wo
 
 IMAGE_CHANNELS = 3 * PATCH * PATCH
 
-__all__ = ["IMAGE_CHANNELS", "PATCH", "build_text_encoder", "build_unet", "decode_images", "encode_images", "encode_text",
-           "training_noise_schedule", "working_size"]
+__all__ = ["IMAGE_CHANNELS", "KEY_CHOICES", "PATCH", "build_text_encoder", "build_unet", "decode_images", "encode_images",
+           "encode_text", "key_mask", "training_noise_schedule", "working_size"]
 
 
 # --- the two networks -----------------------------------------------------------------------
@@ -81,6 +81,25 @@ def build_unet(size: Sequence[int], channels: Sequence[int], layers_per_block: i
         use_linear_projection=True,
         resnet_time_scale_shift="scale_shift",  # AdaGN: the timestep scales and shifts every norm
     )
+
+
+KEY_CHOICES = ("all", "class-words")
+
+
+def key_mask(input_ids: torch.Tensor, keys: str, class_token_ids: Sequence[int], bos_id: int) -> torch.Tensor | None:
+    """(B, L) 1/0 float: the prompt positions the UNet's cross-attention may attend to (its
+    `encoder_attention_mask`), or None for every position (keys 'all').
+
+    keys 'class-words': the class-name tokens and <bos>. Without the other words ("a", "photo", ",", <eos>,
+    padding) to spread over, each pixel's attention is a softmax over the classes the prompt names plus
+    <bos> as 'none of them' -- a per-pixel class competition, learned from image-level labels alone, which is
+    what an attention pseudo-mask reads (the empty prompt keeps <bos> alone)."""
+    if keys == "all":
+        return None
+    if keys != "class-words":
+        raise SegsynthError(f"unknown keys {keys!r}; options: {', '.join(KEY_CHOICES)}")
+    allowed = torch.tensor(sorted({int(bos_id), *map(int, class_token_ids)}), device=input_ids.device)
+    return torch.isin(input_ids, allowed).float()
 
 
 def encode_text(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from segsynth.generators.base import (
     initial_noise,
     resolve_device,
 )
-from segsynth.generators.builtin_text.model import IMAGE_CHANNELS, PATCH, decode_images, encode_text
+from segsynth.generators.builtin_text.model import IMAGE_CHANNELS, PATCH, decode_images, encode_text, key_mask
 from segsynth.generators.builtin_text.train import FORMAT, GENERATOR_FILE
 from segsynth.generators.builtin_text.tokenizer import VOCAB_FILE, WordTokenizer
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
@@ -90,6 +90,8 @@ class BuiltinTextGenerator(Generator):
         self.palette = tuple(tuple(colour) for colour in self.meta["palette"])
         self.size = tuple(self.meta["size"])
         self.target = self.meta["target"]
+        # models saved before the keys option attend to every prompt token
+        self.keys, self.class_token_ids = self.meta.get("keys", "all"), self.meta.get("class_token_ids", [])
         self.steps = settings.steps or self.meta["sampling"]["steps"]
         self.guidance = float(self.meta["sampling"]["guidance"] if settings.guidance is None else settings.guidance)
         if self.guidance < 0:
@@ -137,6 +139,10 @@ class BuiltinTextGenerator(Generator):
         scheduler.set_timesteps(self.steps)
         return scheduler
 
+    def key_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The UNet's `encoder_attention_mask` for these prompt ids (None: every token), as in training."""
+        return key_mask(input_ids, self.keys, self.class_token_ids, self.tokenizer.bos_id)
+
     def prepare(self, conditions: list[Condition]) -> Prepared:
         height, width = self.size
         prompts = [condition.prompt for condition in conditions]
@@ -152,10 +158,14 @@ class BuiltinTextGenerator(Generator):
         that call's batch is [unconditional; conditional]."""
         input_ids = prepared.tensors["input_ids"].to(self.device)
         conditional = encode_text(self.text_encoder, input_ids)
+        mask = self.key_mask(input_ids)
         guided = self.guidance != 1.0
         if guided:
-            unconditional = encode_text(self.text_encoder, prepared.tensors["uncond_ids"].to(self.device))
+            uncond_ids = prepared.tensors["uncond_ids"].to(self.device)
+            unconditional = encode_text(self.text_encoder, uncond_ids)
             states = torch.cat([unconditional.expand(len(input_ids), -1, -1), conditional])
+            if mask is not None:
+                mask = torch.cat([self.key_mask(uncond_ids).expand(len(input_ids), -1), mask])
         else:
             states = conditional
         scheduler = self.new_scheduler()
@@ -165,11 +175,13 @@ class BuiltinTextGenerator(Generator):
                 on_step(step_index, timestep)
             model_input = scheduler.scale_model_input(sample, timestep)
             if guided:
-                predicted = self.unet(torch.cat([model_input, model_input]), timestep, encoder_hidden_states=states).sample
+                predicted = self.unet(torch.cat([model_input, model_input]), timestep, encoder_hidden_states=states,
+                                      encoder_attention_mask=mask).sample
                 predicted_unconditional, predicted_conditional = predicted.chunk(2)
                 predicted = predicted_unconditional + self.guidance * (predicted_conditional - predicted_unconditional)
             else:
-                predicted = self.unet(model_input, timestep, encoder_hidden_states=states).sample
+                predicted = self.unet(model_input, timestep, encoder_hidden_states=states,
+                                      encoder_attention_mask=mask).sample
             sample = scheduler.step(predicted, timestep, sample).prev_sample
         return sample
 

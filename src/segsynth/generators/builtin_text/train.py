@@ -65,10 +65,11 @@ from segsynth.generators.builtin_text.model import (
     build_unet,
     encode_images,
     encode_text,
+    key_mask,
     training_noise_schedule,
     working_size,
 )
-from segsynth.generators.builtin_text.tokenizer import WordTokenizer
+from segsynth.generators.builtin_text.tokenizer import WordTokenizer, normalise
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl,
@@ -169,6 +170,9 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     kind = prompts_kind(config.prompts)
     size = working_size(config.size, len(config.channels))
     scheduler_name(config.sample_scheduler)
+    if config.keys == "class-words" and config.prompts != "classes":
+        raise SegsynthError("--keys class-words needs --prompts classes (class prompts name the classes the keys are "
+                            "restricted to); with a captions file use --keys all")
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     check_before_compute(dataset, [config.split])
@@ -179,6 +183,7 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     tokenizer = WordTokenizer.build(prompts, phrases=dataset.classes, max_length=config.max_length)
     token_ids = tokenizer(prompts)
     empty_ids = tokenizer([""])[0]
+    class_token_ids = class_tokens(tokenizer, dataset.classes)
 
     # 3. Networks, noise schedule, optimizer, EMA; the saved state when resuming.
     torch.manual_seed(config.seed)
@@ -202,7 +207,7 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         rewind_jsonl(log_path, keep=lambda record: record.get("iteration", 0) <= start)
     else:
         log_path.unlink(missing_ok=True)
-    meta = _meta(config, dataset, size, kind, tokenizer, unet, text_encoder, palette)
+    meta = _meta(config, dataset, size, kind, tokenizer, unet, text_encoder, palette, class_token_ids)
     models = (unet, text_encoder, tokenizer, noise_schedule)
     if start >= config.iterations:
         tqdm.write(f"{out}: already trained for {start} iterations (--iterations {config.iterations}); nothing to do")
@@ -240,8 +245,10 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (clean.shape[0],), generator=torch_rng).to(device)
         noisy = noise_schedule.add_noise(clean, noise, timesteps)
         target = noise_schedule.get_velocity(clean, noise, timesteps)
-        states = encode_text(text_encoder, ids.to(device))
-        predicted = unet(noisy, timesteps, encoder_hidden_states=states).sample
+        ids = ids.to(device)
+        states = encode_text(text_encoder, ids)
+        mask = key_mask(ids, config.keys, class_token_ids, tokenizer.bos_id)
+        predicted = unet(noisy, timesteps, encoder_hidden_states=states, encoder_attention_mask=mask).sample
         per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * _loss_weights(alphas_cumprod, timesteps, config.min_snr_gamma)).mean()
         if not torch.isfinite(loss):
@@ -302,6 +309,11 @@ def _load_training_set(config: TrainTextGeneratorConfig, dataset, split, size, k
     return torch.stack(targets), prompts
 
 
+def class_tokens(tokenizer: WordTokenizer, classes: Sequence[str]) -> list[int]:
+    """The token id of each class name (class names are single tokens of the vocabulary, by construction)."""
+    return [tokenizer.ids[normalise(name)] for name in classes]
+
+
 def _report_speed(done_here: int, total_here: int, timer_start: float | None) -> float | None:
     """After the first few iterations (the first one, slow with one-off setup, is not counted), say how long
     the whole run will take."""
@@ -348,7 +360,8 @@ def _loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: 
 
 
 def _meta(config: TrainTextGeneratorConfig, dataset, size, kind: str, tokenizer: WordTokenizer,
-          unet: UNet2DConditionModel, text_encoder: CLIPTextModel, palette: np.ndarray | None) -> dict:
+          unet: UNet2DConditionModel, text_encoder: CLIPTextModel, palette: np.ndarray | None,
+          class_token_ids: Sequence[int]) -> dict:
     return {"format": FORMAT, "segsynth_version": __version__, "classes": list(dataset.classes),
             "palette": [list(c) for c in dataset.palette],
             # how colour-mask samples are read back (text2mask:DIR): palette rows are the classes, then ignore
@@ -360,6 +373,8 @@ def _meta(config: TrainTextGeneratorConfig, dataset, size, kind: str, tokenizer:
             "min_class_fraction": MIN_CLASS_FRACTION if kind == "classes" else None,
             "vocab_size": len(tokenizer), "max_length": tokenizer.max_length,
             "conditioning": "word tokens -> CLIP text encoder -> UNet cross-attention (levels 2+ and the middle)",
+            # which prompt positions cross-attention may attend to (model.key_mask), and the class tokens it keeps
+            "keys": config.keys, "class_token_ids": list(map(int, class_token_ids)),
             "sampling": {"steps": config.sample_steps, "scheduler": config.sample_scheduler, "guidance": config.guidance},
             "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
                            "text_encoder": sum(p.numel() for p in text_encoder.parameters())},
