@@ -263,6 +263,13 @@ def check_model_folder(folder: Path, required: Sequence[str], meta_file: str, fo
     return meta
 
 
+def check_trained_classes(folder: Path, trained: Sequence[str], classes: Sequence[str], what: str) -> None:
+    """A trained generator draws its own classes only: refuse a dataset with others, naming both lists."""
+    if tuple(classes) != tuple(trained):
+        raise SegsynthError(f"{folder} was trained on classes {list(trained)}, but the dataset has "
+                            f"{list(classes)}; train {what} on this dataset's classes")
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 

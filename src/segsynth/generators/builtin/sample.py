@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared, file_fingerprint,
-                                      initial_noise, resolve_device)
+from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared,
+                                      check_trained_classes, file_fingerprint, initial_noise, resolve_device)
 from segsynth.generators.builtin.model import PATCH, check_generator_folder, decode_images, encode_masks
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, loading
@@ -54,9 +54,7 @@ class BuiltinGenerator(MaskToImageGenerator):
         self.fingerprint = file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
-        if tuple(classes) != self.classes:
-            raise SegsynthError(f"{self.folder} was trained on classes {list(self.classes)}, but the dataset has "
-                                f"{list(classes)}; train a generator on this dataset's classes")
+        check_trained_classes(self.folder, self.classes, classes, "a generator")
 
     def working_size(self, mask_shape: tuple[int, int] | None) -> tuple[int, int]:
         return self.size

@@ -31,6 +31,7 @@ from transformers import CLIPTextModel
 
 from segsynth import IGNORE_INDEX
 from segsynth.generators.base import (
+    check_trained_classes,
     Condition,
     GeneratedSample,
     Generator,
@@ -119,9 +120,7 @@ class BuiltinTextGenerator(Generator):
         self.fingerprint = digest.hexdigest()[:16]
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
-        if tuple(classes) != self.classes:
-            raise SegsynthError(f"{self.folder} was trained on classes {list(self.classes)}, but the dataset has "
-                                f"{list(classes)}; train a text generator on this dataset's classes")
+        check_trained_classes(self.folder, self.classes, classes, "a text generator")
 
     def check_requests(self, requests: Sequence[Request]) -> None:
         wrong = sorted({request.kind for request in requests} - set(self.request_kinds))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from segsynth.generators.base import (
+    check_trained_classes,
     Condition,
     GeneratedSample,
     Generator,
@@ -122,9 +123,7 @@ class SDTextToMaskGenerator(ColourMaskDecoding, Generator):
         self.fingerprint = digest.hexdigest()[:16]
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
-        if tuple(classes) != self.classes:
-            raise SegsynthError(f"{self.folder} was trained on classes {list(self.classes)}, but the dataset has "
-                                f"{list(classes)}; train a text2mask-sd model on this dataset's classes")
+        check_trained_classes(self.folder, self.classes, classes, "a text2mask-sd model")
 
     def check_requests(self, requests: Sequence[Request]) -> None:
         empty = [request.id for request in requests if not request.prompt.strip()]
