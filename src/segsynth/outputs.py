@@ -151,14 +151,17 @@ def claim_folder(out: str | os.PathLike, verb: str, config_file: str, config_cla
                  markers: Iterable[str] = (), lock_name: str | None = None, lock: bool = True,
                  busy: str | None = None):
     """Check that `out` is this verb's (or new), that no link inside leaves it, and hold its lock while
-    the block runs (`lock=False`: the checks only, e.g. on ranks other than 0). Folders the claim
-    created are removed again if the block fails before writing anything into them."""
+    the block runs. `lock=False` (ranks other than 0): the link check only -- rank 0 judges ownership
+    before it writes anything, and meanwhile its lock file and first outputs would make a rank that
+    looked at the same moment see a folder that is not (yet) the verb's. Folders the claim created are
+    removed again if the block fails before writing anything into them."""
     out = Path(out)
-    check_folder_is_ours(out, verb, config_file, config_class, markers)
-    check_no_escaping_links(out)
     if not lock:
+        check_no_escaping_links(out)
         yield out
         return
+    check_folder_is_ours(out, verb, config_file, config_class, markers)
+    check_no_escaping_links(out)
     with _locked(out, out / (lock_name or f".{verb}.lock"), verb,
                  busy or f"{out}: another `segsynth {verb}` is writing to this folder; wait for it, or use another "
                          "--out"):
@@ -171,10 +174,10 @@ def claim_file(path: str | os.PathLike, verb: str, what: str, is_ours: Callable[
     """The same for an output file (and the resolved config written beside it): ownership, links, and a
     `.NAME.lock` beside it held while the block runs."""
     path = Path(path)
-    check_file_is_ours(path, verb, what, is_ours, config_path, config_class)
-    if not lock:
+    if not lock:  # ranks other than 0: rank 0 judges ownership (see claim_folder)
         yield path
         return
+    check_file_is_ours(path, verb, what, is_ours, config_path, config_class)
     with _locked(path.parent, path.parent / f".{path.name}.lock", verb,
                  f"{path}: another `segsynth {verb}` is writing this file; wait for it, or use another --out"):
         yield path
