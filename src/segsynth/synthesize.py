@@ -148,7 +148,8 @@ def generator_settings(config: SynthesizeConfig, device: torch.device) -> Genera
                              controlnet_scale=config.controlnet_scale, lcm_lora=config.lcm_lora,
                              colour_map=config.colour_map, captions=config.captions, resolution=resolution,
                              dtype=config.dtype, device=str(device), pseudo_mask=config.pseudo_mask,
-                             pseudo_mask_settings=dict(config.pseudo_mask_settings))
+                             pseudo_mask_settings=dict(config.pseudo_mask_settings), lora=config.lora,
+                             lora_scale=config.lora_scale)
 
 
 def source_provenance(spec: str) -> dict[str, dict] | None:

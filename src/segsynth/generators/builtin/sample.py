@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared,
                                       check_trained_classes, file_fingerprint, initial_noise, resolve_device)
 from segsynth.generators.builtin.model import PATCH, check_generator_folder, decode_images, encode_masks
+from segsynth.generators.lora import folder_identity, load_adapter
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, loading
 
@@ -52,6 +53,14 @@ class BuiltinGenerator(MaskToImageGenerator):
                                                     use_safetensors=True).to(self.device).eval()
             self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
         self.fingerprint = file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
+        self.lora = None  # a LoRA adapter (`segsynth adapt`) made for this model, merged into its UNet
+        if settings.lora:
+            self.lora = load_adapter(self.unet, settings.lora, settings.lora_scale, self.adapter_base(),
+                                     f"builtin:{self.folder}")
+
+    def adapter_base(self) -> dict:
+        """The identity a LoRA adapter of this model records (generators/lora.py)."""
+        return folder_identity("builtin", "builtin", self.folder, self.fingerprint)
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
         check_trained_classes(self.folder, self.classes, classes, "a generator")
@@ -86,4 +95,5 @@ class BuiltinGenerator(MaskToImageGenerator):
 
     def identity(self) -> dict:
         return {"name": self.name, "path": str(self.folder.resolve()), "fingerprint": self.fingerprint,
-                "steps": self.steps, "scheduler": self.scheduler_name, "size": list(self.size), "dtype": "fp32"}
+                "steps": self.steps, "scheduler": self.scheduler_name, "size": list(self.size), "dtype": "fp32",
+                **({"lora": self.lora} if self.lora else {})}
