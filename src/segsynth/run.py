@@ -132,7 +132,14 @@ def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     if unknown:
         raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
                             f"options: {', '.join(method.arms)}")
-    config = dataclasses.replace(config, arms=list(config.arms or method.main_arms or method.arms))
+    unmet = [arm for arm in config.arms if method.arms[arm].needs and not getattr(config, method.arms[arm].needs)]
+    if unmet:
+        needs = method.arms[unmet[0]].needs
+        raise SegsynthError(f"arm(s) {', '.join(unmet)} of method {config.method} need the run key {needs!r} "
+                            f"(--{needs.replace('_', '-')}); give it, or leave the arm(s) out")
+    default = [arm for arm in (method.main_arms or method.arms)
+               if not method.arms[arm].needs or getattr(config, method.arms[arm].needs)]
+    config = dataclasses.replace(config, arms=list(config.arms or default))
     check_pretrain_split(config, method, source)
     return config
 

@@ -622,6 +622,11 @@ class RunConfig:
     captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
     train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
                                                 "max_minutes=20")
+    target_images: str = field("", help="attn2mask: unlabeled images of the target domain (a folder, or a dataset "
+                                        "spec whose train images are read, labels never: e.g. "
+                                        "'camvid:PATH?include=0001TP'); given, the run adapts its generator to them "
+                                        "with LoRA (segsynth adapt) and trains the + LoRA arm")
+    adapt: dict = field({}, help="AdaptConfig keys for the + LoRA arm's adapter, e.g. rank=4 iterations=300")
     per_method: dict = field({}, help="method all: keys of one member method over the shared ones: its generator "
                                       "and stage sections but train, e.g. per_method: {seggen: "
                                       "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
@@ -641,8 +646,9 @@ RUN_SECTIONS = {
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
                           "class_prompts")),
-    "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
+    "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device", "lora")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),
     "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device")),
+    "adapt": (AdaptConfig, ("generator", "images", "out", "resume", "device")),
 }

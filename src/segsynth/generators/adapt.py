@@ -236,9 +236,9 @@ def open_adaptee(spec: str, config: AdaptConfig, device: torch.device) -> Adapte
 # --- the target images ------------------------------------------------------------------------------
 
 
-def target_images(images: str, split: str) -> list[np.ndarray]:
-    """Every target image, decoded (HxWx3 uint8): a folder's image files, or a dataset spec's split's images
-    (never its labels). A folder that is empty or holds other files is refused, naming them."""
+def target_images(images: str, split: str, limit: int | None = None) -> list[np.ndarray]:
+    """Every target image (the first `limit`), decoded (HxWx3 uint8): a folder's image files, or a dataset spec's
+    split's images (never its labels). A folder that is empty or holds other files is refused, naming them."""
     folder = Path(images)
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -256,7 +256,7 @@ def target_images(images: str, split: str) -> list[np.ndarray]:
         if problems:
             raise SegsynthError(f"--images {folder}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
                                                                       if len(problems) > 1 else ""))
-        return [read_image(path) for path in tqdm(files, desc="load images", unit="img", leave=False)]
+        return [read_image(path) for path in tqdm(files[:limit], desc="load images", unit="img", leave=False)]
     if images.partition(":")[0].strip().lower() not in DATASET_KINDS:
         raise SegsynthError(f"--images {images}: no such folder; give a folder of images, or a dataset spec such as "
                             "camvid:PATH?include=0001TP")
@@ -267,8 +267,8 @@ def target_images(images: str, split: str) -> list[np.ndarray]:
         problems = [info["error"] for pair in pairs if "error" in (info := inspect_file(pair.image, "image"))]
         if problems:
             raise SegsynthError(f"--images {images}: {problems[0]}")
-        return [read_image(pair.image) for pair in tqdm(pairs, desc="load images", unit="img", leave=False)]
-    return [chosen[i].image for i in tqdm(range(len(chosen)), desc="load images", unit="img", leave=False)]
+        return [read_image(pair.image) for pair in tqdm(pairs[:limit], desc="load images", unit="img", leave=False)]
+    return [chosen[i].image for i in tqdm(range(len(chosen))[:limit], desc="load images", unit="img", leave=False)]
 
 
 def _batch(images: list[torch.Tensor], size: tuple[int, int], config: AdaptConfig,

@@ -20,6 +20,7 @@ class Arm:
     masks: str = "raw"  # raw or filtered masks of those sets
     train: tuple[tuple[str, object], ...] = ()  # other TrainConfig keys this arm sets, e.g. (("loss", "reliable"),)
     method: str = ""  # the method whose arm it is, where a run mixes methods (`--method all`); "" = the run's
+    needs: str = ""  # a RunConfig key the arm needs set (e.g. target_images); without it the arm runs only if named
 
 
 @dataclass
