@@ -466,6 +466,11 @@ class AdaptConfig:
                                  "generator learned from its prompt dropout; the images have no labels), or a domain "
                                  "prompt (builtin text generator: words of its vocabulary only). Mask -> image: the "
                                  "all-ignore mask, always")
+    preserve_classes: float = field(1.0, range=Range(0.0, 100.0),
+                                    help="builtin text generator: weight of the term that keeps each class prompt's "
+                                         "prediction minus the unconditional one as the base model has it (class "
+                                         "prompts drawn from its classes), so the adapter moves the domain, not what "
+                                         "tells the classes apart (0: off)")
     rank: int = field(8, range=Range(1, 1024), help="LoRA rank r of every adapted layer")
     alpha: float | None = field(None, range=POSITIVE, help="LoRA alpha: the update is scaled by alpha / rank "
                                                            "(default: alpha = rank, scale 1)")

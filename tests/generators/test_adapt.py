@@ -293,3 +293,30 @@ def test_generators_without_photos_to_adapt_are_refused(tmp_path, capsys):
 def test_adapter_name_is_the_one_peft_layers_carry(text_generator, text_adapter):
     generator = BuiltinTextGenerator(text_generator, GeneratorSettings(lora=str(text_adapter)))
     assert all(ADAPTER_NAME in layer.lora_A for layer in lora_layers(generator.unet).values())
+
+
+def test_the_class_direction_term_is_zero_for_a_fresh_adapter_and_sees_a_trained_one(text_generator, text_adapter):
+    from diffusers import DDPMScheduler
+
+    from segsynth.generators.adapt import class_directions
+    from segsynth.generators.builtin_text.model import encode_text
+    from segsynth.generators.lora import adapters_off, add_lora
+
+    def term(generator):
+        ids = generator.tokenizer(["", "a photo of sky, road"])
+        states = encode_text(generator.text_encoder, ids)
+        schedule = DDPMScheduler.from_config(generator.noise_schedule_config)
+        clean = torch.rand(1, 12, 16, 16) * 2 - 1
+        return float(class_directions(generator.unet, clean, states[:1], None, states[1:], None, schedule,
+                                      torch.Generator().manual_seed(0)))
+
+    fresh = BuiltinTextGenerator(text_generator)
+    add_lora(fresh.unet, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"])  # B = 0: the base model itself
+    assert term(fresh) == 0.0
+    trained = BuiltinTextGenerator(text_generator)
+    load_adapter(trained.unet, text_adapter, 1.0, trained.adapter_base(), "attention:GEN", merge=False)
+    assert term(trained) > 0
+    layer = next(iter(lora_layers(trained.unet).values()))
+    with adapters_off(trained.unet):
+        assert layer.disable_adapters
+    assert not layer.disable_adapters and layer.lora_A[ADAPTER_NAME].weight.requires_grad

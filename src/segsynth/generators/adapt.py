@@ -96,13 +96,34 @@ def _own_size(config: AdaptConfig, size: tuple[int, int], spec: str) -> tuple[in
     return tuple(size)
 
 
+def class_directions(unet, clean: torch.Tensor, states: torch.Tensor, mask, class_states: torch.Tensor, class_mask,
+                     schedule, generator: torch.Generator) -> torch.Tensor:
+    """How far the adapter moves the class directions: at fresh noise and timesteps, (class prompt's prediction
+    minus the unconditional one) with the adapter against the same without it, squared and averaged. Classifier-free
+    guidance draws uncond + g * (cond - uncond): keeping cond - uncond leaves what tells the classes apart to the
+    base model while the unconditional input -- the one the target images train -- moves to the target domain."""
+    from segsynth.generators.lora import adapters_off
+
+    batch, device = clean.shape[0], clean.device
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    noisy = torch.cat([schedule.add_noise(clean, noise, timesteps)] * 2)
+    both = torch.cat([states.expand(batch, -1, -1), class_states])
+    masks = None if mask is None else torch.cat([mask.expand(batch, -1), class_mask])
+    timesteps = torch.cat([timesteps, timesteps])
+    with torch.no_grad(), adapters_off(unet):
+        base_u, base_c = unet(noisy, timesteps, encoder_hidden_states=both, encoder_attention_mask=masks).sample.chunk(2)
+    adapted_u, adapted_c = unet(noisy, timesteps, encoder_hidden_states=both, encoder_attention_mask=masks).sample.chunk(2)
+    return ((adapted_c - adapted_u).float() - (base_c - base_u).float()).pow(2).mean()
+
+
 def _builtin_text(argument: str, config: AdaptConfig, device: torch.device) -> Adaptee:
     """attention:DIR: the builtin text -> image model, its v-loss given the prompt's token states."""
     from diffusers import DDPMScheduler
 
     from segsynth.generators.builtin_text import BuiltinTextGenerator
     from segsynth.generators.builtin_text.model import encode_images, encode_text
-    from segsynth.generators.builtin_text.train import diffusion_loss
+    from segsynth.generators.builtin_text.train import class_prompt, diffusion_loss
     from segsynth.generators.lora import folder_identity
 
     generator = BuiltinTextGenerator(argument, GeneratorSettings(device=str(device)))
@@ -125,10 +146,24 @@ def _builtin_text(argument: str, config: AdaptConfig, device: torch.device) -> A
     gamma = float(generator.meta.get("train_config", {}).get("min_snr_gamma", 5.0))
     unet = generator.unet
 
+    classes = list(generator.classes)
+
     def loss(pictures: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
         batch = pictures.shape[0]
-        return diffusion_loss(unet, encode_images(pictures).to(device), states.expand(batch, -1, -1),
-                              None if mask is None else mask.expand(batch, -1), schedule, alphas_cumprod, gamma, noise)
+        clean = encode_images(pictures).to(device)
+        value = diffusion_loss(unet, clean, states.expand(batch, -1, -1), None if mask is None else mask.expand(batch, -1),
+                               schedule, alphas_cumprod, gamma, noise)
+        if config.preserve_classes <= 0:
+            return value
+        # 2. the class directions: a class prompt's prediction minus the unconditional one, as the base model has them
+        prompts = [class_prompt([classes[c] for c in sorted(torch.randperm(len(classes), generator=noise)[
+            :int(torch.randint(1, min(4, len(classes)) + 1, (1,), generator=noise))].tolist())]) for _ in range(batch)]
+        ids = generator.tokenizer(prompts).to(device)
+        with torch.no_grad():
+            class_states = encode_text(generator.text_encoder, ids)
+        class_mask = generator.key_mask(ids)
+        directions = class_directions(unet, clean, states, mask, class_states, class_mask, schedule, noise)
+        return value + config.preserve_classes * directions
 
     base = folder_identity("builtin-text", "attention", argument, generator.fingerprint)
     return Adaptee(unet, size, base, BUILTIN_LR, None, loss)

@@ -20,6 +20,7 @@ merge=False)` keeps the update apart instead.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -121,6 +122,19 @@ def adapter_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
+
+
+@contextlib.contextmanager
+def adapters_off(unet: torch.nn.Module):
+    """The base model inside the block: every LoRA layer passes its input to its base layer alone."""
+    layers = list(lora_layers(unet).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def lora_layers(unet: torch.nn.Module) -> dict:
