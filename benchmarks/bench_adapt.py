@@ -7,7 +7,8 @@ weights), on toy images of that size:
 
   adapter bytes / UNet bytes       adapter.safetensors against unet/diffusion_pytorch_model.safetensors
   trainable share                  LoRA parameters / UNet parameters (rank 8 on to_q, to_k, to_v, to_out.0)
-  s per adapt iteration            `segsynth adapt` (batch 8), CPU seconds per iteration, one thread
+  s per adapt iteration            `segsynth adapt` (batch 8), CPU seconds per iteration, one thread, with the
+                                   class-direction term (--preserve-classes 1, the default) and without it
   s per training iteration         `segsynth train-text-generator` (batch 8, UNet + text encoder + EMA), same
   sampling s per image             4 prompts x 12 steps with guidance, without and with the merged adapter
 
@@ -75,6 +76,10 @@ def measure(name: str, settings: dict, args, work: Path) -> dict:
     adapt_short = timed(lambda: adapt(AdaptConfig(out=str(work / f"{name}-a2"), iterations=2, **adapt_settings)))
     adapt_full = timed(lambda: adapt(AdaptConfig(out=str(work / f"{name}-a"), iterations=2 + args.iterations,
                                                  **adapt_settings)))
+    plain_short = timed(lambda: adapt(AdaptConfig(out=str(work / f"{name}-p2"), iterations=2, preserve_classes=0.0,
+                                                  **adapt_settings)))
+    plain_full = timed(lambda: adapt(AdaptConfig(out=str(work / f"{name}-p"), iterations=2 + args.iterations,
+                                                 preserve_classes=0.0, **adapt_settings)))
     adapter = work / f"{name}-a"
     info = json.loads((adapter / "adapter.json").read_text())
     unet_bytes = (generator / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
@@ -94,6 +99,7 @@ def measure(name: str, settings: dict, args, work: Path) -> dict:
         "adapted_layers": info["lora"]["layers"],
         "adapt_cpu_s_per_iteration": round((adapt_full[0] - adapt_short[0]) / args.iterations, 4),
         "adapt_wall_s_per_iteration": round((adapt_full[1] - adapt_short[1]) / args.iterations, 4),
+        "adapt_without_preservation_cpu_s_per_iteration": round((plain_full[0] - plain_short[0]) / args.iterations, 4),
         "train_cpu_s_per_iteration": round((full[0] - short[0]) / args.iterations, 4),
         "train_wall_s_per_iteration": round((full[1] - short[1]) / args.iterations, 4),
         "sampling": sampling,
@@ -107,11 +113,12 @@ def main(argv=None) -> int:
         for name in args.sizes.split(","):
             results[name] = measure(name, SIZES[name], args, Path(work))
     print(f"{'size':8s} {'adapter/UNet bytes':>20s} {'LoRA/UNet params':>18s} {'adapt s/it':>11s} "
-          f"{'train s/it':>11s} {'sample s/img (plain, adapted)':>30s}")
+          f"{'(no pres.)':>11s} {'train s/it':>11s} {'sample s/img (plain, adapted)':>30s}")
     for name, row in results.items():
         sampling = row["sampling"]
         print(f"{name:8s} {row['adapter_bytes']:>9d}/{row['unet_bytes']:<10d} "
               f"{row['lora_parameters']:>8d}/{row['unet_parameters']:<9d} {row['adapt_cpu_s_per_iteration']:>11.3f} "
+              f"{row['adapt_without_preservation_cpu_s_per_iteration']:>11.3f} "
               f"{row['train_cpu_s_per_iteration']:>11.3f} "
               f"{sampling['without']['cpu_s_per_image']:>14.3f}, {sampling['with merged adapter']['cpu_s_per_image']:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,8 @@ def _builtin_text(argument: str, config: AdaptConfig, device: torch.device) -> A
     unet = generator.unet
 
     classes = list(generator.classes)
+    # class prompts as in training ("a photo of sky, road"): up to 4 classes, as many as its prompts hold
+    most = min(4, len(classes), (generator.tokenizer.max_length - 4) // 2) if "," in generator.tokenizer.ids else 1
 
     def loss(pictures: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
         batch = pictures.shape[0]
@@ -157,7 +159,7 @@ def _builtin_text(argument: str, config: AdaptConfig, device: torch.device) -> A
             return value
         # 2. the class directions: a class prompt's prediction minus the unconditional one, as the base model has them
         prompts = [class_prompt([classes[c] for c in sorted(torch.randperm(len(classes), generator=noise)[
-            :int(torch.randint(1, min(4, len(classes)) + 1, (1,), generator=noise))].tolist())]) for _ in range(batch)]
+            :int(torch.randint(1, max(1, most) + 1, (1,), generator=noise))].tolist())]) for _ in range(batch)]
         ids = generator.tokenizer(prompts).to(device)
         with torch.no_grad():
             class_states = encode_text(generator.text_encoder, ids)
