@@ -10,7 +10,7 @@
    Reported: iterations/s, images/s, and pixels/s at each model's working size.
 
     python benchmarks/bench_latent_generator.py           # CamVid from ../shared, taef2; CPU presets
-    python benchmarks/bench_latent_generator.py --latent-size 192,256 --latent-channels 64,128,256
+    python benchmarks/bench_latent_generator.py --latent-size 176,240 --latent-channels 64,128
     python benchmarks/bench_latent_generator.py --data toy:n=8,size=32 --autoencoder tiny --latent-size 32,32 \\
         --latent-channels 32,32 --pixel-size 32,32 --pixel-channels 32,32   # smoke run, a tiny random autoencoder
 """
@@ -40,8 +40,8 @@ def parse_args() -> argparse.Namespace:
                         help="autoencoder spec, or 'tiny' for a tiny random TAESD (smoke runs)")
     parser.add_argument("--psnr-images", type=int, default=8, help="val (and train) images for the round trip")
     parser.add_argument("--train-images", type=int, default=32, help="training images held for the timed batches")
-    parser.add_argument("--latent-size", default="176,240")
-    parser.add_argument("--latent-channels", default="64,128")
+    parser.add_argument("--latent-size", default="192,256")
+    parser.add_argument("--latent-channels", default="64,128,256")
     parser.add_argument("--latent-layers", type=int, default=1)
     parser.add_argument("--pixel-size", default="96,128")
     parser.add_argument("--pixel-channels", default="32,64,128")

@@ -70,12 +70,12 @@ def _size_fits_unet(values: dict, source: str) -> str | None:
         return None
     if kind == "latent" and not str(values.get("autoencoder") or "").startswith("taesd:"):
         return None  # a diffusers autoencoder's factor is known once it is loaded (train_latent_generator checks)
-    factor, example = (2, "96,128") if kind == "builtin" else (8, "176,240")
+    factor, grid, example = ((2, "space-to-depth x2", "96,128") if kind == "builtin" else
+                             (8, "the autoencoder's x8", "192,256"))
     multiple = factor * 2 ** (len(values["channels"]) - 1)
     if any(side % multiple for side in values["size"]):
-        return (f"key 'size' {values['size']}: H and W must be multiples of {multiple} ({kind}: x{factor} to the "
-                f"model's grid and {len(values['channels']) - 1} UNet downsamplings of --channels "
-                f"{values['channels']}); e.g. {example}")
+        return (f"key 'size' {values['size']}: H and W must be multiples of {multiple} ({grid} and "
+                f"{len(values['channels']) - 1} UNet downsamplings of --channels {values['channels']}); e.g. {example}")
     return None
 
 
@@ -217,13 +217,13 @@ class TrainGeneratorConfig:
     size: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2), shape="H,W or one number for a "
                                                                                   "square; empty: the kind's default"),
                             help="working resolution H,W (default: builtin 96,128, each a multiple of "
-                                 "2*2^(levels-1); latent 176,240 on CPU, 192,256 on GPU, each a multiple of "
-                                 "8*2^(levels-1); text2mask-sd the base model's own size, e.g. 512,512)")
+                                 "2*2^(levels-1); latent 192,256, each a multiple of 8*2^(levels-1); "
+                                 "text2mask-sd the base model's own size, e.g. 512,512)")
     channels: list[int] = field([], range=Range(8, 4096, multiple=8, lengths=tuple(range(0, 7)),
                                                 shape="one width per UNet level; empty: the kind's preset"),
                                 help="builtin, latent: UNet widths per level (one level per entry; default: "
-                                     "the CPU preset (builtin 32,64,128; latent 64,128) unless a GPU is "
-                                     "present (builtin 64,128,256; latent 128,256,512))")
+                                     "the CPU preset (builtin 32,64,128; latent 64,128,256) unless a GPU "
+                                     "is present (builtin 64,128,256; latent 128,256,512))")
     layers_per_block: int | None = field(None, range=Range(1, 8),
                                          help="builtin, latent: ResNet blocks per UNet level (default: 1 on CPU, "
                                               "2 on GPU)")
@@ -308,7 +308,7 @@ GENERATOR_KINDS = {
                 "gpu": {"channels": [64, 128, 256], "layers_per_block": 2}},
     "latent": {"keys": UNET_KEYS + ("autoencoder", "cached_crops", "crop_scale"),
                "defaults": {"lr": 3e-4, "cond_dropout": 0.0, "guidance": 1.0},
-               "cpu": {"size": [176, 240], "channels": [64, 128], "layers_per_block": 1},
+               "cpu": {"size": [192, 256], "channels": [64, 128, 256], "layers_per_block": 1},
                "gpu": {"size": [192, 256], "channels": [128, 256, 512], "layers_per_block": 2}},
     "text2mask-sd": {"keys": ("base", "prompts", "palette", "decode_max_distance", "lora_rank", "mixed_precision",
                               "gradient_checkpointing", "crop_scale"),
@@ -475,7 +475,9 @@ class SynthesizeConfig:
     batch_size: int = field(4, range=BATCH, help="masks per model call (does not change any sample's pixels)")
     steps: int | None = field(None, range=STEPS, help="denoising steps (default: the generator's own)")
     guidance: float | None = field(None, range=GUIDANCE,
-                                   help="classifier-free guidance scale (ControlNet; default 7.5, LCM 1.5)")
+                                   help="classifier-free guidance scale (ControlNet: default 7.5, LCM 1.5; builtin "
+                                        "and latent: the model's stored scale, 1 = off, another needs a model "
+                                        "trained with --cond-dropout > 0)")
     scheduler: str | None = field(None, range=SCHEDULER, help="dpm++, unipc, ddim, euler, or lcm (with --lcm-lora)")
     negative_prompt: str = field("", help="negative prompt (ControlNet)")
     controlnet: str | None = field(None, help="ControlNet hub id or folder, e.g. lllyasviel/control_v11p_sd15_seg")

@@ -209,7 +209,7 @@ def test_condition_dropout_blanks_the_drawn_share_of_masks(tmp_path, monkeypatch
 @pytest.mark.parametrize("kind, gpu, expected", [
     ("builtin", False, {"size": [96, 128], "channels": [32, 64, 128], "layers_per_block": 1}),
     ("builtin", True, {"size": [96, 128], "channels": [64, 128, 256], "layers_per_block": 2}),
-    ("latent", False, {"size": [176, 240], "channels": [64, 128], "layers_per_block": 1}),
+    ("latent", False, {"size": [192, 256], "channels": [64, 128, 256], "layers_per_block": 1}),
     ("latent", True, {"size": [192, 256], "channels": [128, 256, 512], "layers_per_block": 2}),
 ])
 def test_sizes_and_widths_left_unset_come_from_the_machine_preset(kind, gpu, expected):

@@ -17,8 +17,9 @@ from segsynth.cli import main
 from segsynth.data import open_dataset
 from segsynth.generators import GeneratorSettings, open_generator, train_generator_kind
 from segsynth.generators.latent import train_latent_generator
-from segsynth.generators.latent.autoencoder import (TinyAutoencoder, open_autoencoder, save_taesd, taesd_layout)
-from segsynth.generators.testing import save_tiny_diffusers_autoencoder, save_tiny_latent, save_tiny_taesd
+from segsynth.generators.latent.autoencoder import TinyAutoencoder, open_autoencoder, save_taesd, taesd_layout
+from segsynth.generators.testing import (save_colour_taesd, save_tiny_diffusers_autoencoder, save_tiny_latent,
+                                         save_tiny_taesd)
 from segsynth.io import SegsynthError
 from segsynth.stage_configs import TrainGeneratorConfig
 
@@ -180,24 +181,22 @@ def test_bad_latent_settings_are_refused_before_any_training(tmp_path, tiny_taes
     assert not (tmp_path / "g" / "unet").exists()
 
 
-def test_latent_samples_follow_the_mask_after_brief_training(tmp_path, tiny_taesd):
-    """Red and blue regions as the mask says: generated latents decode closer to the reconstruction of the
-    image the mask describes than to that of its colours swapped (a random autoencoder decodes neither to
-    red and blue, but to the same picture for the same latents)."""
+@pytest.mark.slow  # about 15-25 s on 2 cores: 150 iterations
+def test_latent_samples_follow_the_mask_after_brief_training(tmp_path):
+    """Red and blue regions where the mask says, on an autoencoder whose latents are the image's colours
+    (`save_colour_taesd`: a random one's latents barely tell red from blue)."""
     from test_builtin import _two_colour_dataset
 
     data = _two_colour_dataset(tmp_path / "data")
-    folder = save_tiny_latent(tmp_path / "g", f"taesd:{tiny_taesd}", data=data, iterations=150, lr=2e-3,
+    autoencoder = save_colour_taesd(tmp_path / "ae")
+    folder = save_tiny_latent(tmp_path / "g", f"taesd:{autoencoder}", data=data, iterations=150, lr=3e-3,
                               warmup=10, batch_size=8, log_every=25, save_every=1000)
     generator = open_generator(f"latent:{folder}", GeneratorSettings(steps=10))
     mask = np.zeros((32, 32), np.uint8)
     mask[:, 16:] = 1  # left half red, right half blue: a layout never seen in training
     image = generator.render_masks([mask], [""], [123])[0].astype(float)
-    colours = np.where(mask[..., None] == 1, np.float32([0, 0, 255]), np.float32([255, 0, 0]))
-    reconstructions = []
-    for picture in (colours, colours[..., ::-1]):  # as the mask says; red and blue swapped
-        pixels = torch.from_numpy(picture.copy()).permute(2, 0, 1)[None] / 255
-        with torch.no_grad():
-            reconstructions.append(generator.autoencoder.decode(generator.autoencoder.encode(pixels))[0] * 255)
-    right, swapped = (np.abs(image - r.permute(1, 2, 0).numpy()).mean() for r in reconstructions)
-    assert right < 0.6 * swapped, (right, swapped)
+    left, right = image[:, :16], image[:, 16:]
+    assert left[..., 0].mean() - left[..., 2].mean() > 40  # red where the mask says red
+    assert right[..., 2].mean() - right[..., 0].mean() > 40  # blue where it says blue
+    losses = [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.7 * losses[0]

@@ -61,6 +61,14 @@ def train_generator(config: TrainGeneratorConfig) -> Path:
         return _train_generator(config)
 
 
+def check_resumable(config: TrainGeneratorConfig) -> None:
+    """With --resume, the saved run's settings must be these (checked before any data is read)."""
+    folder = training_state_folder(Path(config.out), TRAINING_STATE) if config.resume else None
+    if folder is not None:
+        state = read_json(folder / "state.json")
+        check_resumed_settings(folder, state.get("train_config", {}), to_dict(config), RESUMABLE_CHANGES)
+
+
 def resolve_for_machine(config: TrainGeneratorConfig, kind: str) -> TrainGeneratorConfig:
     """The config of a `kind` trainer with the kind's defaults filled in, the size and width from the CPU
     preset unless a GPU is present; says which preset keys it chose."""
@@ -84,7 +92,8 @@ def _shown(value) -> str:
 def _train_generator(config: TrainGeneratorConfig) -> Path:
     out = Path(config.out)
 
-    # 1. Check the data and the settings before any compute.
+    # 1. Check the settings and the data before any compute.
+    check_resumable(config)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     check_before_compute(dataset, [config.split])

@@ -4,7 +4,7 @@ pretrained autoencoder (`train-generator --kind latent --autoencoder taesd:DIR`,
 A pretrained autoencoder (e.g. taef2, distilled from the FLUX.2 VAE on a very large image collection)
 turns an image into latents 8x smaller per side with 32 channels and decodes them back to sharp natural
 texture; a small diffusion model trained on a few hundred images then only has to learn the layout of
-latents for a mask, at 1/64 of the pixel positions, so full-resolution CamVid (176x240 -> 22x30 latents)
+latents for a mask, at 1/64 of the pixel positions, so CamVid near its full resolution (192x256 -> 24x32 latents)
 trains on a CPU. The model, the training loop and the sampler are the builtin generator's
 (generators/builtin: `MaskDenoiser`, `train_denoiser`, `BuiltinGenerator`) with a mask encoder in front of
 the UNet, cached latents as training data, and the autoencoder's decoder after sampling:

@@ -24,7 +24,6 @@ files (no pool branch, 4 or 16 channels) load too, and a tiny random one stands 
 from __future__ import annotations
 
 import hashlib
-import pickle
 import shutil
 from pathlib import Path
 
@@ -199,11 +198,14 @@ class TaesdAutoencoder(Autoencoder):
 
 
 def _state_dict(path: Path) -> dict:
-    """A plain tensor state dict from a .pth file; never unpickles anything else (weights_only)."""
+    """A plain tensor state dict from a .pth file; nothing else is ever unpickled (weights_only=True)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError("not a PyTorch state dict of tensors (weights-only loading refused it)") from None
+    except Exception as error:  # whatever torch raises for a file it cannot read as weights is bad input
+        refused = type(error).__name__ == "UnpicklingError"  # the weights-only unpickler met something else
+        reason = ("not a PyTorch state dict of tensors (weights-only loading refused it)" if refused else
+                  next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__))
+        raise ValueError(reason) from None
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a state dict")
     return state

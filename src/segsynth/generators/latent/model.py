@@ -73,7 +73,7 @@ def latent_working_size(values: Sequence[int], factor: int, levels: int) -> tupl
     multiple = factor * 2 ** (levels - 1)
     if len(values) != 2 or any(v < multiple or v % multiple for v in values):
         raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} (the autoencoder's "
-                            f"x{factor} and {levels - 1} UNet downsamplings); e.g. 176,240 with two levels")
+                            f"x{factor} and {levels - 1} UNet downsamplings); e.g. 192,256 with three levels, 176,240 with two")
     return int(values[0]), int(values[1])
 
 

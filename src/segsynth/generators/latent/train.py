@@ -32,7 +32,7 @@ from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import GENERATOR_FILE, one_hot_masks
-from segsynth.generators.builtin.train import (TRAINING_STATE, check_guidance_settings, resize_pair,
+from segsynth.generators.builtin.train import (TRAINING_STATE, check_guidance_settings, check_resumable, resize_pair,
                                                rescaled_crop, resolve_for_machine, sampling_meta, train_denoiser)
 from segsynth.generators.latent.autoencoder import Autoencoder, open_autoencoder
 from segsynth.generators.latent.model import AUTOENCODER_FOLDER, FORMAT, build_denoiser, latent_working_size, standardise
@@ -62,6 +62,7 @@ def _train_latent_generator(config: TrainGeneratorConfig) -> Path:
                             "pair, e.g. taesd:../shared/weights/taef2) or diffusers:ID_OR_DIR")
     scheduler_name(config.sample_scheduler)
     check_guidance_settings(config)
+    check_resumable(config)
     dataset = open_dataset(config.data)
     split = dataset.split(config.split)
     check_before_compute(dataset, [config.split])
