@@ -49,7 +49,7 @@ def train_latent_generator(config: TrainGeneratorConfig) -> Path:
     """Train a latent generator on a dataset's (image, mask) pairs; returns the generator folder."""
     config = resolve_for_machine(config, "latent")
     with claim_folder(config.out, "train-generator", "train_generator.config.yaml", "TrainGeneratorConfig",
-                      markers=(GENERATOR_FILE, TRAINING_STATE)):
+                      markers=(GENERATOR_FILE, TRAINING_STATE, LATENT_CACHE)):
         return _train_latent_generator(config)
 
 
@@ -156,8 +156,9 @@ def _latent_cache(config: TrainGeneratorConfig, out: Path, split, size, autoenco
     bar.close()
     latents = torch.cat(all_latents).view(len(split), variants, copies, *all_latents[0].shape[1:])
     masks = torch.stack(all_masks).view(len(split), variants, *size)
-    save_file({"latents": latents.contiguous(), "masks": masks.contiguous()}, str(path),
-              metadata={"key": json.dumps(key, sort_keys=True)})
+    with staged_swap(out, [LATENT_CACHE], what="latents") as staging:  # whole or not at all
+        save_file({"latents": latents.contiguous(), "masks": masks.contiguous()}, str(staging / LATENT_CACHE),
+                  metadata={"key": json.dumps(key, sort_keys=True)})
     return latents, masks
 
 
