@@ -166,6 +166,16 @@ def test_a_diffusers_autoencoder_trains_and_samples_through_the_cli(tmp_path):
     assert generator.render_masks([np.zeros((32, 32), np.uint8)], [""], [0])[0].shape == (32, 32, 3)
 
 
+def test_a_latent_model_trained_with_condition_dropout_samples_with_guidance(tmp_path, tiny_taesd):
+    folder = save_tiny_latent(tmp_path / "g", f"taesd:{tiny_taesd}", iterations=2, cond_dropout=0.5)
+    mask = open_dataset(TOY).split("train").label(0)
+    plain = open_generator(f"latent:{folder}", GeneratorSettings(steps=3)).render_masks([mask], [""], [4])[0]
+    guided_generator = open_generator(f"latent:{folder}", GeneratorSettings(steps=3, guidance=3.0))
+    guided = guided_generator.render_masks([mask], [""], [4])[0]
+    assert guided_generator.identity()["guidance"] == 3.0
+    assert np.abs(guided.astype(int) - plain.astype(int)).mean() > 0.5
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"autoencoder": None}, "--kind latent needs --autoencoder"),
     ({"autoencoder": "taesd:/nowhere/at/all"}, "autoencoder folder /nowhere/at/all does not exist"),
