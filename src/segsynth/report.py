@@ -52,8 +52,10 @@ def collect_results(context, method) -> dict:
             "synthetic_sets": list(arm.synthetic),
             "synthetic_images": sum(len(read_manifest(context.synthetic_set(name))) for name in arm.synthetic
                                     if context.synthetic_set(name).is_dir()),
-            "train_seconds": round(sum(context.seconds.get(f"train {arm_name} seed {seed}", 0.0)
-                                       for seed in config.seeds), 1),
+            # A training that ran beside others (`parallel`) is recorded under its name + PARALLEL_MARK: its
+            # own seconds, not its group's wall time.
+            "train_seconds": round(sum(context.seconds.get(f"train {arm_name} seed {seed}{mark}", 0.0)
+                                       for seed in config.seeds for mark in ("", PARALLEL_MARK)), 1),
             "checkpoints": [str(folder / "checkpoint") for folder in folders],
         }
     synthetic = {}

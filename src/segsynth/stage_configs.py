@@ -92,6 +92,18 @@ def _distinct_seeds(values: dict, source: str) -> str | None:
     return None
 
 
+TEXT_MASK_GENERATORS = ("text2mask", "text2mask-sd")
+
+
+def _text_mask_generator_spec(values: dict, source: str) -> str | None:
+    spec = values.get("text_mask_generator", "train")
+    name, _, argument = spec.partition(":")
+    if spec != "train" and (name not in TEXT_MASK_GENERATORS or not argument):
+        return (f"key 'text_mask_generator' {spec!r}: give train or a trained text -> mask generator, "
+                f"{' or '.join(n + ':DIR' for n in TEXT_MASK_GENERATORS)}")
+    return None
+
+
 @config_class
 class TrainConfig:
     data: str = field(help="real dataset spec, e.g. camvid:PATH, folder:PATH or toy")
@@ -550,6 +562,10 @@ class RunConfig:
     generator: str = field("auto", help="mask-to-image generator: auto (the shipped toy generator on toy data, else "
                                         "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
                                         "the builtin text generator, attention:DIR or attention-sd:BASE)")
+    text_mask_generator: str = field("train", help="seggen: the text -> mask generator of MaskSyn: train (the "
+                                                   "built-in one, trained by the run on the captions: section "
+                                                   "train_text_generator) or a trained one, text2mask:DIR or "
+                                                   "text2mask-sd:DIR (`train-generator --kind text2mask-sd`, GPU)")
     grids: int = field(6, range=Range(1, 64), help="rows in each visual grid")
     parallel: int = field(1, range=Range(1, 64),
                           help="arm trainings run at once, in worker processes that share the CPU threads "
@@ -558,20 +574,20 @@ class RunConfig:
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
-    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (attn2mask), e.g. max_minutes=20")
     stats: dict = field({}, help="StatsConfig keys (default size: train's eval_size)")
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
     filter: dict = field({}, help="FilterConfig keys, e.g. alpha=1.25")
     captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
-    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
-                                                "max_minutes=20")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys of the built-in text "
+                                                "generator: SegGen's text -> mask, Attn2mask's text -> image; "
+                                                "e.g. max_minutes=20")
     per_method: dict = field({}, help="method all: keys of one member method over the shared ones: its generator "
                                       "and stage sections but train, e.g. per_method: {seggen: "
                                       "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
                                       "attention-sd:BASE}} (resolved per member in run.config.yaml)")
 
-    __cross_checks__ = (_distinct_seeds,)
+    __cross_checks__ = (_distinct_seeds, _text_mask_generator_spec)
 
 
 # Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
