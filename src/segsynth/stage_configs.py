@@ -184,6 +184,73 @@ class StatsConfig:
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
+# --- prompt augmentation (methods/attn2mask/prompts.py) ---------------------------------------------
+# One definition of each field, used by the settings section (PromptAugmentationConfig: the
+# `prompt_augmentation` key of plan and train-text-generator) and by the `segsynth prompts` verb.
+DEFAULT_TEMPLATES = ["a photo of {classes}", "a picture of {classes}", "an image of {classes}",
+                     "a photograph of {classes}", "a scene with {classes}"]
+_AUGMENTATION_FIELDS = {
+    "templates": dict(default=DEFAULT_TEMPLATES,
+                      range=Range(pattern=r"[^{}]*\{classes\}[^{}]*", pattern_hint="a text with {classes} once",
+                                  lengths=tuple(range(1, 65))),
+                      help="prompt templates, each with {classes} once (filled with the class words, ', '-joined); "
+                           "a prompt's template is a seeded choice"),
+    "synonyms": dict(default=True, help="add WordNet synonyms of each class name (its first noun senses' lemmas)"),
+    "hyponyms": dict(default=True, help="add WordNet hyponyms of each class name (kinds of it: car -> sedan, jeep)"),
+    "per_class": dict(default=6, range=Range(0, 1000),
+                      help="words per class at most: its own name and the --words file's first, then WordNet "
+                           "synonyms, then a seeded choice of hyponyms (0: every word found)"),
+    "min_count": dict(default=1, range=Range(0, 10**6),
+                      help="a WordNet synonym or hyponym needs this many uses in WordNet's sense-tagged corpus "
+                           "(SemCor), which keeps rare words out (car: 'machine' has 0; 0 keeps every lemma)"),
+    "senses": dict(default=1, range=Range(1, 100),
+                   help="how many of a class name's WordNet noun senses (most frequent first) give words"),
+    "words": dict(default=None, help="YAML/JSON file {class: [words]} (or {class: {words: [...], synset: "
+                                     "sidewalk.n.01}}) of extra words per class, kept before WordNet's; "
+                                     "'synset' replaces the WordNet sense looked up from the class name"),
+    "seed": dict(default=0, range=SEED, help="seed of every choice (hyponyms, templates, each prompt's words)"),
+}
+
+
+def _prompt_augmentation(values: dict, source: str) -> str | None:
+    """The prompt_augmentation section holds PromptAugmentationConfig keys, each in its range."""
+    where = "--prompt-augmentation" if source == "command line" else f"{source}: key 'prompt_augmentation'"
+    section = values["prompt_augmentation"] or {}
+    check_values(PromptAugmentationConfig, coerce_values(PromptAugmentationConfig, section, where), where)
+    return None
+
+
+@config_class
+class PromptAugmentationConfig:
+    """Which words and templates an augmented class prompt may use (methods/attn2mask/prompts.py)."""
+
+    templates: list[str] = field(**_AUGMENTATION_FIELDS["templates"])
+    synonyms: bool = field(**_AUGMENTATION_FIELDS["synonyms"])
+    hyponyms: bool = field(**_AUGMENTATION_FIELDS["hyponyms"])
+    per_class: int = field(**_AUGMENTATION_FIELDS["per_class"])
+    min_count: int = field(**_AUGMENTATION_FIELDS["min_count"])
+    senses: int = field(**_AUGMENTATION_FIELDS["senses"])
+    words: str | None = field(**_AUGMENTATION_FIELDS["words"])
+    seed: int = field(**_AUGMENTATION_FIELDS["seed"])
+
+
+@config_class
+class PromptsConfig:
+    """`segsynth prompts`: the words and prompts each class of a dataset gets under prompt augmentation."""
+
+    data: str = field(help="dataset spec whose classes are prompted, e.g. camvid:PATH")
+    out: str | None = field(None, help="JSON file to write the lists to (the resolved config beside it); "
+                                       "default: print only")
+    templates: list[str] = field(**_AUGMENTATION_FIELDS["templates"])
+    synonyms: bool = field(**_AUGMENTATION_FIELDS["synonyms"])
+    hyponyms: bool = field(**_AUGMENTATION_FIELDS["hyponyms"])
+    per_class: int = field(**_AUGMENTATION_FIELDS["per_class"])
+    min_count: int = field(**_AUGMENTATION_FIELDS["min_count"])
+    senses: int = field(**_AUGMENTATION_FIELDS["senses"])
+    words: str | None = field(**_AUGMENTATION_FIELDS["words"])
+    seed: int = field(**_AUGMENTATION_FIELDS["seed"])
+
+
 @config_class
 class PlanConfig:
     data: str = field(help="dataset spec whose masks are planned (text plan: whose mask ids the captions use), "
@@ -205,6 +272,13 @@ class PlanConfig:
     class_prompts: int = field(0, range=PER_ENTRY,
                                help="text plan: N images for each real image's class set, prompted 'a photo of "
                                     "road, car' (image-level labels only), for text -> image generators")
+    augment_prompts: bool = field(False, help="class-prompt plan: one entry per sample, its prompt drawn from the "
+                                              "templates and each class's words (prompt augmentation: synonyms, "
+                                              "hyponyms, --words lists), its class_words naming the words drawn")
+    prompt_augmentation: dict = field({}, help="PromptAugmentationConfig keys for --augment-prompts, e.g. "
+                                               "per_class=4 words=camvid_words.yaml (see `segsynth prompts`)")
+
+    __cross_checks__ = (_prompt_augmentation,)
 
 
 @config_class
@@ -367,8 +441,13 @@ class TrainTextGeneratorConfig:
     log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     resume: bool = field(False, help="continue from OUT/training_state if it exists")
+    augment_prompts: bool = field(False, help="prompts classes: train on prompts drawn from templates and each "
+                                              "class's words (prompt augmentation, `segsynth prompts`), so the "
+                                              "generator knows every word an augmented plan uses")
+    prompt_augmentation: dict = field({}, help="PromptAugmentationConfig keys for --augment-prompts (give the plan "
+                                               "the same ones), e.g. per_class=4 words=camvid_words.yaml")
 
-    __cross_checks__ = (_two_levels, _size_fits_unet)
+    __cross_checks__ = (_two_levels, _size_fits_unet, _prompt_augmentation)
 
 
 @config_class
@@ -591,7 +670,7 @@ class RunConfig:
 
 
 # Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
-SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig}
+SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig, "prompt_augmentation": PromptAugmentationConfig}
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
 RUN_SECTIONS = {
@@ -600,9 +679,10 @@ RUN_SECTIONS = {
     "train_generator": (TrainGeneratorConfig, ("data", "out", "kind", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
-                          "class_prompts")),
+                          "class_prompts", "augment_prompts")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),
-    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device",
+                                                        "augment_prompts", "prompt_augmentation")),
 }
