@@ -288,23 +288,24 @@ def run(config: RunConfig) -> dict:
 def _run(config: RunConfig) -> dict:
     method = method_of(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "run.config.yaml")
 
-    # 1. The data, checked once before any compute.
+    # 1. The data, checked once before any compute, and the method's stage list (making it checks its settings,
+    #    such as the files it names): a run refused here leaves no file behind.
     dataset = open_dataset(config.data)
     check_before_compute(dataset, ["train", config.eval_split])
+    context = RunContext(config, out, dataset, _read_seconds(out))
+    table = method.arm_table(config)
+    arms = [table[name] for name in config.arms]
+    stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "run.config.yaml")
     atomic_write_json(out / "classes.json", {"data": config.data, "classes": list(dataset.classes),  # for reports
                                              "palette": [list(c) for c in dataset.palette], "ignore_index": 255})
-    context = RunContext(config, out, dataset, _read_seconds(out))
     say(f"segsynth run --method {config.method}: {config.data} ({len(dataset.split('train'))} train / "
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
         f"seeds {config.seeds}")
     try:
-        # 2. Real-only reference segmenters (the method's stage list is made first: it checks its settings).
-        table = method.arm_table(config)
-        arms = [table[name] for name in config.arms]
-        stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
+        # 2. Real-only reference segmenters.
         train_arms(context, [(method.arms["real"], seed) for seed in config.seeds], "real arm")
 
         # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).

@@ -176,3 +176,22 @@ def test_sweep_tables_in_the_results():
     assert "| 1 | joint-round1 | 10 | 43.50 | 0.00 | +2.50 | 43.5 | 21.8 |" in text
     assert "| 1 | 0.500 | 2.000 |" in text
     assert format_sweeps({"classes": classes, "arms": {"real": arm(40.0)}}) == ""
+
+
+def test_a_filter_judge_without_a_checkpoint_stops_the_run_before_any_work(tmp_path, capsys):
+    from segsynth.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", f"--out={out}", "--data=toy:n=4,n_val=2,size=32x40", "--arms=real",
+                 "--arms=joint-filtered-hardness", "--filter-alphas=1.5", f"--filter-judges=big={tmp_path / 'none'}",
+                 "--generator=train", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("segsynth run: error: filter_judges big: ") and "no segsynth checkpoint here" in err
+    assert not out.exists()
+
+
+def test_the_loop_arm_choices_are_freemask_arms():
+    from segsynth.stage_configs import FREEMASK_SYNTHETIC_ARMS
+
+    assert FREEMASK_SYNTHETIC_ARMS == tuple(name for name in ARMS if name != "real")
