@@ -10,6 +10,8 @@ the standard library and `segsynth.config`.
 
 from __future__ import annotations
 
+import re
+
 from segsynth.config import Range, check_values, coerce_values, config_class, field
 
 # --- the meaningful values of the fields, shared by several configs ------------------------------------
@@ -50,6 +52,10 @@ SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm
 SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
 PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
 METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
+# methods.freemask.method.ARMS but "real": the arms a closed loop can continue
+FREEMASK_SYNTHETIC_ARMS = ("synthetic-raw-uniform", "synthetic-filtered-hardness", "joint-raw-uniform",
+                           "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness")
+SWEEP_LENGTHS = tuple(range(0, 17))  # at most 16 values per sweep
 
 
 def _ordered_pair(key: str):
@@ -89,6 +95,27 @@ def _pseudo_mask_settings(values: dict, source: str) -> str | None:
 def _distinct_seeds(values: dict, source: str) -> str | None:
     if len(set(values["seeds"])) != len(values["seeds"]):
         return f"key 'seeds' {values['seeds']}: give distinct seeds (each names its arm's folder)"
+    return None
+
+
+def _distinct(key: str, what: str):
+    def check(values: dict, source: str) -> str | None:
+        if len(set(values[key])) != len(values[key]):
+            return f"key {key!r} {values[key]}: give distinct values (each names {what})"
+        return None
+    return check
+
+
+def _judge_names(values: dict, source: str) -> str | None:
+    """filter_judges: NAME -> checkpoint folder; a name becomes part of arm and folder names."""
+    judges = values.get("filter_judges") or {}
+    for name, path in judges.items():
+        if name == "reference" or not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
+            return (f"key 'filter_judges': judge name {name!r} cannot name arms and folders; use letters, digits "
+                    "and '_' (not 'reference', the run's own real-data segmenter), e.g. filter_judges: {big: DIR}")
+        if not isinstance(path, str) or not path:
+            return (f"key 'filter_judges': judge {name!r} needs a checkpoint folder (a `segsynth train --out` "
+                    f"folder), got {path!r}")
     return None
 
 
@@ -665,8 +692,51 @@ class RunConfig:
                                       "and stage sections but train, e.g. per_method: {seggen: "
                                       "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
                                       "attention-sd:BASE}} (resolved per member in run.config.yaml)")
+    # Sweeps and the closed loop (freemask): derived arms added to the run's arms (methods/freemask/variants.py).
+    filter_alphas: list[float] = field([], range=Range(0.0, 100.0, lengths=SWEEP_LENGTHS,
+                                                       shape="filter thresholds; 0: no filter"),
+                                       help="freemask: filter thresholds to compare; each arm on filtered masks gets "
+                                            "<arm>-alpha<A> per alpha (its set's images re-filtered at A in a copy "
+                                            "<set>-alpha<A>, nothing rendered again) and <arm>-unfiltered for 0 "
+                                            "(raw masks); the arm itself is filter.alpha")
+    filter_judges: dict = field({}, help="freemask: other segmenters that judge the filter, NAME=DIR (a `segsynth "
+                                         "train --out` folder trained on this run's real data): arms "
+                                         "<arm>-alpha<A>-<NAME> at every alpha of filter_alphas (or filter.alpha), "
+                                         "with that segmenter's own class losses")
+    volumes: list[int] = field([], range=Range(1, MAX_PER_ENTRY, lengths=SWEEP_LENGTHS,
+                                               shape="synthetic images per real mask"),
+                               help="freemask: synthetic volumes K to compare: each synthetic arm gets <arm>-k<K>, "
+                                    "trained on the share K / images_per_mask of its set (nested: K=1 within K=2 "
+                                    "within ...; rendered once at images_per_mask, which defaults to max K here)")
+    volume_iterations: str = field("same", range=Range(choices=("same", "scaled")),
+                                   help="volume arms' training length: same (train.iterations for every K) or "
+                                        "scaled (train.iterations x K / images_per_mask: as many passes over the "
+                                        "data as the full-volume arm)")
+    rounds: int = field(0, range=Range(0, 100),
+                        help="freemask closed loop: rounds after the first training (0: off). Round r measures "
+                             "what loop_arm's model of round r-1 still fails (loop_signal), re-plans a hardness-aware "
+                             "set for it with new seeds, synthesizes and filters it, and trains <loop_arm>-round<r>")
+    loop_arm: str = field("joint-filtered-hardness", range=Range(choices=FREEMASK_SYNTHETIC_ARMS),
+                          help="closed loop: the arm whose model drives the loop and whose recipe and masks each "
+                               "round trains with (must be one of the run's arms)")
+    loop_signal: str = field("loss", range=Range(choices=("loss", "iou")),
+                             help="closed loop: what plans the next round: loss (the class-wise mean loss L̄_c of "
+                                  "the previous round's first-seed model on the real train split, FreeMask's "
+                                  "hardness) or iou (1 - its per-class IoU on eval_split, mean over seeds: the "
+                                  "held-out split then steers which classes get data)")
+    loop_init: str = field("scratch", range=Range(choices=("scratch", "previous")),
+                           help="closed loop: each round trains from scratch (default: every round has the same "
+                                "iterations, so rounds differ only in their data) or from the previous round's "
+                                "checkpoint of the same seed")
+    loop_sets: str = field("accumulate", range=Range(choices=("accumulate", "latest")),
+                           help="closed loop: round r trains on loop_arm's sets plus every round's set so far "
+                                "(accumulate) or on round r's set alone (latest: the same volume every round)")
+    loop_images_per_mask: int = field(0, range=Range(0, MAX_PER_ENTRY),
+                                      help="closed loop: synthetic images per real mask each round adds (0: "
+                                           "images_per_mask)")
 
-    __cross_checks__ = (_distinct_seeds, _text_mask_generator_spec)
+    __cross_checks__ = (_distinct_seeds, _text_mask_generator_spec, _distinct("filter_alphas", "an arm"),
+                        _distinct("volumes", "an arm"), _judge_names)
 
 
 # Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
