@@ -237,6 +237,7 @@ def test_the_issue_examples_are_refused_before_any_work(tmp_path, capsys, monkey
 
 def test_names_mirrored_in_stage_configs_match_their_tables():
     """stage_configs cannot import torch, so it repeats a few table's names; they must stay equal."""
+    from segsynth.generators import TRAINERS
     from segsynth.generators.schedulers import ALIASES, SCHEDULERS
     from segsynth.methods.attn2mask.pseudo_mask import PRESETS
     from segsynth.run import METHODS, PRESETS as RUN_PRESETS
@@ -248,6 +249,7 @@ def test_names_mirrored_in_stage_configs_match_their_tables():
     assert set(stage_configs.SCHEDULER_NAMES) == set(SCHEDULERS) | set(ALIASES)
     assert stage_configs.PSEUDO_MASK_PRESETS == tuple(PRESETS)
     assert stage_configs.METHOD_NAMES == tuple(METHODS)
+    assert stage_configs.GENERATOR_KIND_NAMES == tuple(stage_configs.GENERATOR_KINDS) == tuple(TRAINERS)
     preset_range = next(f.metadata["range"] for f in dataclasses.fields(RunConfig) if f.name == "preset")
     assert set(preset_range.choices) == {name for _, name in RUN_PRESETS}
 

@@ -40,7 +40,7 @@ from segsynth.data import Dataset, open_dataset
 from segsynth.data.toy import TOY_CLASSES
 from segsynth.data.validate import check_before_compute
 from segsynth.io import SegsynthError, atomic_write_json, read_json
-from segsynth.generators.builtin import train_generator
+from segsynth.generators import TRAINERS, train_generator_kind
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.attn2mask.method import ATTN2MASK
 from segsynth.methods.compare import COMPARE
@@ -53,6 +53,7 @@ from segsynth.stage_configs import RUN_SECTIONS, ReportConfig, RunConfig, TrainC
 from segsynth.training.loop import train
 
 TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
+MASK_TO_IMAGE_KINDS = ("builtin", "latent")  # the train-generator kinds a run can render real masks with
 
 # name -> method (methods/base.py). `segsynth run --method NAME`; a new method is one more row.
 METHODS = {
@@ -68,8 +69,8 @@ METHODS = {
 BASE = {
     "images_per_mask": 2, "seeds": [0, 1], "grids": 6,
     "train": {"model": "segformer-tiny", "iterations": 600, "batch_size": 8, "lr": 2e-3, "warmup": 50, "workers": 1},
-    "train_generator": {"size": [64, 80], "channels": [32, 64, 128], "iterations": 3000, "max_minutes": 3.0,
-                        "batch_size": 16},
+    "train_generator": {"size": [64, 80], "channels": [32, 64, 128], "layers_per_block": 2, "iterations": 3000,
+                        "max_minutes": 3.0, "batch_size": 16},
     "synthesize": {"steps": 12, "batch_size": 16},
     "plan": {"nmax": 20},
     "filter": {"alpha": 1.25},
@@ -274,9 +275,12 @@ class RunContext:
         folder = self.out / "generator"
         config = self.stage_config(TrainGeneratorConfig, "train_generator",
                                    defaults={"sample_steps": self.config.synthesize.get("steps", 20)},
-                                   data=self.config.data, out=str(folder), device=self.config.device)
-        return [Stage("train generator", lambda: train_generator(config), lambda: _generator_finished(folder))], \
-            f"builtin:{folder}"
+                                   data=self.config.data, out=str(folder), resume=True, device=self.config.device)
+        if config.kind not in MASK_TO_IMAGE_KINDS:
+            raise SegsynthError(f"run config section 'train_generator': kind {config.kind!r} does not render masks; "
+                                f"options: {', '.join(MASK_TO_IMAGE_KINDS)}")
+        return [Stage("train generator", lambda: train_generator_kind(config), lambda: _generator_finished(folder))], \
+            f"{TRAINERS[config.kind][1]}:{folder}"
 
 
 def run(config: RunConfig) -> dict:
