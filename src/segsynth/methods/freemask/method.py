@@ -16,9 +16,9 @@ subset), the loop's sets by `round_stages` after each round's training.
 
 from __future__ import annotations
 
-from segsynth.methods.base import Arm, Method, Stage
 from segsynth.formats.checkpoint import resolve_checkpoint
 from segsynth.io import SegsynthError
+from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.freemask.filter import filter_synthetic
 from segsynth.methods.freemask.loop import round_stages
 from segsynth.methods.freemask.stats import compute_class_stats
