@@ -281,5 +281,6 @@ def test_range_words():
 def test_a_run_whose_pretrain_split_leaves_a_stage_without_iterations(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "run"), "--train", "iterations=1"]) == 2
     err = capsys.readouterr().err
-    assert "pretrain_fraction 0.5 of train iterations 1 gives 0 pretraining and 1 fine-tuning iterations" in err
+    assert "pretrain_fraction 0.5 of pretrain-finetune-filtered-hardness's train iterations 1" in err
+    assert "raise train iterations or change pretrain_fraction" in err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
