@@ -15,9 +15,10 @@ import sys
 
 from segsynth import __version__, cpu_load  # noqa: F401  (cpu_load starts its CPU meter now, before torch loads)
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig, FilterConfig,
-                                    MaskQualityConfig, PlanConfig, PromptsConfig, ReportConfig, RunConfig, StatsConfig,
-                                    SynthesizeConfig, TrainConfig, TrainGeneratorConfig, TrainTextGeneratorConfig)
+from segsynth.stage_configs import (AdaptConfig, AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig,
+                                    FilterConfig, MaskQualityConfig, PlanConfig, PromptsConfig, ReportConfig, RunConfig,
+                                    StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
+                                    TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -120,6 +121,15 @@ def cmd_train_text_generator(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from segsynth.generators.adapt import adapt
+
+    config = config_from_args(AdaptConfig, args)
+    folder = adapt(config)
+    print(f"LoRA adapter: {folder} (use it with segsynth synthesize --generator {config.generator} --lora {folder})")
+    return 0
+
+
 def cmd_captions(args) -> int:
     from segsynth.methods.seggen.captions import make_captions
 
@@ -190,6 +200,8 @@ VERBS = {
     "train-text-generator": ("train the builtin text-conditioned diffusion model (--target colour-mask: text -> mask, "
                              "SegGen's MaskSyn; --target image: text -> image)", TrainTextGeneratorConfig,
                              cmd_train_text_generator),
+    "adapt": ("a LoRA adapter that moves a generator's images towards a target domain, learned from unlabeled "
+              "images of it (Attn2mask's domain adaptation); load it with synthesize --lora", AdaptConfig, cmd_adapt),
     "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
     "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
     "mask-quality": ("generated masks vs the real ones, and the alignment of their rendered images (SegGen)",

@@ -146,8 +146,17 @@ def with_derived_arms(config: RunConfig, method: Method) -> RunConfig:
     if sweeps and method.variants is None:
         raise SegsynthError(f"run config key(s) {', '.join(sweeps)}: method {config.method} derives no arms; the "
                             "filter and volume sweeps and the closed loop are freemask's (--method freemask)")
+    # An arm that needs a run key (e.g. target_images) runs by default only when the key is set, and is refused
+    # when named without it.
+    unmet = [arm for arm in config.arms if arm in method.arms and method.arms[arm].needs
+             and not getattr(config, method.arms[arm].needs)]
+    if unmet:
+        needs = method.arms[unmet[0]].needs
+        raise SegsynthError(f"arm(s) {', '.join(unmet)} of method {config.method} need the run key {needs!r} "
+                            f"(--{needs.replace('_', '-')}); give it, or leave the arm(s) out")
     chosen = [arm for arm in config.arms if arm in method.arms] if config.arms else \
-        list(method.main_arms or method.arms)
+        [arm for arm in (method.main_arms or method.arms)
+         if not method.arms[arm].needs or getattr(config, method.arms[arm].needs)]
     derived = method.variants(dataclasses.replace(config, arms=chosen)) if method.variants else {}
     unknown = [arm for arm in config.arms if arm not in method.arms and arm not in derived]
     if unknown:

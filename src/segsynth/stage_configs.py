@@ -614,8 +614,69 @@ class SynthesizeConfig:
                                   "dataset-diffusion or daam; methods/attn2mask/pseudo_mask.py)")
     pseudo_mask_settings: dict = field({}, help="attention generators: PseudoMaskConfig keys over the recipe, e.g. "
                                                 "resolutions=[16,8] background_threshold=0.4")
+    lora: str | None = field(None, help="a LoRA adapter folder from `segsynth adapt` made for this generator "
+                                        "(attention, builtin, attention-sd, controlnet), merged into its UNet")
+    lora_scale: float = field(1.0, range=Range(0.0, 10.0), help="--lora: scale of the adapter's update (0: off, 1: as "
+                                                                "trained)")
 
     __cross_checks__ = (_pseudo_mask_settings,)
+
+
+@config_class
+class AdaptConfig:
+    """`segsynth adapt`: a LoRA adapter that moves a generator towards a target domain, from unlabeled images."""
+
+    generator: str = field(help="generator spec whose UNet is adapted: attention:DIR (the builtin text -> image "
+                                "model), builtin:DIR (mask -> image), attention-sd:BASE, controlnet:BASE or "
+                                "controlnet-sdxl:BASE (a diffusers SD / SDXL model: its UNet)")
+    images: str = field(help="the target domain's images: a folder of images, or a dataset spec whose --split images "
+                             "are used (labels never read), e.g. 'camvid:PATH?include=0001TP'")
+    out: str = field(help="output folder: the adapter (adapter.safetensors + adapter.json); load it with "
+                          "synthesize --lora OUT")
+    split: str = field("train", help="--images given as a dataset spec: the split whose images are used")
+    prompt: str = field("", help="what every target image is conditioned on: '' (the unconditional input, which the "
+                                 "generator learned from its prompt dropout; the images have no labels), or a domain "
+                                 "prompt (builtin text generator: words of its vocabulary only). Mask -> image: the "
+                                 "all-ignore mask, always")
+    preserve_classes: float = field(1.0, range=Range(0.0, 100.0),
+                                    help="builtin text generator: weight of the term that keeps each class prompt's "
+                                         "prediction minus the unconditional one as the base model has it (class "
+                                         "prompts drawn from its classes), so the adapter moves the domain, not what "
+                                         "tells the classes apart (0: off)")
+    rank: int = field(8, range=Range(1, 1024), help="LoRA rank r of every adapted layer")
+    alpha: float | None = field(None, range=POSITIVE, help="LoRA alpha: the update is scaled by alpha / rank "
+                                                           "(default: alpha = rank, scale 1)")
+    dropout: float = field(0.0, range=Range(0.0, 1.0, high_open=True), help="dropout on the LoRA input while training")
+    target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0"],
+                                      range=Range(lengths=tuple(range(1, 65)), pattern=r"[A-Za-z0-9_.]+",
+                                                  pattern_hint="a layer name or name suffix such as to_q",
+                                                  shape="layer name suffixes"),
+                                      help="layers that get adapters, by name or name suffix (peft's rule); "
+                                           "default: the attention projections, self- and cross-attention")
+    iterations: int = field(500, range=ITERATIONS, help="training iterations")
+    max_minutes: float = field(0.0, range=MINUTES,
+                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+    batch_size: int = field(8, range=BATCH, help="images per iteration")
+    lr: float | None = field(None, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay; "
+                                                        "default: 1e-3 for the builtin generators, 1e-4 for diffusers "
+                                                        "models)")
+    warmup: int = field(20, range=COUNT, help="warm-up iterations")
+    size: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2),
+                                            shape="H,W or one number for a square; empty: the generator's own"),
+                            help="working size H,W: the builtin generators' own only; diffusers models any multiple "
+                                 "of their size step (default: the UNet's native size)")
+    crop_scale: float = field(1.0, range=Range(0.0, 1.0, low_open=True),
+                              help="random crops cover this fraction of each side or more (1: whole images, as the "
+                                   "builtin text generator was trained), then resize to the working size")
+    flip: bool = field(True, help="random horizontal flips")
+    mixed_precision: str = field("auto", range=Range(choices=("auto", "no", "fp16", "bf16")),
+                                 help="diffusers models: autocast type (auto: bf16 on a GPU that has it, else fp16 on "
+                                      "GPU, none on CPU); the frozen UNet is held in it, the adapter in fp32")
+    seed: int = field(0, range=SEED, help="run seed")
+    save_every: int = field(100, range=EVERY, help="write the adapter and its training state every N iterations")
+    log_every: int = field(10, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
+    resume: bool = field(False, help="continue from OUT/training_state if it exists")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
 @config_class
@@ -742,6 +803,11 @@ class RunConfig:
     train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys of the built-in text "
                                                 "generator: SegGen's text -> mask, Attn2mask's text -> image; "
                                                 "e.g. max_minutes=20")
+    target_images: str = field("", help="attn2mask: unlabeled images of the target domain (a folder, or a dataset "
+                                        "spec whose train images are read, labels never: e.g. "
+                                        "'camvid:PATH?include=0001TP'); given, the run adapts its generator to them "
+                                        "with LoRA (segsynth adapt) and trains the + LoRA arm")
+    adapt: dict = field({}, help="AdaptConfig keys for the + LoRA arm's adapter, e.g. rank=4 iterations=300")
     per_method: dict = field({}, help="method all: keys of one member method over the shared ones: its generator "
                                       "and stage sections but train, e.g. per_method: {seggen: "
                                       "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
@@ -804,9 +870,10 @@ RUN_SECTIONS = {
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
                           "class_prompts", "augment_prompts")),
-    "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
+    "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device", "lora")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),
     "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device",
                                                         "augment_prompts", "prompt_augmentation")),
+    "adapt": (AdaptConfig, ("generator", "images", "out", "resume", "device")),
 }

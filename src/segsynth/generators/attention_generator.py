@@ -60,6 +60,7 @@ from segsynth.generators.builtin_text import BuiltinTextGenerator
 from segsynth.generators.builtin_text.model import decode_images, encode_images, encode_text
 from segsynth.generators.builtin_text.tokenizer import normalise
 from segsynth.generators.controlnet import check_model_location, finish_pipeline
+from segsynth.generators.lora import diffusers_identity, load_adapter
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import SegsynthError
 from segsynth.methods.attn2mask.pseudo_mask import (
@@ -347,6 +348,10 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
             raise SegsynthError(f"cannot load Stable Diffusion from {base!r}: {str(error).splitlines()[0]}") from None
         self.pipeline = finish_pipeline(pipeline, settings.lcm_lora if lcm else None, self.scheduler_name, self.device)
         self.unet, self.tokenizer = pipeline.unet, pipeline.tokenizer
+        self.lora = None  # a LoRA adapter (`segsynth adapt`) of this base, merged into its UNet
+        if settings.lora:
+            self.lora = load_adapter(self.unet, settings.lora, settings.lora_scale,
+                                     diffusers_identity(self.name, base), f"{self.name}:{base}")
 
         # 3. The working size, and the recipe checked against the UNet at that size.
         self.latent_factor = pipeline.vae_scale_factor
@@ -413,7 +418,7 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
                 "lcm_lora": model_source(settings.lcm_lora) if settings.lcm_lora else None,
                 "scheduler": self.scheduler_name, "steps": self.steps, "guidance": self.guidance,
                 "negative_prompt": settings.negative_prompt, "dtype": str(self.dtype).replace("torch.", ""),
-                "size": list(self.size), **self._recipe_identity()}
+                "size": list(self.size), **self._recipe_identity(), **({"lora": self.lora} if self.lora else {})}
 
 
 __all__ = ["BuiltinAttentionGenerator", "SDAttentionGenerator", "background_class", "class_words_of", "heat_map",

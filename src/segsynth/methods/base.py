@@ -24,6 +24,7 @@ class Arm:
     init_from: str = ""  # an arm whose checkpoint of the same seed initialises this one ("" = from scratch)
     # what a derived arm varies, for the results' sweep tables: e.g. (("sweep", "volume"), ("of", ARM), ("k", 2))
     tags: tuple[tuple[str, object], ...] = ()
+    needs: str = ""  # a RunConfig key the arm needs set (e.g. target_images); without it the arm runs only if named
 
 
 @dataclass

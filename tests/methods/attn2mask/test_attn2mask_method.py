@@ -26,10 +26,15 @@ def test_attention_heights_follow_the_builtin_text_unet():
     assert attention_heights([96, 128], [32, 64, 128]) == [24, 12]
 
 
+# The + LoRA arm's target domain: the toy val images (labels never read), adapted for 2 iterations.
+TARGET = {"target_images": f"{TOY}?include=toy_val", "adapt": {"split": "val", "iterations": 2, "batch_size": 2,
+                                                                 "rank": 2}}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("attn2mask") / "run"
-    config = resolve_run_config({**TINY_RUN, "out": str(out)})
+    config = resolve_run_config({**TINY_RUN, **TARGET, "out": str(out)})
     return out, run(config)
 
 
@@ -56,6 +61,33 @@ def test_a_tiny_attn2mask_run_trains_every_arm_on_equal_budgets(tiny_run):
     assert (out / "attention_quality" / "attention_quality.json").is_file()
     assert (out / "grids" / "attention-band.png").is_file() and (out / "grids" / "attention-raw.png").is_file()
     assert "train text generator" in json.loads((out / "seconds.json").read_text())
+
+
+def test_the_lora_arm_renders_the_same_plan_with_the_adapted_generator(tiny_run):
+    out, results = tiny_run
+    band, adapted = (out / "synthetic" / name for name in ("attention-band", "attention-band-lora"))
+    records = [[json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+               for folder in (band, adapted)]
+    assert [r["id"] for r in records[0]] == [r["id"] for r in records[1]]  # same prompts and seeds
+    info = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert info["image_count"] == 3 and info["training"]["iterations"] == 2 and info["lora"]["rank"] == 2
+    state = json.loads((adapted / "synthesis.json").read_text())
+    assert state["generator"]["lora"]["fingerprint"] and "lora" not in json.loads(
+        (band / "synthesis.json").read_text())["generator"]
+    assert "loss: reliable" in (out / "arms" / "synthetic-attention-reliable-lora" / "seed0" / "config.yaml").read_text()
+    assert (out / "grids" / "adaptation.png").is_file() and (out / "grids" / "attention-band-lora.png").is_file()
+    seconds = json.loads((out / "seconds.json").read_text())
+    assert "adapt generator (LoRA)" in seconds and "synthesize attention-band-lora" in seconds
+
+
+def test_the_lora_arm_runs_only_with_target_images():
+    config = resolve_run_config({**TINY_RUN, "out": "unused"})
+    assert "synthetic-attention-reliable-lora" not in config.arms and len(config.arms) == len(ARMS) - 1
+    with pytest.raises(SegsynthError, match="synthetic-attention-reliable-lora of method attn2mask need the run key "
+                                            "'target_images' \\(--target-images\\)"):
+        resolve_run_config({**TINY_RUN, "out": "unused", "arms": ["real", "synthetic-attention-reliable-lora"]})
+    with pytest.raises(SegsynthError, match="section 'adapt': unknown key.*images"):
+        resolve_run_config({**TINY_RUN, **TARGET, "out": "unused", "adapt": {"images": "elsewhere"}})
 
 
 def test_attention_quality_verb_scores_each_recipe(tiny_run, tmp_path, capsys):

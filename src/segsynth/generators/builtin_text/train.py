@@ -260,16 +260,10 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
             ids = token_ids[indices, torch.from_numpy(rng.integers(0, token_ids.shape[1], config.batch_size))].clone()
         ids[dropped] = empty_ids
         clean = encode_images(pictures).to(device)
-        noise = torch.randn(clean.shape, generator=torch_rng).to(device)
-        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (clean.shape[0],), generator=torch_rng).to(device)
-        noisy = noise_schedule.add_noise(clean, noise, timesteps)
-        target = noise_schedule.get_velocity(clean, noise, timesteps)
         ids = ids.to(device)
         states = encode_text(text_encoder, ids)
         mask = key_mask(ids, config.keys, class_token_ids, tokenizer.bos_id)
-        predicted = unet(noisy, timesteps, encoder_hidden_states=states, encoder_attention_mask=mask).sample
-        per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * _loss_weights(alphas_cumprod, timesteps, config.min_snr_gamma)).mean()
+        loss = diffusion_loss(unet, clean, states, mask, noise_schedule, alphas_cumprod, config.min_snr_gamma, torch_rng)
         if not torch.isfinite(loss):
             bar.close()  # so the error starts on a line of its own
             raise SegsynthError(f"non-finite loss at iteration {iteration + 1} of {config.iterations}: training "
@@ -321,6 +315,22 @@ def augmented_prompt_ids(augmenter: PromptAugmenter, class_names: list[list[str]
     tokenizer = WordTokenizer.build(texts, phrases=augmenter.classes + tuple(augmenter.all_words()),
                                     max_length=max_length)
     return tokenizer, torch.stack([tokenizer(row) for row in variants])
+
+
+def diffusion_loss(unet: UNet2DConditionModel, clean: torch.Tensor, states: torch.Tensor, mask: torch.Tensor | None,
+                   noise_schedule, alphas_cumprod: torch.Tensor, min_snr_gamma: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The training loss on one batch (also what `segsynth adapt` fits a LoRA with): `clean` pictures in model
+    space noised at random timesteps (noise and timesteps drawn from the CPU `generator`, in that order), the
+    v-prediction error given the token `states` (and the key `mask`), weighted by `_loss_weights`."""
+    device = clean.device
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(device)
+    noisy = noise_schedule.add_noise(clean, noise, timesteps)
+    target = noise_schedule.get_velocity(clean, noise, timesteps)
+    predicted = unet(noisy, timesteps, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+    per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * _loss_weights(alphas_cumprod, timesteps, min_snr_gamma)).mean()
 
 
 def _load_training_set(config: TrainTextGeneratorConfig, dataset, split, size, kind: str, palette):
