@@ -40,7 +40,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_attn2mask_run_trains_every_arm_on_equal_budgets(tiny_run):
     out, results = tiny_run
-    assert list(results["arms"]) == list(MAIN_ARMS)  # the augmented arm runs only when named
+    # the augmented arm runs only when named; the + LoRA arm joins because the run has target images
+    assert list(results["arms"]) == [*MAIN_ARMS, "synthetic-attention-reliable-lora"]
     assert all(arm["mean"] is not None for arm in results["arms"].values())
     raw, band = (out / "synthetic" / name for name in ("attention-raw", "attention-band"))
     manifests = {folder.name: [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
@@ -82,7 +83,7 @@ def test_the_lora_arm_renders_the_same_plan_with_the_adapted_generator(tiny_run)
 
 def test_the_lora_arm_runs_only_with_target_images():
     config = resolve_run_config({**TINY_RUN, "out": "unused"})
-    assert "synthetic-attention-reliable-lora" not in config.arms and len(config.arms) == len(ARMS) - 1
+    assert "synthetic-attention-reliable-lora" not in config.arms and config.arms == list(MAIN_ARMS)
     with pytest.raises(SegsynthError, match="synthetic-attention-reliable-lora of method attn2mask need the run key "
                                             "'target_images' \\(--target-images\\)"):
         resolve_run_config({**TINY_RUN, "out": "unused", "arms": ["real", "synthetic-attention-reliable-lora"]})
