@@ -53,7 +53,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel
@@ -494,19 +493,10 @@ def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordToken
 
 
 def _load_state(folder: Path, state: dict, unet, text_encoder, ema, optimizer, device) -> tuple[int, float]:
+    from segsynth.generators.builtin.train import load_ema_and_optimizer
+
     raw = load_file(str(folder / "weights.safetensors"))
     unet.load_state_dict({k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in raw.items() if k.startswith("text_encoder.")})
-    with safe_open(str(folder / "ema.safetensors"), framework="pt") as handle:
-        ema_state = json.loads(handle.metadata()["state"])
-    shadow = load_file(str(folder / "ema.safetensors"))
-    ema.load_state_dict({**ema_state, "shadow_params": [shadow[f"shadow.{i}"].to(device) for i in range(len(shadow))]})
-    with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
-        groups = json.loads(handle.metadata()["param_groups"])
-    optimizer_state: dict = {}
-    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
-        _, index, name = key.split(".", 2)
-        # AdamW keeps `step` on the CPU and its moments beside the parameters
-        optimizer_state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+    load_ema_and_optimizer(folder, ema, optimizer, device)
     return int(state["iteration"]), float(state.get("seconds", 0.0))
