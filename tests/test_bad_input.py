@@ -578,7 +578,7 @@ def test_per_pixel_loss_for_a_mask_classification_model(tmp_path, capsys):
 def test_unknown_generator_name(tmp_path, capsys):
     err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
                          "--generator", "magic:x", "--out", tmp_path / "set", "--no-progress"])
-    assert "unknown generator 'magic' in 'magic:x'; options: builtin, controlnet, controlnet-sdxl" in err
+    assert "unknown generator 'magic' in 'magic:x'; options: builtin, latent, controlnet, controlnet-sdxl" in err
     assert not (tmp_path / "set").exists()
 
 

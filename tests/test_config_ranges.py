@@ -194,9 +194,10 @@ def test_out_of_range_value_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
 
 @pytest.mark.parametrize("verb, cls, settings, name, values", SETTINGS_CASES)
 def test_out_of_range_settings_key_is_refused_with_the_config(tmp_path, capsys, verb, cls, settings, name, values):
-    """A settings section (synthesize's and attention-quality's pseudo_mask_settings) is checked as the config
-    is made, not when an attention generator opens."""
-    assert {case.values[0] for case in SETTINGS_CASES} == {"synthesize", "attention-quality"}
+    """A settings section (synthesize's and attention-quality's pseudo_mask_settings, plan's and
+    train-text-generator's prompt_augmentation) is checked as the config is made, not when it is used."""
+    assert {case.values[0] for case in SETTINGS_CASES} == {"synthesize", "attention-quality", "plan",
+                                                           "train-text-generator"}
     work = tmp_path / "work"
     work.mkdir()
     before = _listing(tmp_path)
@@ -280,5 +281,6 @@ def test_range_words():
 def test_a_run_whose_pretrain_split_leaves_a_stage_without_iterations(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "run"), "--train", "iterations=1"]) == 2
     err = capsys.readouterr().err
-    assert "pretrain_fraction 0.5 of train iterations 1 gives 0 pretraining and 1 fine-tuning iterations" in err
+    assert "pretrain_fraction 0.5 of pretrain-finetune-filtered-hardness's train iterations 1" in err
+    assert "raise train iterations or change pretrain_fraction" in err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()

@@ -137,6 +137,28 @@ def test_parallel_arm_trainings_match_one_after_the_other(tmp_path, monkeypatch)
     assert "(parallel) ran side by side" in (tmp_path / "parallel" / "results.md").read_text()
 
 
+def test_train_seconds_count_trainings_that_ran_side_by_side(tmp_path):
+    """An arm's "train s" adds its seeds' own seconds whether they ran alone or beside others (`parallel`),
+    never the group's wall time."""
+    from types import SimpleNamespace
+
+    from segsynth.methods.base import Arm, Method
+    from segsynth.report import PARALLEL_MARK, collect_results, format_table
+
+    config = resolve_run_config({"out": str(tmp_path), "arms": ["real"], "seeds": [0, 1]})
+    seconds = {f"train real seed 0{PARALLEL_MARK}": 30.0, f"train real seed 1{PARALLEL_MARK}": 12.5,
+               "real arm: 2 trainings, 2 at once (wall)": 31.0}
+    context = SimpleNamespace(config=config, out=tmp_path, seconds=seconds,
+                              dataset=SimpleNamespace(classes=["a", "b"], palette=[(0, 0, 0), (1, 1, 1)]),
+                              synthetic_set=lambda name: tmp_path / "synthetic" / name,
+                              train_settings=SimpleNamespace(model="segformer-tiny", iterations=10, batch_size=2))
+    method = Method("freemask", "", {"real": Arm("real", "real")}, lambda *a: [], lambda *a: [], {})
+    results = collect_results(context, method)
+    assert results["arms"]["real"]["train_seconds"] == 42.5
+    assert results["total_seconds"] == 31.0
+    assert format_table(results).splitlines()[2].endswith("| 42 |")
+
+
 def test_a_run_trains_the_generator_kind_its_section_names(tmp_path):
     """`train_generator: {kind: latent, ...}` trains a latent generator and renders with `latent:`; the stage
     resumes a killed generator training; a kind that draws no images from masks is refused."""

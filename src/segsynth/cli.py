@@ -15,9 +15,10 @@ import sys
 
 from segsynth import __version__, cpu_load  # noqa: F401  (cpu_load starts its CPU meter now, before torch loads)
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig, FilterConfig,
-                                    MaskQualityConfig, PlanConfig, ReportConfig, RunConfig, StatsConfig, SynthesizeConfig,
-                                    TrainConfig, TrainGeneratorConfig, TrainTextGeneratorConfig)
+from segsynth.stage_configs import (AdaptConfig, AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig,
+                                    FilterConfig, MaskQualityConfig, PlanConfig, PromptsConfig, ReportConfig, RunConfig,
+                                    StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
+                                    TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -82,6 +83,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_prompts(args) -> int:
+    from segsynth.methods.attn2mask.prompts import format_prompt_lists, prompt_lists
+
+    config = config_from_args(PromptsConfig, args)
+    print(format_prompt_lists(prompt_lists(config)))
+    if config.out:
+        print(f"written: {config.out}")
+    return 0
+
+
 def cmd_synthesize(args) -> int:
     from segsynth.synthesize import format_summary, synthesize
 
@@ -107,6 +118,15 @@ def cmd_train_text_generator(args) -> int:
     folder = train_text_generator(config)
     use = f"--generator text2mask:{folder}" if config.target == "colour-mask" else f"--generator attention:{folder}"
     print(f"text generator: {folder} (use it with {use})")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from segsynth.generators.adapt import adapt
+
+    config = config_from_args(AdaptConfig, args)
+    folder = adapt(config)
+    print(f"LoRA adapter: {folder} (use it with segsynth synthesize --generator {config.generator} --lora {folder})")
     return 0
 
 
@@ -169,6 +189,9 @@ VERBS = {
     "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
     "plan": ("how many synthetic images per real mask (or per caption), with their seeds (plan.jsonl)", PlanConfig,
              cmd_plan),
+    "prompts": ("the words and prompts each class gets under prompt augmentation (templates, WordNet synonyms "
+                "and hyponyms, a --words file): segsynth plan --class-prompts N --augment-prompts", PromptsConfig,
+                cmd_prompts),
     "captions": ("a caption per real mask (from the mask, a file or BLIP-2): captions.jsonl (SegGen)", CaptionConfig,
                  cmd_captions),
     "train-generator": ("train a generator: --kind builtin (the CPU mask-to-image diffusion model) or text2mask-sd "
@@ -177,6 +200,8 @@ VERBS = {
     "train-text-generator": ("train the builtin text-conditioned diffusion model (--target colour-mask: text -> mask, "
                              "SegGen's MaskSyn; --target image: text -> image)", TrainTextGeneratorConfig,
                              cmd_train_text_generator),
+    "adapt": ("a LoRA adapter that moves a generator's images towards a target domain, learned from unlabeled "
+              "images of it (Attn2mask's domain adaptation); load it with synthesize --lora", AdaptConfig, cmd_adapt),
     "synthesize": ("render a plan with a generator into a synthetic folder: dataset", SynthesizeConfig, cmd_synthesize),
     "filter": ("set noisy synthetic pixels to ignore (loss > alpha * L̄_c)", FilterConfig, cmd_filter),
     "mask-quality": ("generated masks vs the real ones, and the alignment of their rendered images (SegGen)",

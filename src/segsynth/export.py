@@ -34,6 +34,7 @@ from tqdm import tqdm
 from segsynth import IGNORE_INDEX
 from segsynth.data import DATASET_KINDS, Dataset, open_dataset
 from segsynth.data.base import Split
+from segsynth.data.specs import base_spec
 from segsynth.formats.manifest import MANIFEST, read_records
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text, staged_swap
 from segsynth.stage_configs import ExportConfig
@@ -107,7 +108,7 @@ def choose_splits(dataset: Dataset, config: ExportConfig) -> dict[str, tuple[Spl
 
 def _provenance(spec: str) -> dict[str, dict]:
     """For a synthetic set: per sample id, where it came from (kept in the hf metadata)."""
-    kind, _, path = spec.partition(":")
+    kind, _, path = base_spec(spec).partition(":")
     if kind not in ("synthetic", "synthetic-raw"):
         return {}
     result = {}

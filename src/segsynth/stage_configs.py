@@ -10,6 +10,8 @@ the standard library and `segsynth.config`.
 
 from __future__ import annotations
 
+import re
+
 from segsynth.config import Range, check_values, coerce_values, config_class, field
 
 # --- the meaningful values of the fields, shared by several configs ------------------------------------
@@ -50,6 +52,10 @@ SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm
 SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
 PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
 METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
+# methods.freemask.method.ARMS but "real": the arms a closed loop can continue
+FREEMASK_SYNTHETIC_ARMS = ("synthetic-raw-uniform", "synthetic-filtered-hardness", "joint-raw-uniform",
+                           "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness")
+SWEEP_LENGTHS = tuple(range(0, 17))  # at most 16 values per sweep
 GENERATOR_KIND_NAMES = ("builtin", "latent", "text2mask-sd")  # GENERATOR_KINDS below, generators.TRAINERS
 
 
@@ -96,6 +102,39 @@ def _pseudo_mask_settings(values: dict, source: str) -> str | None:
 def _distinct_seeds(values: dict, source: str) -> str | None:
     if len(set(values["seeds"])) != len(values["seeds"]):
         return f"key 'seeds' {values['seeds']}: give distinct seeds (each names its arm's folder)"
+    return None
+
+
+def _distinct(key: str, what: str):
+    def check(values: dict, source: str) -> str | None:
+        if len(set(values[key])) != len(values[key]):
+            return f"key {key!r} {values[key]}: give distinct values (each names {what})"
+        return None
+    return check
+
+
+def _judge_names(values: dict, source: str) -> str | None:
+    """filter_judges: NAME -> checkpoint folder; a name becomes part of arm and folder names."""
+    judges = values.get("filter_judges") or {}
+    for name, path in judges.items():
+        if name == "reference" or not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
+            return (f"key 'filter_judges': judge name {name!r} cannot name arms and folders; use letters, digits "
+                    "and '_' (not 'reference', the run's own real-data segmenter), e.g. filter_judges: {big: DIR}")
+        if not isinstance(path, str) or not path:
+            return (f"key 'filter_judges': judge {name!r} needs a checkpoint folder (a `segsynth train --out` "
+                    f"folder), got {path!r}")
+    return None
+
+
+TEXT_MASK_GENERATORS = ("text2mask", "text2mask-sd")
+
+
+def _text_mask_generator_spec(values: dict, source: str) -> str | None:
+    spec = values.get("text_mask_generator", "train")
+    name, _, argument = spec.partition(":")
+    if spec != "train" and (name not in TEXT_MASK_GENERATORS or not argument):
+        return (f"key 'text_mask_generator' {spec!r}: give train or a trained text -> mask generator, "
+                f"{' or '.join(n + ':DIR' for n in TEXT_MASK_GENERATORS)}")
     return None
 
 
@@ -179,6 +218,73 @@ class StatsConfig:
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
+# --- prompt augmentation (methods/attn2mask/prompts.py) ---------------------------------------------
+# One definition of each field, used by the settings section (PromptAugmentationConfig: the
+# `prompt_augmentation` key of plan and train-text-generator) and by the `segsynth prompts` verb.
+DEFAULT_TEMPLATES = ["a photo of {classes}", "a picture of {classes}", "an image of {classes}",
+                     "a photograph of {classes}", "a scene with {classes}"]
+_AUGMENTATION_FIELDS = {
+    "templates": dict(default=DEFAULT_TEMPLATES,
+                      range=Range(pattern=r"[^{}]*\{classes\}[^{}]*", pattern_hint="a text with {classes} once",
+                                  lengths=tuple(range(1, 65))),
+                      help="prompt templates, each with {classes} once (filled with the class words, ', '-joined); "
+                           "a prompt's template is a seeded choice"),
+    "synonyms": dict(default=True, help="add WordNet synonyms of each class name (its first noun senses' lemmas)"),
+    "hyponyms": dict(default=True, help="add WordNet hyponyms of each class name (kinds of it: car -> sedan, jeep)"),
+    "per_class": dict(default=6, range=Range(0, 1000),
+                      help="words per class at most: its own name and the --words file's first, then WordNet "
+                           "synonyms, then a seeded choice of hyponyms (0: every word found)"),
+    "min_count": dict(default=1, range=Range(0, 10**6),
+                      help="a WordNet synonym or hyponym needs this many uses in WordNet's sense-tagged corpus "
+                           "(SemCor), which keeps rare words out (car: 'machine' has 0; 0 keeps every lemma)"),
+    "senses": dict(default=1, range=Range(1, 100),
+                   help="how many of a class name's WordNet noun senses (most frequent first) give words"),
+    "words": dict(default=None, help="YAML/JSON file {class: [words]} (or {class: {words: [...], synset: "
+                                     "sidewalk.n.01}}) of extra words per class, kept before WordNet's; "
+                                     "'synset' replaces the WordNet sense looked up from the class name"),
+    "seed": dict(default=0, range=SEED, help="seed of every choice (hyponyms, templates, each prompt's words)"),
+}
+
+
+def _prompt_augmentation(values: dict, source: str) -> str | None:
+    """The prompt_augmentation section holds PromptAugmentationConfig keys, each in its range."""
+    where = "--prompt-augmentation" if source == "command line" else f"{source}: key 'prompt_augmentation'"
+    section = values["prompt_augmentation"] or {}
+    check_values(PromptAugmentationConfig, coerce_values(PromptAugmentationConfig, section, where), where)
+    return None
+
+
+@config_class
+class PromptAugmentationConfig:
+    """Which words and templates an augmented class prompt may use (methods/attn2mask/prompts.py)."""
+
+    templates: list[str] = field(**_AUGMENTATION_FIELDS["templates"])
+    synonyms: bool = field(**_AUGMENTATION_FIELDS["synonyms"])
+    hyponyms: bool = field(**_AUGMENTATION_FIELDS["hyponyms"])
+    per_class: int = field(**_AUGMENTATION_FIELDS["per_class"])
+    min_count: int = field(**_AUGMENTATION_FIELDS["min_count"])
+    senses: int = field(**_AUGMENTATION_FIELDS["senses"])
+    words: str | None = field(**_AUGMENTATION_FIELDS["words"])
+    seed: int = field(**_AUGMENTATION_FIELDS["seed"])
+
+
+@config_class
+class PromptsConfig:
+    """`segsynth prompts`: the words and prompts each class of a dataset gets under prompt augmentation."""
+
+    data: str = field(help="dataset spec whose classes are prompted, e.g. camvid:PATH")
+    out: str | None = field(None, help="JSON file to write the lists to (the resolved config beside it); "
+                                       "default: print only")
+    templates: list[str] = field(**_AUGMENTATION_FIELDS["templates"])
+    synonyms: bool = field(**_AUGMENTATION_FIELDS["synonyms"])
+    hyponyms: bool = field(**_AUGMENTATION_FIELDS["hyponyms"])
+    per_class: int = field(**_AUGMENTATION_FIELDS["per_class"])
+    min_count: int = field(**_AUGMENTATION_FIELDS["min_count"])
+    senses: int = field(**_AUGMENTATION_FIELDS["senses"])
+    words: str | None = field(**_AUGMENTATION_FIELDS["words"])
+    seed: int = field(**_AUGMENTATION_FIELDS["seed"])
+
+
 @config_class
 class PlanConfig:
     data: str = field(help="dataset spec whose masks are planned (text plan: whose mask ids the captions use), "
@@ -200,6 +306,13 @@ class PlanConfig:
     class_prompts: int = field(0, range=PER_ENTRY,
                                help="text plan: N images for each real image's class set, prompted 'a photo of "
                                     "road, car' (image-level labels only), for text -> image generators")
+    augment_prompts: bool = field(False, help="class-prompt plan: one entry per sample, its prompt drawn from the "
+                                              "templates and each class's words (prompt augmentation: synonyms, "
+                                              "hyponyms, --words lists), its class_words naming the words drawn")
+    prompt_augmentation: dict = field({}, help="PromptAugmentationConfig keys for --augment-prompts, e.g. "
+                                               "per_class=4 words=camvid_words.yaml (see `segsynth prompts`)")
+
+    __cross_checks__ = (_prompt_augmentation,)
 
 
 @config_class
@@ -407,8 +520,13 @@ class TrainTextGeneratorConfig:
     log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     resume: bool = field(False, help="continue from OUT/training_state if it exists")
+    augment_prompts: bool = field(False, help="prompts classes: train on prompts drawn from templates and each "
+                                              "class's words (prompt augmentation, `segsynth prompts`), so the "
+                                              "generator knows every word an augmented plan uses")
+    prompt_augmentation: dict = field({}, help="PromptAugmentationConfig keys for --augment-prompts (give the plan "
+                                               "the same ones), e.g. per_class=4 words=camvid_words.yaml")
 
-    __cross_checks__ = (_two_levels, _size_fits_unet)
+    __cross_checks__ = (_two_levels, _size_fits_unet, _prompt_augmentation)
 
 
 @config_class
@@ -496,8 +614,69 @@ class SynthesizeConfig:
                                   "dataset-diffusion or daam; methods/attn2mask/pseudo_mask.py)")
     pseudo_mask_settings: dict = field({}, help="attention generators: PseudoMaskConfig keys over the recipe, e.g. "
                                                 "resolutions=[16,8] background_threshold=0.4")
+    lora: str | None = field(None, help="a LoRA adapter folder from `segsynth adapt` made for this generator "
+                                        "(attention, builtin, attention-sd, controlnet), merged into its UNet")
+    lora_scale: float = field(1.0, range=Range(0.0, 10.0), help="--lora: scale of the adapter's update (0: off, 1: as "
+                                                                "trained)")
 
     __cross_checks__ = (_pseudo_mask_settings,)
+
+
+@config_class
+class AdaptConfig:
+    """`segsynth adapt`: a LoRA adapter that moves a generator towards a target domain, from unlabeled images."""
+
+    generator: str = field(help="generator spec whose UNet is adapted: attention:DIR (the builtin text -> image "
+                                "model), builtin:DIR (mask -> image), attention-sd:BASE, controlnet:BASE or "
+                                "controlnet-sdxl:BASE (a diffusers SD / SDXL model: its UNet)")
+    images: str = field(help="the target domain's images: a folder of images, or a dataset spec whose --split images "
+                             "are used (labels never read), e.g. 'camvid:PATH?include=0001TP'")
+    out: str = field(help="output folder: the adapter (adapter.safetensors + adapter.json); load it with "
+                          "synthesize --lora OUT")
+    split: str = field("train", help="--images given as a dataset spec: the split whose images are used")
+    prompt: str = field("", help="what every target image is conditioned on: '' (the unconditional input, which the "
+                                 "generator learned from its prompt dropout; the images have no labels), or a domain "
+                                 "prompt (builtin text generator: words of its vocabulary only). Mask -> image: the "
+                                 "all-ignore mask, always")
+    preserve_classes: float = field(1.0, range=Range(0.0, 100.0),
+                                    help="builtin text generator: weight of the term that keeps each class prompt's "
+                                         "prediction minus the unconditional one as the base model has it (class "
+                                         "prompts drawn from its classes), so the adapter moves the domain, not what "
+                                         "tells the classes apart (0: off)")
+    rank: int = field(8, range=Range(1, 1024), help="LoRA rank r of every adapted layer")
+    alpha: float | None = field(None, range=POSITIVE, help="LoRA alpha: the update is scaled by alpha / rank "
+                                                           "(default: alpha = rank, scale 1)")
+    dropout: float = field(0.0, range=Range(0.0, 1.0, high_open=True), help="dropout on the LoRA input while training")
+    target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0"],
+                                      range=Range(lengths=tuple(range(1, 65)), pattern=r"[A-Za-z0-9_.]+",
+                                                  pattern_hint="a layer name or name suffix such as to_q",
+                                                  shape="layer name suffixes"),
+                                      help="layers that get adapters, by name or name suffix (peft's rule); "
+                                           "default: the attention projections, self- and cross-attention")
+    iterations: int = field(500, range=ITERATIONS, help="training iterations")
+    max_minutes: float = field(0.0, range=MINUTES,
+                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+    batch_size: int = field(8, range=BATCH, help="images per iteration")
+    lr: float | None = field(None, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay; "
+                                                        "default: 1e-3 for the builtin generators, 1e-4 for diffusers "
+                                                        "models)")
+    warmup: int = field(20, range=COUNT, help="warm-up iterations")
+    size: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2),
+                                            shape="H,W or one number for a square; empty: the generator's own"),
+                            help="working size H,W: the builtin generators' own only; diffusers models any multiple "
+                                 "of their size step (default: the UNet's native size)")
+    crop_scale: float = field(1.0, range=Range(0.0, 1.0, low_open=True),
+                              help="random crops cover this fraction of each side or more (1: whole images, as the "
+                                   "builtin text generator was trained), then resize to the working size")
+    flip: bool = field(True, help="random horizontal flips")
+    mixed_precision: str = field("auto", range=Range(choices=("auto", "no", "fp16", "bf16")),
+                                 help="diffusers models: autocast type (auto: bf16 on a GPU that has it, else fp16 on "
+                                      "GPU, none on CPU); the frozen UNet is held in it, the adapter in fp32")
+    seed: int = field(0, range=SEED, help="run seed")
+    save_every: int = field(100, range=EVERY, help="write the adapter and its training state every N iterations")
+    log_every: int = field(10, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
+    resume: bool = field(False, help="continue from OUT/training_state if it exists")
+    device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
 @config_class
@@ -604,6 +783,10 @@ class RunConfig:
     generator: str = field("auto", help="mask-to-image generator: auto (the shipped toy generator on toy data, else "
                                         "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
                                         "the builtin text generator, attention:DIR or attention-sd:BASE)")
+    text_mask_generator: str = field("train", help="seggen: the text -> mask generator of MaskSyn: train (the "
+                                                   "built-in one, trained by the run on the captions: section "
+                                                   "train_text_generator) or a trained one, text2mask:DIR or "
+                                                   "text2mask-sd:DIR (`train-generator --kind text2mask-sd`, GPU)")
     grids: int = field(6, range=Range(1, 64), help="rows in each visual grid")
     parallel: int = field(1, range=Range(1, 64),
                           help="arm trainings run at once, in worker processes that share the CPU threads "
@@ -612,24 +795,72 @@ class RunConfig:
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
-    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (attn2mask), e.g. max_minutes=20")
     stats: dict = field({}, help="StatsConfig keys (default size: train's eval_size)")
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
     filter: dict = field({}, help="FilterConfig keys, e.g. alpha=1.25")
     captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
-    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
-                                                "max_minutes=20")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys of the built-in text "
+                                                "generator: SegGen's text -> mask, Attn2mask's text -> image; "
+                                                "e.g. max_minutes=20")
+    target_images: str = field("", help="attn2mask: unlabeled images of the target domain (a folder, or a dataset "
+                                        "spec whose train images are read, labels never: e.g. "
+                                        "'camvid:PATH?include=0001TP'); given, the run adapts its generator to them "
+                                        "with LoRA (segsynth adapt) and trains the + LoRA arm")
+    adapt: dict = field({}, help="AdaptConfig keys for the + LoRA arm's adapter, e.g. rank=4 iterations=300")
     per_method: dict = field({}, help="method all: keys of one member method over the shared ones: its generator "
                                       "and stage sections but train, e.g. per_method: {seggen: "
                                       "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
                                       "attention-sd:BASE}} (resolved per member in run.config.yaml)")
+    # Sweeps and the closed loop (freemask): derived arms added to the run's arms (methods/freemask/variants.py).
+    filter_alphas: list[float] = field([], range=Range(0.0, 100.0, lengths=SWEEP_LENGTHS,
+                                                       shape="filter thresholds; 0: no filter"),
+                                       help="freemask: filter thresholds to compare; each arm on filtered masks gets "
+                                            "<arm>-alpha<A> per alpha (its set's images re-filtered at A in a copy "
+                                            "<set>-alpha<A>, nothing rendered again) and <arm>-unfiltered for 0 "
+                                            "(raw masks); the arm itself is filter.alpha")
+    filter_judges: dict = field({}, help="freemask: other segmenters that judge the filter, NAME=DIR (a `segsynth "
+                                         "train --out` folder trained on this run's real data): arms "
+                                         "<arm>-alpha<A>-<NAME> at every alpha of filter_alphas (or filter.alpha), "
+                                         "with that segmenter's own class losses")
+    volumes: list[int] = field([], range=Range(1, MAX_PER_ENTRY, lengths=SWEEP_LENGTHS,
+                                               shape="synthetic images per real mask"),
+                               help="freemask: synthetic volumes K to compare: each synthetic arm gets <arm>-k<K>, "
+                                    "trained on the share K / images_per_mask of its set (nested: K=1 within K=2 "
+                                    "within ...; rendered once at images_per_mask, which defaults to max K here)")
+    volume_iterations: str = field("same", range=Range(choices=("same", "scaled")),
+                                   help="volume arms' training length: same (train.iterations for every K) or "
+                                        "scaled (train.iterations x K / images_per_mask: as many passes over the "
+                                        "data as the full-volume arm)")
+    rounds: int = field(0, range=Range(0, 100),
+                        help="freemask closed loop: rounds after the first training (0: off). Round r measures "
+                             "what loop_arm's model of round r-1 still fails (loop_signal), re-plans a hardness-aware "
+                             "set for it with new seeds, synthesizes and filters it, and trains <loop_arm>-round<r>")
+    loop_arm: str = field("joint-filtered-hardness", range=Range(choices=FREEMASK_SYNTHETIC_ARMS),
+                          help="closed loop: the arm whose model drives the loop and whose recipe and masks each "
+                               "round trains with (must be one of the run's arms)")
+    loop_signal: str = field("loss", range=Range(choices=("loss", "iou")),
+                             help="closed loop: what plans the next round: loss (the class-wise mean loss L̄_c of "
+                                  "the previous round's first-seed model on the real train split, FreeMask's "
+                                  "hardness) or iou (1 - its per-class IoU on eval_split, mean over seeds: the "
+                                  "held-out split then steers which classes get data)")
+    loop_init: str = field("scratch", range=Range(choices=("scratch", "previous")),
+                           help="closed loop: each round trains from scratch (default: every round has the same "
+                                "iterations, so rounds differ only in their data) or from the previous round's "
+                                "checkpoint of the same seed")
+    loop_sets: str = field("accumulate", range=Range(choices=("accumulate", "latest")),
+                           help="closed loop: round r trains on loop_arm's sets plus every round's set so far "
+                                "(accumulate) or on round r's set alone (latest: the same volume every round)")
+    loop_images_per_mask: int = field(0, range=Range(0, MAX_PER_ENTRY),
+                                      help="closed loop: synthetic images per real mask each round adds (0: "
+                                           "images_per_mask)")
 
-    __cross_checks__ = (_distinct_seeds,)
+    __cross_checks__ = (_distinct_seeds, _text_mask_generator_spec, _distinct("filter_alphas", "an arm"),
+                        _distinct("volumes", "an arm"), _judge_names)
 
 
 # Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
-SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig}
+SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig, "prompt_augmentation": PromptAugmentationConfig}
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
 RUN_SECTIONS = {
@@ -638,9 +869,11 @@ RUN_SECTIONS = {
     "train_generator": (TrainGeneratorConfig, ("data", "out", "resume", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
-                          "class_prompts")),
-    "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device")),
+                          "class_prompts", "augment_prompts")),
+    "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device", "lora")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),
-    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device",
+                                                        "augment_prompts", "prompt_augmentation")),
+    "adapt": (AdaptConfig, ("generator", "images", "out", "resume", "device")),
 }

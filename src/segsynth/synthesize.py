@@ -54,6 +54,7 @@ from segsynth.config import save_config
 from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.base import Split
+from segsynth.data.specs import base_spec
 from segsynth.data.validate import check_before_compute
 from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shard
 from segsynth.formats.manifest import merge_manifests, read_manifest, read_records, sample_record, write_set_info
@@ -147,13 +148,14 @@ def generator_settings(config: SynthesizeConfig, device: torch.device) -> Genera
                              controlnet_scale=config.controlnet_scale, lcm_lora=config.lcm_lora,
                              colour_map=config.colour_map, captions=config.captions, resolution=resolution,
                              dtype=config.dtype, device=str(device), pseudo_mask=config.pseudo_mask,
-                             pseudo_mask_settings=dict(config.pseudo_mask_settings))
+                             pseudo_mask_settings=dict(config.pseudo_mask_settings), lora=config.lora,
+                             lora_scale=config.lora_scale)
 
 
 def source_provenance(spec: str) -> dict[str, dict] | None:
     """For `--data` that is a synthetic set: per sample id, where that sample came from (set, id, prompt,
     generator); None for any other dataset."""
-    kind, _, argument = spec.partition(":")
+    kind, _, argument = base_spec(spec).partition(":")
     if kind.strip().lower() not in ("synthetic", "synthetic-raw"):
         return None
     folder = Path(argument)

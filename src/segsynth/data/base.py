@@ -204,6 +204,13 @@ def group_by_size(items, size_of) -> list[list]:
     return list(groups.values())
 
 
+def subset_split(name: str, parts: Sequence[tuple[Split, Sequence[int]]]) -> Split:
+    """A split of chosen samples of other splits, in the order given: [(split, its indices kept), ...]."""
+    picks = [(split, int(index)) for split, indices in parts for index in indices]
+    return Split(name, [split.ids[index] for split, index in picks], lambda k: picks[k][0][picks[k][1]],
+                 lambda k: picks[k][0].label(picks[k][1]))
+
+
 def concat_splits(name: str, splits: Sequence[Split]) -> Split:
     """One split over several (ids must stay unique across them)."""
     offsets, ids = [], []

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.data.base import IMAGE_ERRORS, INVALID, Dataset, Pair, read_raw_mask
+from segsynth.data.specs import base_spec
 from segsynth.io import SegsynthError, atomic_write_text
 
 
@@ -246,7 +247,7 @@ def check_files(dataset: Dataset, splits: list[str] | None = None, progress: boo
 
 
 def _dataset_key(dataset: Dataset) -> str:
-    kind, _, argument = dataset.spec.partition(":")
+    kind, _, argument = base_spec(dataset.spec).partition(":")
     return f"{kind}:{Path(argument).resolve() if argument else ''}"
 
 

@@ -60,6 +60,7 @@ from segsynth.generators.builtin_text import BuiltinTextGenerator
 from segsynth.generators.builtin_text.model import decode_images, encode_images, encode_text
 from segsynth.generators.builtin_text.tokenizer import normalise
 from segsynth.generators.controlnet import check_model_location, finish_pipeline
+from segsynth.generators.lora import diffusers_identity, load_adapter
 from segsynth.generators.schedulers import scheduler_name
 from segsynth.io import SegsynthError
 from segsynth.methods.attn2mask.pseudo_mask import (
@@ -160,11 +161,26 @@ class _AttentionLabelling:
             self._groups(request)
 
     def _groups(self, request: Request) -> tuple[list[int], list[list[int]]]:
-        """(class ids, prompt token positions of each class's words) of one request."""
+        """(class ids, prompt token positions of each class's words) of one request.
+
+        A token inside a longer word of another class belongs to that class alone: with class_words
+        {road: [road], sign: [road sign]}, the 'road' of 'road sign' is the sign's (a sub-word tokenizer finds
+        'road' in both places; the builtin word tokenizer already reads 'road sign' as one token)."""
         classes = self._classes_or_error()
+        found = [(class_id, {word: self._positions(request, word) for word in words})
+                 for class_id, words in class_words_of(request, classes, self._names_in_prompt)]
+        longest: dict[int, int] = {}  # position -> characters of the longest class word covering it
+        for _, words in found:
+            for word, positions in words.items():
+                for position in positions:
+                    longest[position] = max(longest.get(position, 0), len(normalise(word)))
         class_ids, groups = [], []
-        for class_id, words in class_words_of(request, classes, self._names_in_prompt):
-            positions = sorted({p for word in words for p in self._positions(request, word)})
+        for class_id, words in found:
+            positions = sorted({p for word, at in words.items() for p in at if len(normalise(word)) == longest[p]})
+            if not positions:
+                raise SegsynthError(f"request {request.id} (prompt {request.prompt!r}): the words of class "
+                                    f"{classes[class_id]!r} ({', '.join(words)}) occur only inside longer words of "
+                                    "other classes; put the class's own word in the prompt")
             class_ids.append(class_id)
             groups.append(positions)
         return class_ids, groups
@@ -257,7 +273,9 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
         where = f"request {request.id} (prompt {request.prompt!r})"
         if not self._known(word):
             raise SegsynthError(f"{where}: class word {word!r} is not in the text generator's vocabulary "
-                                f"({self.text.folder}/tokenizer); use the class names it was trained with")
+                                f"({self.text.folder}/tokenizer); use the class names it was trained with, or "
+                                "train it with the plan's prompt augmentation (train-text-generator "
+                                "--augment-prompts, the same prompt_augmentation settings)")
         positions = self.tokenizer.token_index(request.prompt, word)
         if not positions:
             raise SegsynthError(f"{where}: class word {word!r} is not in the prompt; put it in as written")
@@ -330,6 +348,10 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
             raise SegsynthError(f"cannot load Stable Diffusion from {base!r}: {str(error).splitlines()[0]}") from None
         self.pipeline = finish_pipeline(pipeline, settings.lcm_lora if lcm else None, self.scheduler_name, self.device)
         self.unet, self.tokenizer = pipeline.unet, pipeline.tokenizer
+        self.lora = None  # a LoRA adapter (`segsynth adapt`) of this base, merged into its UNet
+        if settings.lora:
+            self.lora = load_adapter(self.unet, settings.lora, settings.lora_scale,
+                                     diffusers_identity(self.name, base), f"{self.name}:{base}")
 
         # 3. The working size, and the recipe checked against the UNet at that size.
         self.latent_factor = pipeline.vae_scale_factor
@@ -396,7 +418,7 @@ class SDAttentionGenerator(_AttentionLabelling, Generator):
                 "lcm_lora": model_source(settings.lcm_lora) if settings.lcm_lora else None,
                 "scheduler": self.scheduler_name, "steps": self.steps, "guidance": self.guidance,
                 "negative_prompt": settings.negative_prompt, "dtype": str(self.dtype).replace("torch.", ""),
-                "size": list(self.size), **self._recipe_identity()}
+                "size": list(self.size), **self._recipe_identity(), **({"lora": self.lora} if self.lora else {})}
 
 
 __all__ = ["BuiltinAttentionGenerator", "SDAttentionGenerator", "background_class", "class_words_of", "heat_map",

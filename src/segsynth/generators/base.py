@@ -75,6 +75,8 @@ class GeneratorSettings:
     device: str = "auto"
     pseudo_mask: str = "dataset-diffusion"  # attention generators: a pseudo_mask.PRESETS recipe
     pseudo_mask_settings: dict = field(default_factory=dict)  # ... with these PseudoMaskConfig fields overridden
+    lora: str | None = None  # a `segsynth adapt` adapter folder, loaded onto the UNet (generators/lora.py)
+    lora_scale: float = 1.0  # ... at this scale (0: off, 1: as trained)
 
 
 @dataclass(frozen=True)

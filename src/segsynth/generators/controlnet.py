@@ -43,6 +43,7 @@ from segsynth.generators.base import (
     resolve_device,
     resolve_dtype,
 )
+from segsynth.generators.lora import diffusers_identity, load_adapter
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, read_json, read_jsonl
 
@@ -216,6 +217,10 @@ class ControlNetGenerator(MaskToImageGenerator):
             raise SegsynthError(f"cannot load {self.name} from base {base!r} and ControlNet {settings.controlnet!r}: "
                                 f"{str(error).splitlines()[0]}") from None
         self.pipeline = finish_pipeline(pipeline, settings.lcm_lora if lcm else None, self.scheduler_name, self.device)
+        self.lora = None  # a LoRA adapter (`segsynth adapt`) of the base model, merged into its UNet
+        if settings.lora:
+            self.lora = load_adapter(pipeline.unet, settings.lora, settings.lora_scale,
+                                     diffusers_identity(self.name, base), f"{self.name}:{base}")
 
         # 3. Sizes must divide through the VAE and every UNet downsampling.
         self.latent_factor = pipeline.vae_scale_factor
@@ -288,6 +293,7 @@ class ControlNetGenerator(MaskToImageGenerator):
             "dtype": str(self.dtype).replace("torch.", ""), "resolution": list(self.resolution) if self.resolution else None,
             "colour_map": {"source": settings.colour_map, "colours": _table_fingerprint(self.colour_table)},
             "captions": file_fingerprint(settings.captions) if settings.captions else None,
+            **({"lora": self.lora} if self.lora else {}),
         }
 
 

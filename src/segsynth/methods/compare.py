@@ -47,7 +47,8 @@ for _member_name, _member in MEMBERS.items():
 # Each method's headline arm(s): FreeMask's filtered + hardness data alone and joint with real, SegGen's
 # MaskSyn + ImgSyn replacing real draws, Attn2mask's attention pseudo-masks with the reliability loss.
 MAIN_ARMS = ("real", "freemask-synthetic-filtered-hardness", "freemask-joint-filtered-hardness",
-             "seggen-masksyn+imgsyn-replace", "attn2mask-synthetic-attention-reliable")
+             "seggen-masksyn+imgsyn-replace", "attn2mask-synthetic-attention-reliable",
+             "attn2mask-synthetic-attention-reliable-lora")  # the last only with target_images (Arm.needs)
 
 # What a member may have of its own: its generator and every stage section but `train` (all arms train the
 # same segmenter with the same schedule; an arm's own training keys, such as Attn2mask's loss, are in its Arm).

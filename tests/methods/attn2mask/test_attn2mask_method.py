@@ -10,7 +10,7 @@ from PIL import Image
 
 from segsynth.cli import main
 from segsynth.io import SegsynthError
-from segsynth.methods.attn2mask.method import ARMS, attention_heights
+from segsynth.methods.attn2mask.method import MAIN_ARMS, attention_heights
 from segsynth.run import resolve_run_config, run
 
 TOY = "toy:n=6,n_val=3,size=32x40"
@@ -26,16 +26,22 @@ def test_attention_heights_follow_the_builtin_text_unet():
     assert attention_heights([96, 128], [32, 64, 128]) == [24, 12]
 
 
+# The + LoRA arm's target domain: the toy val images (labels never read), adapted for 2 iterations.
+TARGET = {"target_images": f"{TOY}?include=toy_val", "adapt": {"split": "val", "iterations": 2, "batch_size": 2,
+                                                                 "rank": 2}}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("attn2mask") / "run"
-    config = resolve_run_config({**TINY_RUN, "out": str(out)})
+    config = resolve_run_config({**TINY_RUN, **TARGET, "out": str(out)})
     return out, run(config)
 
 
 def test_a_tiny_attn2mask_run_trains_every_arm_on_equal_budgets(tiny_run):
     out, results = tiny_run
-    assert list(results["arms"]) == list(ARMS)
+    # the augmented arm runs only when named; the + LoRA arm joins because the run has target images
+    assert list(results["arms"]) == [*MAIN_ARMS, "synthetic-attention-reliable-lora"]
     assert all(arm["mean"] is not None for arm in results["arms"].values())
     raw, band = (out / "synthetic" / name for name in ("attention-raw", "attention-band"))
     manifests = {folder.name: [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
@@ -56,6 +62,33 @@ def test_a_tiny_attn2mask_run_trains_every_arm_on_equal_budgets(tiny_run):
     assert (out / "attention_quality" / "attention_quality.json").is_file()
     assert (out / "grids" / "attention-band.png").is_file() and (out / "grids" / "attention-raw.png").is_file()
     assert "train text generator" in json.loads((out / "seconds.json").read_text())
+
+
+def test_the_lora_arm_renders_the_same_plan_with_the_adapted_generator(tiny_run):
+    out, results = tiny_run
+    band, adapted = (out / "synthetic" / name for name in ("attention-band", "attention-band-lora"))
+    records = [[json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+               for folder in (band, adapted)]
+    assert [r["id"] for r in records[0]] == [r["id"] for r in records[1]]  # same prompts and seeds
+    info = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert info["image_count"] == 3 and info["training"]["iterations"] == 2 and info["lora"]["rank"] == 2
+    state = json.loads((adapted / "synthesis.json").read_text())
+    assert state["generator"]["lora"]["fingerprint"] and "lora" not in json.loads(
+        (band / "synthesis.json").read_text())["generator"]
+    assert "loss: reliable" in (out / "arms" / "synthetic-attention-reliable-lora" / "seed0" / "config.yaml").read_text()
+    assert (out / "grids" / "adaptation.png").is_file() and (out / "grids" / "attention-band-lora.png").is_file()
+    seconds = json.loads((out / "seconds.json").read_text())
+    assert "adapt generator (LoRA)" in seconds and "synthesize attention-band-lora" in seconds
+
+
+def test_the_lora_arm_runs_only_with_target_images():
+    config = resolve_run_config({**TINY_RUN, "out": "unused"})
+    assert "synthetic-attention-reliable-lora" not in config.arms and config.arms == list(MAIN_ARMS)
+    with pytest.raises(SegsynthError, match="synthetic-attention-reliable-lora of method attn2mask need the run key "
+                                            "'target_images' \\(--target-images\\)"):
+        resolve_run_config({**TINY_RUN, "out": "unused", "arms": ["real", "synthetic-attention-reliable-lora"]})
+    with pytest.raises(SegsynthError, match="section 'adapt': unknown key.*images"):
+        resolve_run_config({**TINY_RUN, **TARGET, "out": "unused", "adapt": {"images": "elsewhere"}})
 
 
 def test_attention_quality_verb_scores_each_recipe(tiny_run, tmp_path, capsys):
@@ -113,3 +146,28 @@ def test_train_text_generator_verb(tmp_path, capsys):
                  "--batch-size", "2", "--warmup", "1", "--device", "cpu"])
     assert code == 0 and f"--generator attention:{tmp_path / 'gen'}" in capsys.readouterr().out
     assert (tmp_path / "gen" / "segsynth_generator.json").is_file()
+
+
+def test_the_prompt_augmentation_arm_renders_an_augmented_plan(tmp_path):
+    words = tmp_path / "words.yaml"
+    words.write_text("car: [motor car]\nroad: [street]\nsky: [heavens]\n", encoding="utf-8")
+    out = tmp_path / "augmented"
+    augmentation = {"synonyms": False, "hyponyms": False, "words": str(words)}
+    results = run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "synthetic-attention-augmented"],
+                                      "plan": {"prompt_augmentation": augmentation}}))
+    assert list(results["arms"]) == ["real", "synthetic-attention-augmented"]
+    assert results["arms"]["synthetic-attention-augmented"]["mean"] is not None
+    assert not (out / "synthetic" / "attention-band").exists()  # no arm uses it
+    records = [json.loads(line) for line in
+               (out / "synthetic" / "attention-augmented" / "manifest.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (out / "plans" / "class_prompts.jsonl").read_text().splitlines()]
+    assert len(records) == len(plain) == 6  # the same budget as the other arms
+    augmented = [json.loads(line) for line in (out / "plans" / "class_prompts_augmented.jsonl").read_text().splitlines()]
+    assert any("street" in entry["prompt"] or "heavens" in entry["prompt"] for entry in augmented)
+    trained = json.loads((out / "text_generator" / "segsynth_generator.json").read_text())["train_config"]
+    assert trained["augment_prompts"] and trained["prompt_augmentation"] == augmentation
+    assert "loss: reliable" in (out / "arms" / "synthetic-attention-augmented" / "seed0" / "config.yaml").read_text()
+    # The same folder without the arm: its generator learned other prompts, which the run says before using it.
+    with pytest.raises(SegsynthError, match="trained with prompt augmentation .*but this run's arms need no prompt "
+                                            "augmentation.*use a new --out"):
+        run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "synthetic-attention-band"]}))

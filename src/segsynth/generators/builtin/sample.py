@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared,
                                       check_trained_classes, file_fingerprint, initial_noise, resolve_device)
 from segsynth.generators.builtin.model import PATCH, MaskDenoiser, check_generator_folder, decode_images, encode_masks
+from segsynth.generators.lora import folder_identity, load_adapter
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, loading
 
@@ -63,6 +64,19 @@ class BuiltinGenerator(MaskToImageGenerator):
             self.denoiser = self.load_denoiser().to(self.device).eval()
             self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
         self.fingerprint = self.weights_fingerprint()
+        self.lora = None  # a LoRA adapter (`segsynth adapt`) made for this model, merged into its UNet
+        if settings.lora:
+            self.lora = load_adapter(self.unet, settings.lora, settings.lora_scale, self.adapter_base(),
+                                     f"{self.name}:{self.folder}")
+
+    @property
+    def unet(self):
+        """The denoiser's UNet (what a LoRA adapter adapts)."""
+        return self.denoiser.unet
+
+    def adapter_base(self) -> dict:
+        """The identity a LoRA adapter of this model records (generators/lora.py)."""
+        return folder_identity(self.name, self.name, self.folder, self.fingerprint)
 
     # --- what the latent generator changes ---------------------------------------------------------------
 
@@ -123,4 +137,6 @@ class BuiltinGenerator(MaskToImageGenerator):
                     "steps": self.steps, "scheduler": self.scheduler_name, "size": list(self.size), "dtype": "fp32"}
         if self.guidance is not None:
             identity["guidance"] = self.guidance
+        if self.lora:
+            identity["lora"] = self.lora
         return identity

@@ -376,9 +376,9 @@ def _resume(folder: Path, config: TrainGeneratorConfig, denoiser: MaskDenoiser, 
         return load_training_state(folder, state, denoiser, optimizer, ema, device)
 
 
-def load_training_state(folder: Path, state: dict, model: torch.nn.Module, optimizer, ema: EMAModel,
-                        device: torch.device) -> tuple[int, float]:
-    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+def load_ema_and_optimizer(folder: Path, ema: EMAModel, optimizer, device: torch.device) -> None:
+    """A saved training state's EMA weights and AdamW state (ema.safetensors, optimizer.safetensors), loaded; the
+    builtin generators' and the builtin text generator's trainers save them alike."""
     with safe_open(str(folder / "ema.safetensors"), framework="pt") as handle:
         ema_state = json.loads(handle.metadata()["state"])
     shadow = load_file(str(folder / "ema.safetensors"))
@@ -391,4 +391,11 @@ def load_training_state(folder: Path, state: dict, model: torch.nn.Module, optim
         # AdamW keeps `step` on the CPU and its moments beside the parameters
         optimizer_state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+
+
+def load_training_state(folder: Path, state: dict, model: torch.nn.Module, optimizer, ema: EMAModel,
+                        device: torch.device) -> tuple[int, float]:
+    """(iteration, seconds) of a saved training state, with the model, EMA and optimizer loaded from it."""
+    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    load_ema_and_optimizer(folder, ema, optimizer, device)
     return int(state["iteration"]), float(state.get("seconds", 0.0))

@@ -46,6 +46,7 @@ from segsynth.generators.base import (
 from segsynth.generators.builtin_text.model import IMAGE_CHANNELS, PATCH, decode_images, encode_text, key_mask
 from segsynth.generators.builtin_text.train import FORMAT, GENERATOR_FILE
 from segsynth.generators.builtin_text.tokenizer import VOCAB_FILE, WordTokenizer
+from segsynth.generators.lora import folder_identity, load_adapter
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, loading
 
@@ -118,6 +119,16 @@ class BuiltinTextGenerator(Generator):
         for part in MODEL_PARTS:
             digest.update(f"{part}:{folder_fingerprint(self.folder / part)};".encode())
         self.fingerprint = digest.hexdigest()[:16]
+
+        # 3. A LoRA adapter (`segsynth adapt`) made for this model, merged into its UNet.
+        self.lora = None
+        if settings.lora:
+            self.lora = load_adapter(self.unet, settings.lora, settings.lora_scale, self.adapter_base(),
+                                     f"attention:{self.folder}")
+
+    def adapter_base(self) -> dict:
+        """The identity a LoRA adapter of this model records (generators/lora.py)."""
+        return folder_identity("builtin-text", "attention", self.folder, self.fingerprint)
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
         check_trained_classes(self.folder, self.classes, classes, "a text generator")
@@ -205,4 +216,4 @@ class BuiltinTextGenerator(Generator):
         return {"name": self.name, "path": str(self.folder.resolve()), "fingerprint": self.fingerprint,
                 "steps": self.steps, "scheduler": self.scheduler_name, "guidance": self.guidance,
                 "negative_prompt": self.negative_prompt, "size": list(self.size), "target": self.target,
-                "dtype": "fp32"}
+                "dtype": "fp32", **({"lora": self.lora} if self.lora else {})}

@@ -46,6 +46,9 @@ class TextToMaskGenerator(ColourMaskDecoding, BuiltinTextGenerator):
             raise SegsynthError(f"{folder / GENERATOR_FILE}: target {meta.get('target')!r}; text2mask:DIR needs a "
                                 "text generator trained with --target colour-mask (train-text-generator)")
         self.setup_decoding(meta, folder / GENERATOR_FILE)
+        if settings is not None and settings.lora:
+            raise SegsynthError("the text2mask generator draws colour-coded masks; a LoRA adapter (--lora) adapts an "
+                                "image generator to a domain's photos: leave --lora out")
         # 2. The model itself.
         super().__init__(folder, settings)
 

@@ -80,7 +80,8 @@ class SDTextToMaskGenerator(ColourMaskDecoding, Generator):
         self.meta = check_text2mask_sd_folder(self.folder)
         self.setup_decoding(self.meta, self.folder / GENERATOR_FILE)
         unused = [name for name, value in (("controlnet", settings.controlnet), ("lcm_lora", settings.lcm_lora),
-                                           ("captions", settings.captions)) if value is not None]
+                                           ("captions", settings.captions), ("lora", settings.lora))
+                  if value is not None]
         if unused:
             raise SegsynthError(f"the text2mask-sd generator takes no {', '.join(unused)} (prompts come from the "
                                 "plan's text requests); leave those settings unset")

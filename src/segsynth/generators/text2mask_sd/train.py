@@ -312,10 +312,21 @@ def _loss(config: TrainGeneratorConfig, parts: Parts, model, noise_schedule, pix
           dropped: torch.Tensor, size, iteration: int, info, amp) -> torch.Tensor:
     """The base's diffusion loss on one batch (latent sampling noise, noise and timesteps drawn for the whole
     global batch on the CPU, this rank's slice used)."""
+    generator = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + iteration)
+    return latent_diffusion_loss(parts, model, noise_schedule, pixels, prompts, dropped, size, generator, info, amp,
+                                 config.min_snr_gamma, config.base)
+
+
+def latent_diffusion_loss(parts: Parts, model, noise_schedule, pixels: torch.Tensor, prompts, dropped: torch.Tensor,
+                          size, generator: torch.Generator, info, amp, min_snr_gamma: float, base: str) -> torch.Tensor:
+    """A diffusers text-to-image model's own training loss on one batch of pixels in [-1, 1] (also what
+    `segsynth adapt` fits a LoRA with): VAE latents (a posterior sample), noise at random timesteps, the error of
+    the base's prediction type (epsilon or v) given the prompts (`dropped` ones unconditional), Min-SNR-gamma
+    weighted. Latent sampling noise, noise and timesteps come from the CPU `generator`, drawn for the whole global
+    batch of `info.world_size` processes, this rank's slice used."""
     device, vae = info.device, parts.vae
     batch = pixels.shape[0]
     total = batch * info.world_size
-    generator = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + iteration)
     latent_shape = (vae.config.latent_channels, size[0] // parts.latent_factor, size[1] // parts.latent_factor)
     mine = slice(info.rank * batch, (info.rank + 1) * batch)
     sampling_noise = torch.randn((total, *latent_shape), generator=generator)[mine].to(device)
@@ -333,14 +344,14 @@ def _loss(config: TrainGeneratorConfig, parts: Parts, model, noise_schedule, pix
     elif prediction_type == "v_prediction":
         target = noise_schedule.get_velocity(latents, noise, timesteps)
     else:
-        raise SegsynthError(f"{config.base}: prediction type {prediction_type!r}; text2mask-sd trains epsilon or "
+        raise SegsynthError(f"{base}: prediction type {prediction_type!r}; segsynth trains epsilon or "
                             "v_prediction models")
     unet_dtype = next(p for p in parts.unet.parameters()).dtype if amp is None else amp
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         predicted = model(noisy.to(unet_dtype), timesteps, encoder_hidden_states=states.to(unet_dtype),
                           added_cond_kwargs={k: v.to(unet_dtype) for k, v in added.items()} or None).sample
     per_sample = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * _min_snr_weights(noise_schedule, timesteps, config.min_snr_gamma, prediction_type)).mean()
+    return (per_sample * _min_snr_weights(noise_schedule, timesteps, min_snr_gamma, prediction_type)).mean()
 
 
 def _min_snr_weights(noise_schedule, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -469,4 +480,4 @@ def _meta(config: TrainGeneratorConfig, dataset, size, kind: str, parts: Parts, 
             "data": config.data, "split": config.split, "train_config": to_dict(config)}
 
 
-__all__ = ["FORMAT", "GENERATOR_FILE", "autocast_dtype", "merged_unet", "train_text2mask_sd"]
+__all__ = ["FORMAT", "GENERATOR_FILE", "autocast_dtype", "latent_diffusion_loss", "merged_unet", "train_text2mask_sd"]
