@@ -191,7 +191,6 @@ def test_bad_latent_settings_are_refused_before_any_training(tmp_path, tiny_taes
     assert not (tmp_path / "g" / "unet").exists()
 
 
-@pytest.mark.slow  # about 15-25 s on 2 cores: 150 iterations
 def test_latent_samples_follow_the_mask_after_brief_training(tmp_path):
     """Red and blue regions where the mask says, on an autoencoder whose latents are the image's colours
     (`save_colour_taesd`: a random one's latents barely tell red from blue)."""
