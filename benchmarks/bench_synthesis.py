@@ -71,7 +71,8 @@ def build_controlnet(folder: Path) -> tuple[str, str]:
 
 @torch.no_grad()
 def bare_builtin_loop(generator, masks: list[np.ndarray], seeds: list[int], batch: int) -> float:
-    """UNet2DModel + scheduler on prepared conditioning and noise; returns images/s."""
+    """The generator's denoiser (UNet2DModel on the mask-conditioned input) + scheduler on prepared conditioning and
+    noise; returns images/s."""
     from segsynth.generators.builtin.model import PATCH, encode_masks
     from segsynth.generators.base import initial_noise
 
@@ -85,7 +86,7 @@ def bare_builtin_loop(generator, masks: list[np.ndarray], seeds: list[int], batc
         sample = noise * scheduler.init_noise_sigma
         for timestep in scheduler.timesteps:
             model_input = scheduler.scale_model_input(sample, timestep)
-            predicted = generator.unet(torch.cat([model_input, condition], dim=1), timestep).sample
+            predicted = generator.denoiser(model_input, condition, timestep)
             sample = scheduler.step(predicted, timestep, sample).prev_sample
     return len(masks) / (time.perf_counter() - started)
 

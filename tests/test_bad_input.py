@@ -578,7 +578,7 @@ def test_per_pixel_loss_for_a_mask_classification_model(tmp_path, capsys):
 def test_unknown_generator_name(tmp_path, capsys):
     err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
                          "--generator", "magic:x", "--out", tmp_path / "set", "--no-progress"])
-    assert "unknown generator 'magic' in 'magic:x'; options: builtin, controlnet, controlnet-sdxl" in err
+    assert "unknown generator 'magic' in 'magic:x'; options: builtin, latent, controlnet, controlnet-sdxl" in err
     assert not (tmp_path / "set").exists()
 
 
@@ -586,8 +586,10 @@ def test_unknown_generator_name(tmp_path, capsys):
 
 
 def test_no_unsafe_loader_anywhere_in_the_package():
-    """Weights load through safetensors (or torch.load(weights_only=True)), configs through yaml.safe_load."""
-    unsafe = re.compile(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|joblib)\b|pickle\.loads?\(|torch\.load\(|"
+    """Weights load through safetensors (or torch.load(weights_only=True): the TAESD .pth files of the latent
+    generator's autoencoder), configs through yaml.safe_load."""
+    unsafe = re.compile(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|joblib)\b|pickle\.loads?\(|"
+                        r"torch\.load\((?![^)]*weights_only=True\))|"
                         r"yaml\.(load|unsafe_load|full_load|load_all)\(|yaml\.(Unsafe|Full)?Loader\b|"
                         r"weights_only\s*=\s*False|use_safetensors\s*=\s*False")
     found = [f"{path.relative_to(SRC)}:{number}: {line.strip()}"
@@ -596,7 +598,8 @@ def test_no_unsafe_loader_anywhere_in_the_package():
     assert found == []
     loaders = {"segmenters/segformer.py": "SegformerForSemanticSegmentation.from_pretrained(checkpoint, use_safetensors=True)",
                "generators/builtin/sample.py": "use_safetensors=True", "config.py": "yaml.safe_load(",
-               "generators/text2mask_sd/sample.py": "from_pretrained(self.folder, torch_dtype=self.dtype, use_safetensors=True"}
+               "generators/text2mask_sd/sample.py": "from_pretrained(self.folder, torch_dtype=self.dtype, use_safetensors=True",
+               "generators/latent/autoencoder.py": 'torch.load(path, map_location="cpu", weights_only=True)'}
     for name, call in loaders.items():
         assert call in (SRC / name).read_text(), name
 
@@ -1014,3 +1017,75 @@ def test_generated_colour_map_of_the_wrong_size(tmp_path, capsys, tiny_sd, monke
     assert ("text2mask-sd sample street_s0: colour-coded mask is 24x16 (WxH) but 32x32 was expected; generate at "
             "the mask size, or resize with nearest-neighbour before decoding") in err
     assert read_manifest(out) == [] and not list(out.rglob("*.png"))  # no sample of the failed batch was written
+
+
+# --- the latent generator's autoencoder, guidance, resume (rows 87-89) -------------------------------------
+
+TINY_LATENT = ["--kind", "latent", "--size", "32,32", "--channels", "32,32", "--layers-per-block", "1",
+               "--no-attention", "--iterations", "1", "--batch-size", "2", "--device", "cpu"]
+
+
+def _taesd_breakage(tmp_path: Path, breakage: str) -> str | None:
+    from segsynth.generators.testing import save_tiny_taesd
+
+    folder = tmp_path / "ae"
+    if breakage == "none":
+        return None
+    if breakage == "unknown-kind":
+        return f"vqgan:{folder}"
+    if breakage == "no-folder":
+        return f"taesd:{folder}"
+    if breakage == "no-pair":
+        folder.mkdir()
+        (folder / "weights_encoder.pth").write_bytes(b"")
+        return f"taesd:{folder}"
+    save_tiny_taesd(folder)
+    if breakage == "damaged":
+        path = folder / "tiny_encoder.pth"
+        path.write_bytes(path.read_bytes()[:300])
+    elif breakage == "pickle":
+        with open(folder / "tiny_decoder.pth", "wb") as handle:
+            pickle.dump(Payload(tmp_path / "unpickled"), handle)
+    return f"taesd:{folder}"
+
+
+@pytest.mark.parametrize("breakage, needle", [
+    ("none", "train-generator --kind latent needs --autoencoder: taesd:DIR"),
+    ("unknown-kind", "unknown autoencoder 'vqgan:"),
+    ("no-folder", "ae does not exist; give a folder holding NAME_encoder.pth and NAME_decoder.pth"),
+    ("no-pair", "expected one NAME_encoder.pth with its NAME_decoder.pth (a TAESD autoencoder), found weights_encoder.pth"),
+    ("damaged", "tiny_encoder.pth: cannot load the autoencoder's encoder ("),
+    ("pickle", "tiny_decoder.pth: cannot load the autoencoder's decoder (not a PyTorch state dict of tensors"),
+])
+def test_autoencoder_that_cannot_be_used(tmp_path, capsys, breakage, needle):
+    spec = _taesd_breakage(tmp_path, breakage)
+    out = tmp_path / "generator"
+    err = fails(capsys, ["train-generator", "--data", TOY_SPEC, "--out", out, *TINY_LATENT,
+                         *(["--autoencoder", spec] if spec else [])])
+    assert needle in one_line(err), err
+    assert not out.exists() and not (tmp_path / "unpickled").exists()
+
+
+def test_guidance_without_condition_dropout(tmp_path, capsys, generator):
+    out = tmp_path / "g"
+    err = fails(capsys, ["train-generator", "--data", TOY_SPEC, "--out", out, "--size", "32,32", "--channels", "32,32",
+                         "--iterations", "1", "--guidance", "3", "--device", "cpu"])
+    assert "--guidance 3 needs a model trained with --cond-dropout > 0 (e.g. 0.1)" in err and not out.exists()
+    err = fails(capsys, ["synthesize", "--data", TOY_SPEC, "--plan", toy_plan(tmp_path / "plan.jsonl"),
+                         "--generator", f"builtin:{generator}", "--guidance", "2", "--out", tmp_path / "set",
+                         "--no-progress", "--device", "cpu"])
+    assert f"{generator}: guidance 2 needs a model trained with --cond-dropout > 0" in err
+    assert "use guidance 1 or retrain with --cond-dropout 0.1" in err and not (tmp_path / "set").exists()
+
+
+def test_resumed_generator_training_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "generator"
+    flags = ["train-generator", "--data", TOY_SPEC, "--out", out, "--size", "32,32", "--channels", "32,32",
+             "--layers-per-block", "1", "--no-attention", "--iterations", "1", "--batch-size", "2", "--device", "cpu"]
+    assert main([str(a) for a in flags]) == 0
+    capsys.readouterr()
+    before = listing(out)
+    err = fails(capsys, flags + ["--resume", "--iterations", "2", "--lr", "0.001"])
+    assert f"{out / 'training_state'}: settings differ from the run being resumed (lr); resume with the same " \
+           "settings or use a new --out" in err
+    assert listing(out) == before

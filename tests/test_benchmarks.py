@@ -29,6 +29,11 @@ SMOKE = {
     "synthesis": (["--size", "32", "--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1",
                    "--channels", "8,16,32"], ["ratio"]),
     "mask_generation": (["--batch", "2", "--steps", "2", "--images", "4", "--rounds", "1"], ["ratio"]),
+    "latent_generator": (["--data", "toy:n=8,n_val=4,size=32", "--autoencoder", "tiny", "--latent-size", "32,32",
+                          "--latent-channels", "32,32", "--pixel-size", "32,32", "--pixel-channels", "32,32",
+                          "--batch", "2", "--iterations", "1", "--rounds", "1", "--psnr-images", "2",
+                          "--train-images", "4"],
+                         ["psnr_val_mean", "pixel_iterations_per_s", "latent_iterations_per_s", "ratio"]),
 }
 
 

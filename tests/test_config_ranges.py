@@ -194,9 +194,10 @@ def test_out_of_range_value_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
 
 @pytest.mark.parametrize("verb, cls, settings, name, values", SETTINGS_CASES)
 def test_out_of_range_settings_key_is_refused_with_the_config(tmp_path, capsys, verb, cls, settings, name, values):
-    """A settings section (synthesize's and attention-quality's pseudo_mask_settings) is checked as the config
-    is made, not when an attention generator opens."""
-    assert {case.values[0] for case in SETTINGS_CASES} == {"synthesize", "attention-quality"}
+    """A settings section (synthesize's and attention-quality's pseudo_mask_settings, plan's and
+    train-text-generator's prompt_augmentation) is checked as the config is made, not when it is used."""
+    assert {case.values[0] for case in SETTINGS_CASES} == {"synthesize", "attention-quality", "plan",
+                                                           "train-text-generator"}
     work = tmp_path / "work"
     work.mkdir()
     before = _listing(tmp_path)
@@ -236,6 +237,7 @@ def test_the_issue_examples_are_refused_before_any_work(tmp_path, capsys, monkey
 
 def test_names_mirrored_in_stage_configs_match_their_tables():
     """stage_configs cannot import torch, so it repeats a few table's names; they must stay equal."""
+    from segsynth.generators import TRAINERS
     from segsynth.generators.schedulers import ALIASES, SCHEDULERS
     from segsynth.methods.attn2mask.pseudo_mask import PRESETS
     from segsynth.run import METHODS, PRESETS as RUN_PRESETS
@@ -247,6 +249,7 @@ def test_names_mirrored_in_stage_configs_match_their_tables():
     assert set(stage_configs.SCHEDULER_NAMES) == set(SCHEDULERS) | set(ALIASES)
     assert stage_configs.PSEUDO_MASK_PRESETS == tuple(PRESETS)
     assert stage_configs.METHOD_NAMES == tuple(METHODS)
+    assert stage_configs.GENERATOR_KIND_NAMES == tuple(stage_configs.GENERATOR_KINDS) == tuple(TRAINERS)
     preset_range = next(f.metadata["range"] for f in dataclasses.fields(RunConfig) if f.name == "preset")
     assert set(preset_range.choices) == {name for _, name in RUN_PRESETS}
 
@@ -278,5 +281,6 @@ def test_range_words():
 def test_a_run_whose_pretrain_split_leaves_a_stage_without_iterations(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "run"), "--train", "iterations=1"]) == 2
     err = capsys.readouterr().err
-    assert "pretrain_fraction 0.5 of train iterations 1 gives 0 pretraining and 1 fine-tuning iterations" in err
+    assert "pretrain_fraction 0.5 of pretrain-finetune-filtered-hardness's train iterations 1" in err
+    assert "raise train iterations or change pretrain_fraction" in err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()

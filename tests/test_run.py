@@ -135,3 +135,49 @@ def test_parallel_arm_trainings_match_one_after_the_other(tmp_path, monkeypatch)
                             "real arm: 2 trainings, 2 at once (wall)"}
     assert side_by_side["total_seconds"] == seconds["real arm: 2 trainings, 2 at once (wall)"]
     assert "(parallel) ran side by side" in (tmp_path / "parallel" / "results.md").read_text()
+
+
+def test_train_seconds_count_trainings_that_ran_side_by_side(tmp_path):
+    """An arm's "train s" adds its seeds' own seconds whether they ran alone or beside others (`parallel`),
+    never the group's wall time."""
+    from types import SimpleNamespace
+
+    from segsynth.methods.base import Arm, Method
+    from segsynth.report import PARALLEL_MARK, collect_results, format_table
+
+    config = resolve_run_config({"out": str(tmp_path), "arms": ["real"], "seeds": [0, 1]})
+    seconds = {f"train real seed 0{PARALLEL_MARK}": 30.0, f"train real seed 1{PARALLEL_MARK}": 12.5,
+               "real arm: 2 trainings, 2 at once (wall)": 31.0}
+    context = SimpleNamespace(config=config, out=tmp_path, seconds=seconds,
+                              dataset=SimpleNamespace(classes=["a", "b"], palette=[(0, 0, 0), (1, 1, 1)]),
+                              synthetic_set=lambda name: tmp_path / "synthetic" / name,
+                              train_settings=SimpleNamespace(model="segformer-tiny", iterations=10, batch_size=2))
+    method = Method("freemask", "", {"real": Arm("real", "real")}, lambda *a: [], lambda *a: [], {})
+    results = collect_results(context, method)
+    assert results["arms"]["real"]["train_seconds"] == 42.5
+    assert results["total_seconds"] == 31.0
+    assert format_table(results).splitlines()[2].endswith("| 42 |")
+
+
+def test_a_run_trains_the_generator_kind_its_section_names(tmp_path):
+    """`train_generator: {kind: latent, ...}` trains a latent generator and renders with `latent:`; the stage
+    resumes a killed generator training; a kind that draws no images from masks is refused."""
+    from segsynth.data import open_dataset
+    from segsynth.generators.testing import save_tiny_taesd
+    from segsynth.run import RunContext
+
+    autoencoder = save_tiny_taesd(tmp_path / "ae")
+    section = dict(kind="latent", autoencoder=f"taesd:{autoencoder}", size=[32, 32], channels=[32, 32],
+                   layers_per_block=1, attention=False, iterations=2, batch_size=2, max_minutes=0.0)
+    config = resolve_run_config({**TINY_RUN, "out": str(tmp_path / "run"), "train_generator": section})
+    context = RunContext(config, tmp_path / "run", open_dataset(config.data))
+    [stage], spec = context.generator_stages()
+    assert spec == f"latent:{tmp_path / 'run' / 'generator'}" and not stage.done()
+    stage.action()
+    assert stage.done()
+    meta = json.loads((tmp_path / "run" / "generator" / "segsynth_generator.json").read_text())
+    assert meta["format"] == "segsynth-latent-generator/1" and meta["train_config"]["resume"] is True
+    config = resolve_run_config({**TINY_RUN, "out": str(tmp_path / "other"),
+                                 "train_generator": {"kind": "text2mask-sd", "base": "some/model"}})
+    with pytest.raises(SegsynthError, match="kind 'text2mask-sd' does not render masks; options: builtin, latent"):
+        RunContext(config, tmp_path / "other", open_dataset(config.data)).generator_stages()

@@ -15,9 +15,10 @@ import sys
 
 from segsynth import __version__, cpu_load  # noqa: F401  (cpu_load starts its CPU meter now, before torch loads)
 from segsynth.config import add_config_arguments, config_from_args, values_from_args
-from segsynth.stage_configs import (AdaptConfig, AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig, FilterConfig,
-                                    MaskQualityConfig, PlanConfig, ReportConfig, RunConfig, StatsConfig, SynthesizeConfig,
-                                    TrainConfig, TrainGeneratorConfig, TrainTextGeneratorConfig)
+from segsynth.stage_configs import (AdaptConfig, AttentionQualityConfig, CaptionConfig, EvalConfig, ExportConfig,
+                                    FilterConfig, MaskQualityConfig, PlanConfig, PromptsConfig, ReportConfig, RunConfig,
+                                    StatsConfig, SynthesizeConfig, TrainConfig, TrainGeneratorConfig,
+                                    TrainTextGeneratorConfig)
 from segsynth.io import SegsynthError, disk_full_error, is_disk_full
 
 
@@ -79,6 +80,16 @@ def cmd_plan(args) -> int:
     path = make_plan(config_from_args(PlanConfig, args))
     print(summarize_plan(read_plan(path)))
     print(f"written: {path}")
+    return 0
+
+
+def cmd_prompts(args) -> int:
+    from segsynth.methods.attn2mask.prompts import format_prompt_lists, prompt_lists
+
+    config = config_from_args(PromptsConfig, args)
+    print(format_prompt_lists(prompt_lists(config)))
+    if config.out:
+        print(f"written: {config.out}")
     return 0
 
 
@@ -178,6 +189,9 @@ VERBS = {
     "stats": ("class-wise mean loss of a real-data segmenter (FreeMask's L̄_c)", StatsConfig, cmd_stats),
     "plan": ("how many synthetic images per real mask (or per caption), with their seeds (plan.jsonl)", PlanConfig,
              cmd_plan),
+    "prompts": ("the words and prompts each class gets under prompt augmentation (templates, WordNet synonyms "
+                "and hyponyms, a --words file): segsynth plan --class-prompts N --augment-prompts", PromptsConfig,
+                cmd_prompts),
     "captions": ("a caption per real mask (from the mask, a file or BLIP-2): captions.jsonl (SegGen)", CaptionConfig,
                  cmd_captions),
     "train-generator": ("train a generator: --kind builtin (the CPU mask-to-image diffusion model) or text2mask-sd "

@@ -13,6 +13,8 @@ Sections:
   1. the comparison table: mIoU mean, spread and seeds per arm, the difference to
      real, the synthetic samples each arm trained on, its training seconds
   2. per-class IoU: a table and grouped bars per arm
+  2b. sweeps (FreeMask's derived arms): filter settings (alpha, judge), synthetic volume K, and the
+     closed loop's per-class IoU per round (a table and grouped bars per round)
   3. FreeMask: the hardness histogram and images per mask of the hardness plan,
      per-class ignored fractions of the filter, a gallery real mask | synthetic
      image | filtered pixels
@@ -185,13 +187,35 @@ def arm_sets(run: RunFolder) -> dict[str, list[str]]:
     """The synthetic sets each arm trains on: results.json says; for an unfinished run, the method's table."""
     if run.results and all("synthetic_sets" in arm for arm in run.results.get("arms", {}).values()):
         return {name: list(arm["synthetic_sets"]) for name, arm in run.results["arms"].items()}
+    table = method_arms(run)
+    if table is None:
+        run.notes.append(f"unknown method {run.method!r}: the arms' synthetic sets are not known")
+        return {arm: [] for arm in run.arms}
+    return {arm: list(table[arm].synthetic) if arm in table else [] for arm in run.arms}
+
+
+def method_arms(run: RunFolder) -> dict | None:
+    """The run's arms by name from its method's table, the derived ones (sweeps, closed-loop rounds) included
+    where the saved config still reads; None for an unknown method."""
+    from segsynth.config import build_config
     from segsynth.run import METHODS  # the method tables (torch and the stages come with them)
+    from segsynth.stage_configs import RunConfig
 
     method = METHODS.get(run.method)
     if method is None:
-        run.notes.append(f"unknown method {run.method!r}: the arms' synthetic sets are not known")
-        return {arm: [] for arm in run.arms}
-    return {arm: list(method.arms[arm].synthetic) if arm in method.arms else [] for arm in run.arms}
+        return None
+    try:
+        return method.arm_table(build_config(RunConfig, run.config, "run.config.yaml"))
+    except SegsynthError:
+        return dict(method.arms)
+
+
+def arm_variants(run: RunFolder) -> dict[str, dict]:
+    """What each derived arm varies (Arm.tags): results.json says; for an unfinished run, the method's table."""
+    if run.results and all("variant" in arm for arm in run.results.get("arms", {}).values()):
+        return {name: dict(arm["variant"]) for name, arm in run.results["arms"].items()}
+    table = method_arms(run) or {}
+    return {arm: dict(table[arm].tags) if arm in table else {} for arm in run.arms}
 
 
 def arm_method(run: RunFolder, arm: str) -> str:
@@ -377,6 +401,53 @@ def per_class_section(run: RunFolder, table: dict[str, dict]) -> str:
     chart = grouped_bars(run.classes, series, "IoU (%)", "Per-class IoU per arm (mean over seeds)", ymax=100)
     return ("<h2 id='per-class'>Per-class IoU</h2>" + img(chart, "per-class IoU bars per arm") +
             table_html(["arm", *run.classes], rows, sortable=True))
+
+
+def sweeps_section(run: RunFolder, table: dict[str, dict], sets: dict[str, list[str]]) -> str:
+    """FreeMask's sweeps: filter settings, synthetic volume, and the closed loop's per-class IoU per round
+    (the tables of results.md, with a chart of the rounds)."""
+    from segsynth.report import sweep_rows
+
+    variants = arm_variants(run)
+    if not any(variant.get("sweep") for variant in variants.values()):
+        return ""
+    iterations = (run.config.get("train") or {}).get("iterations")
+    arms = {}
+    for name, arm in table.items():
+        ignored = [r["ignored_fraction"] for set_name in sets.get(name, []) for r in run.records(set_name)
+                   if "ignored_fraction" in r]
+        arms[name] = {**arm, "variant": variants.get(name, {}),
+                      "iterations": variants.get(name, {}).get("iterations", iterations),
+                      "ignored_fraction": float(np.mean(ignored)) if ignored and
+                      variants.get(name, {}).get("judge") != "none" else None}
+    results = {"arms": arms, "classes": run.classes}
+    parts = ["<h2 id='sweeps'>Sweeps</h2>"]
+    for origin, rows in sweep_rows(results, "filter").items():
+        parts.append(f"<h3>Filter settings of {esc(origin)}</h3>" + table_html(
+            ["arm", "alpha", "judge", "ignored (%)", "mIoU mean", "spread"],
+            [[name, variant.get("alpha") or "off", variant.get("judge"),
+              None if arms[name]["ignored_fraction"] is None else 100 * arms[name]["ignored_fraction"],
+              arms[name]["mean"], arms[name]["spread"]] for name, variant in rows], sortable=True, numeric_from=3))
+    for origin, rows in sweep_rows(results, "volume").items():
+        parts.append(f"<h3>Synthetic volume of {esc(origin)}</h3>" + table_html(
+            ["arm", "K (images per mask)", "synthetic images", "iterations", "mIoU mean", "spread"],
+            [[name, variant.get("k"), arms[name]["synthetic_images"], arms[name]["iterations"], arms[name]["mean"],
+              arms[name]["spread"]] for name, variant in rows], numeric_from=1) +
+            "<p class='hint'>Each K trains on a nested subset of one synthetic set rendered at the largest K; "
+            f"iterations {'scaled with K' if any(v.get('iterations_rule') == 'scaled' for _, v in rows) else 'the same for every K'}.</p>")
+    for origin, rows in sweep_rows(results, "loop").items():
+        last = rows[-1][1]
+        series = {f"round {variant['round']}": [arms[name]["per_class"].get(c) for c in run.classes]
+                  for name, variant in rows if arms[name]["per_class"]}
+        chart = img(grouped_bars(run.classes, series, "IoU (%)", f"Per-class IoU per closed-loop round of {origin}",
+                                 ymax=100), "per-class IoU per round") if series and run.classes else ""
+        parts.append(f"<h3>Closed loop of {esc(origin)}</h3><p>signal {esc(last.get('signal'))}, init "
+                     f"{esc(last.get('init'))}, sets {esc(last.get('sets'))}.</p>" + chart + table_html(
+                         ["round", "arm", "synthetic images", "mIoU mean", "spread", *run.classes],
+                         [[variant["round"], name, arms[name]["synthetic_images"], arms[name]["mean"],
+                           arms[name]["spread"], *[arms[name]["per_class"].get(c) for c in run.classes]]
+                          for name, variant in rows], numeric_from=2))
+    return "".join(parts)
 
 
 def freemask_section(run: RunFolder, config: ReportConfig) -> str:
@@ -717,7 +788,7 @@ def write_report(config: ReportConfig) -> Path:
     check_sets(run, sets)
 
     # 2. The sections, each from its own files.
-    body = [comparison_section(run, table), per_class_section(run, table),
+    body = [comparison_section(run, table), per_class_section(run, table), sweeps_section(run, table, sets),
             freemask_section(run, config), seggen_section(run, config), attention_section(run, config),
             stages_section(run)]
 
@@ -728,7 +799,7 @@ def write_report(config: ReportConfig) -> Path:
                    "below show what it has.</p><ul>" + "".join(f"<li>{esc(m)}</li>" for m in run.missing) + "</ul></div>")
     notes = "".join(f"<p class='hint'>{esc(n)}</p>" for n in run.notes)
     links = "".join(f"<a href='#{anchor}'>{label}</a>" for anchor, label in (
-        ("comparison", "comparison"), ("per-class", "per-class IoU"), ("freemask", "FreeMask"), ("seggen", "SegGen"),
+        ("comparison", "comparison"), ("per-class", "per-class IoU"), ("sweeps", "sweeps"), ("freemask", "FreeMask"), ("seggen", "SegGen"),
         ("attn2mask", "Attn2mask"), ("stages", "seconds")) if f"id='{anchor}'" in "".join(body))
     title = f"segsynth run: {run.method} on {run.config.get('data', '?')}"
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"

@@ -9,7 +9,8 @@ extra key a planner records. Modes: uniform (K per mask, `--uniform K`),
 FreeMask's hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py)
 and the text plan (`--captions FILE --per-caption N`: one text entry per
 caption, for a text -> mask generator such as SegGen's MaskSyn) and text entries from
-each real image's class set (`--class-prompts N`, Attn2mask).
+each real image's class set (`--class-prompts N`, Attn2mask; with `--augment-prompts` one entry per
+sample, its prompt drawn from templates and each class's synonyms, hyponyms and listed words).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from segsynth.data import Dataset, open_dataset
 from segsynth.formats.plan import PlanEntry, assign_seeds, read_plan, write_plan
 from segsynth.generators.builtin_text.train import class_prompt, present_classes
 from segsynth.io import SegsynthError
+from segsynth.methods.attn2mask.prompts import PromptAugmenter
 from segsynth.methods.freemask.hardness import hardness_planner
 from segsynth.methods.seggen.captions import read_captions
 from segsynth.outputs import claim_file
@@ -112,7 +114,12 @@ def _make_plan(config: PlanConfig) -> Path:
     if len(chosen) != 1:
         modes = ", ".join(flags for flags, _, _ in PLANNERS.values())
         raise SegsynthError(f"choose exactly one plan mode ({modes}); got {', '.join(chosen) or 'none'} (e.g. --uniform 2)")
+    if config.augment_prompts and chosen != ["class-prompts"]:
+        raise SegsynthError("--augment-prompts varies class prompts: use it with --class-prompts N (text -> image "
+                            "generators with attention labels)")
     dataset = open_dataset(config.data)
+    # the words file is checked here, before any label is read
+    augmenter = PromptAugmenter(dataset.classes, config.prompt_augmentation) if config.augment_prompts else None
     ids = list(dataset.split(config.split).ids)
     if config.limit:
         ids = ids[: config.limit]
@@ -121,11 +128,28 @@ def _make_plan(config: PlanConfig) -> Path:
     counts, fields = PLANNERS[chosen[0]][2](config, dataset, ids)
     seeds = assign_seeds(counts, config.seed)
 
-    # 3. Write the plan atomically, the resolved config beside it.
-    out = write_plan(config.out, [plan_entry(sample_id, sample_seeds, entry_fields)
-                                  for sample_id, sample_seeds, entry_fields in zip(ids, seeds, fields)])
+    # 3. With prompt augmentation, one entry per sample, each its own prompt.
+    entries = [plan_entry(sample_id, sample_seeds, entry_fields)
+               for sample_id, sample_seeds, entry_fields in zip(ids, seeds, fields)]
+    if augmenter is not None:
+        entries = augment_entries(entries, augmenter)
+
+    # 4. Write the plan atomically, the resolved config beside it.
+    out = write_plan(config.out, entries)
     save_config(config, out.with_name(out.name + ".config.yaml"))
     return out
+
+
+def augment_entries(entries: list[PlanEntry], augmenter: PromptAugmenter) -> list[PlanEntry]:
+    """Prompt augmentation (methods/attn2mask/prompts.py): each class-prompt entry becomes one entry per seed,
+    named `<id>_a<j>`, whose prompt is drawn from the templates and its classes' words with the sample's
+    seed as the key; its class_words name the words drawn. The seeds (and so the initial noise) stay."""
+    augmented = []
+    for entry in entries:
+        for index, seed in enumerate(entry.seeds):
+            prompt, class_words = augmenter.prompt(list(entry.class_words), seed)
+            augmented.append(PlanEntry(f"{entry.id}_a{index}", [seed], dict(entry.extra), "text", prompt, class_words))
+    return augmented
 
 
 def plan_entry(sample_id: str, seeds: list[int], fields: dict) -> PlanEntry:

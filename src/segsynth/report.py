@@ -40,21 +40,35 @@ def collect_results(context, method) -> dict:
     """Per arm: mIoU per seed, mean and spread (max - min), per-class IoU averaged over seeds, the method it
     belongs to, the synthetic samples it trains on and its training seconds."""
     config, out, classes = context.config, context.out, list(context.dataset.classes)
+    table = method.arm_table(config)
+    default_iterations = context.train_settings.iterations
     arms = {}
     for arm_name in config.arms:
         folders = [out / "arms" / arm_name / f"seed{seed}" for seed in config.seeds]
         metrics = {seed: read_json(folder / f"metrics_{config.eval_split}.json") for seed, folder in
                    zip(config.seeds, folders) if (folder / f"metrics_{config.eval_split}.json").is_file()}
-        arm = method.arms[arm_name]
+        arm = table[arm_name]
+        records = [record for name in arm.synthetic if context.synthetic_set(name).is_dir()
+                   for record in read_manifest(context.synthetic_set(name))]
+        ignored = [record["ignored_fraction"] for record in records if "ignored_fraction" in record]
+        signal = dict(arm.tags).get("signal_file")
         arms[arm_name] = {
             "method": arm.method or method.name,
             **summarize_seeds(metrics, classes),
             "synthetic_sets": list(arm.synthetic),
-            "synthetic_images": sum(len(read_manifest(context.synthetic_set(name))) for name in arm.synthetic
-                                    if context.synthetic_set(name).is_dir()),
-            "train_seconds": round(sum(context.seconds.get(f"train {arm_name} seed {seed}", 0.0)
-                                       for seed in config.seeds), 1),
+            "synthetic_images": len(records),
+            # the share of synthetic pixels the filter set to ignore (mean over samples), for filtered arms
+            "ignored_fraction": round(float(np.mean(ignored)), 4) if arm.masks == "filtered" and ignored else None,
+            # a closed-loop round: the class weights that planned its data (the planner's class-stats file)
+            "signal": read_json(out / signal)["mean_loss"] if signal and (out / signal).is_file() else None,
+            # A training that ran beside others (`parallel`) is recorded under its name + PARALLEL_MARK: its
+            # own seconds, not its group's wall time.
+            "train_seconds": round(sum(context.seconds.get(f"train {arm_name} seed {seed}{mark}", 0.0)
+                                       for seed in config.seeds for mark in ("", PARALLEL_MARK)), 1),
             "checkpoints": [str(folder / "checkpoint") for folder in folders],
+            "iterations": int(dict(arm.train).get("iterations", default_iterations)),
+            "round": arm.round,
+            "variant": {key: value for key, value in arm.tags},  # what a derived arm varies (sweep tables)
         }
     synthetic = {}
     for folder in sorted((out / "synthetic").glob("*")):
@@ -103,22 +117,107 @@ def format_seconds(results: dict) -> str:
         " (stages marked (parallel) ran side by side; their group's wall time is counted)." if parallel else ".")
 
 
+def sweep_rows(results: dict, sweep: str) -> dict[str, list[tuple[str, dict]]]:
+    """Arms of one sweep ("filter", "volume", "loop") grouped by the arm they vary, that arm first:
+    {varied arm: [(arm name, its variant fields), ...]}; the varied arm's own fields are filled in from its
+    variants' (base_alpha, base_k, round 0)."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, arm in results["arms"].items():
+        variant = arm.get("variant") or {}
+        if variant.get("sweep") == sweep:
+            groups.setdefault(variant["of"], []).append((name, variant))
+    for origin, rows in groups.items():
+        first = rows[0][1]
+        own = {"filter": {"alpha": first.get("base_alpha"), "judge": "reference"},
+               "volume": {"k": first.get("base_k"), "iterations": first.get("base_iterations")},
+               "loop": {"round": 0, "signal": "-"}}[sweep]
+        if origin in results["arms"]:
+            rows.insert(0, (origin, {"sweep": sweep, "of": origin, **own}))
+        if sweep == "loop":
+            rows.sort(key=lambda row: row[1]["round"])
+        elif sweep == "volume":
+            rows.sort(key=lambda row: row[1]["k"] or 0)
+    return groups
+
+
+def _value(arm: dict, key: str = "mean") -> str:
+    return "-" if arm.get(key) is None else f"{arm[key]:.2f}"
+
+
+def format_sweeps(results: dict) -> str:
+    """The sweeps' own tables (empty when the run has none): filter settings, synthetic volume, and the
+    closed loop with the per-class IoU of every round."""
+    arms, classes, parts = results["arms"], results.get("classes") or [], []
+    for origin, rows in sweep_rows(results, "filter").items():
+        lines = [f"Filter settings of {origin} (alpha 0: no filter; judge: the segmenter whose loss the filter "
+                 "compares):", "", "| arm | alpha | judge | synthetic pixels ignored | mIoU | spread | vs "
+                 f"{origin} |", "|---|---|---|---|---|---|---|"]
+        for name, variant in rows:
+            arm = arms[name]
+            delta = "" if name == origin or arm["mean"] is None or arms[origin]["mean"] is None else \
+                f"{arm['mean'] - arms[origin]['mean']:+.2f}"
+            ignored = arm.get("ignored_fraction")
+            lines.append(f"| {name} | {variant.get('alpha', 0) or 'off'} | {variant.get('judge')} | "
+                         f"{'-' if ignored is None else f'{100 * ignored:.1f} %'} | {_value(arm)} | "
+                         f"{_value(arm, 'spread')} | {delta} |")
+        parts.append("\n".join(lines))
+    for origin, rows in sweep_rows(results, "volume").items():
+        scaled = any(row[1].get("iterations_rule") == "scaled" for row in rows)
+        lines = [f"Synthetic volume of {origin} (K images per real mask, nested subsets of one set; iterations "
+                 f"{'scaled with K (volume_iterations: scaled)' if scaled else 'the same for every K'}):", "",
+                 "| arm | K | synthetic images | iterations | mIoU | spread |", "|---|---|---|---|---|---|"]
+        for name, variant in rows:
+            arm = arms[name]
+            lines.append(f"| {name} | {variant.get('k')} | {arm.get('synthetic_images', 0)} | "
+                         f"{arm.get('iterations', '-')} | {_value(arm)} | {_value(arm, 'spread')} |")
+        parts.append("\n".join(lines))
+    for origin, rows in sweep_rows(results, "loop").items():
+        first = rows[-1][1]
+        lines = [f"Closed loop of {origin} (signal {first.get('signal')}, init {first.get('init')}, sets "
+                 f"{first.get('sets')}): mIoU and per-class IoU per round", "",
+                 "| round | arm | synthetic images | mIoU | spread | vs round 0 | " + " | ".join(classes) + " |",
+                 "|---|---|---|---|---|---|" + "---|" * len(classes)]
+        start = arms[rows[0][0]]["mean"]
+        for name, variant in rows:
+            arm = arms[name]
+            delta = "" if variant["round"] == 0 or arm["mean"] is None or start is None else \
+                f"{arm['mean'] - start:+.2f}"
+            lines.append(f"| {variant['round']} | {name} | {arm.get('synthetic_images', 0)} | {_value(arm)} | "
+                         f"{_value(arm, 'spread')} | {delta} | " + " | ".join(
+                             "-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}"
+                             for c in classes) + " |")
+        signals = [(variant["round"], arm_signal) for name, variant in rows
+                   if (arm_signal := arms[name].get("signal"))]
+        if signals:
+            lines += ["", "The class weights that planned each round (loss: L̄_c of the round before's model; "
+                      "iou: 1 - IoU/100):", "", "| round | " + " | ".join(classes) + " |",
+                      "|---|" + "---|" * len(classes)]
+            lines += [f"| {r} | " + " | ".join("-" if w is None else f"{w:.3f}" for w in weights) + " |"
+                      for r, weights in signals]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def format_tables(results: dict) -> str:
-    """What `segsynth run` prints at its end: mIoU per arm, per-class IoU, seconds per stage."""
+    """What `segsynth run` prints at its end: mIoU per arm, per-class IoU, the sweeps, seconds per stage."""
+    sweeps = format_sweeps(results)
     return (f"mIoU per arm ({results['eval_split']}, seeds {results['seeds']}, {results['model']}, "
             f"{results['iterations']} iterations):\n{format_table(results)}\n\nper-class IoU (mean over seeds):\n"
-            f"{format_per_class(results)}\n\nseconds per stage:\n{format_seconds(results)}")
+            f"{format_per_class(results)}\n\n" + (f"{sweeps}\n\n" if sweeps else "") +
+            f"seconds per stage:\n{format_seconds(results)}")
 
 
 def write_results(context, method) -> dict:
     """results.json and results.md in the run folder; returns the results."""
     results = collect_results(context, method)
     atomic_write_json(context.out / "results.json", results)
+    sweeps = format_sweeps(results)
     text = (f"# segsynth run: {results['data']}\n\nmethod `{results['method']}`; val split: `{results['eval_split']}`; "
             f"seeds {results['seeds']}; segmenter {results['model']}, {results['iterations']} iterations per arm; "
             f"{results['images_per_mask']} synthetic image(s) per real mask.\n\n"
             f"## mIoU per arm\n\n{format_table(results)}\n\n## Per-class IoU (mean over seeds)\n\n"
-            f"{format_per_class(results)}\n\n## Seconds per stage\n\n{format_seconds(results)}\n")
+            f"{format_per_class(results)}\n\n" + (f"## Sweeps\n\n{sweeps}\n\n" if sweeps else "") +
+            f"## Seconds per stage\n\n{format_seconds(results)}\n")
     atomic_write_text(context.out / "results.md", text)
     return results
 

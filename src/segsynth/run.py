@@ -7,8 +7,10 @@
      SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
      each a (name, action, done) triple from `Method.stages`
   4. every other arm with every seed, each evaluated on the held-out split (`parallel`: N trainings at
-     once, in worker processes sharing the cores)
-  5. results.json, results.md, the printed tables, the method's grids (segsynth.report) and
+     once, in worker processes sharing the cores); arms a method derives from the run's settings
+     (`Method.variants`: FreeMask's filter and volume sweeps) are arms like the others
+  5. the closed loop (`rounds`): per round, the method's `round_stages`, then that round's arms
+  6. results.json, results.md, the printed tables, the method's grids (segsynth.report) and
      report.html (segsynth.html_report, from the files alone)
 
 A method (segsynth.methods) is a plain list of stages and arms; this module
@@ -38,7 +40,7 @@ from segsynth.data import Dataset, open_dataset
 from segsynth.data.toy import TOY_CLASSES
 from segsynth.data.validate import check_before_compute
 from segsynth.io import SegsynthError, atomic_write_json, read_json
-from segsynth.generators.builtin import train_generator
+from segsynth.generators import TRAINERS, train_generator_kind
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.attn2mask.method import ATTN2MASK
 from segsynth.methods.compare import COMPARE
@@ -51,6 +53,7 @@ from segsynth.stage_configs import RUN_SECTIONS, ReportConfig, RunConfig, TrainC
 from segsynth.training.loop import train
 
 TOY_GENERATOR = Path(__file__).parent / "assets" / "toy_generator"
+MASK_TO_IMAGE_KINDS = ("builtin", "latent")  # the train-generator kinds a run can render real masks with
 
 # name -> method (methods/base.py). `segsynth run --method NAME`; a new method is one more row.
 METHODS = {
@@ -66,8 +69,8 @@ METHODS = {
 BASE = {
     "images_per_mask": 2, "seeds": [0, 1], "grids": 6,
     "train": {"model": "segformer-tiny", "iterations": 600, "batch_size": 8, "lr": 2e-3, "warmup": 50, "workers": 1},
-    "train_generator": {"size": [64, 80], "channels": [32, 64, 128], "iterations": 3000, "max_minutes": 3.0,
-                        "batch_size": 16},
+    "train_generator": {"size": [64, 80], "channels": [32, 64, 128], "layers_per_block": 2, "iterations": 3000,
+                        "max_minutes": 3.0, "batch_size": 16},
     "synthesize": {"steps": 12, "batch_size": 16},
     "plan": {"nmax": 20},
     "filter": {"alpha": 1.25},
@@ -116,6 +119,8 @@ def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     method = METHODS.get(values.get("method", RunConfig.method))
     method_sizes = method.preset(kind, preset) if method else {}
     merged = _merge(_merge(_merge(BASE, PRESETS[(kind, preset)]), method_sizes), values)
+    if values.get("volumes") and "images_per_mask" not in values:  # render once, at the largest volume compared
+        merged["images_per_mask"] = max(coerce_values(RunConfig, {"volumes": values["volumes"]}, source)["volumes"])
     if method and method.configure:
         merged = method.configure(merged, values, kind, preset)
     config = build_config(RunConfig, merged, source)
@@ -128,33 +133,59 @@ def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
     for member, keys in config.per_method.items():  # sections of one member method (--method all)
         for section in set(keys) & set(RUN_SECTIONS):
             check_section(f"per_method.{member}.{section}", keys[section], *RUN_SECTIONS[section], source)
-    unknown = [arm for arm in config.arms if arm not in method.arms]
-    if unknown:
-        raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
-                            f"options: {', '.join(method.arms)}")
-    unmet = [arm for arm in config.arms if method.arms[arm].needs and not getattr(config, method.arms[arm].needs)]
-    if unmet:
-        needs = method.arms[unmet[0]].needs
-        raise SegsynthError(f"arm(s) {', '.join(unmet)} of method {config.method} need the run key {needs!r} "
-                            f"(--{needs.replace('_', '-')}); give it, or leave the arm(s) out")
-    default = [arm for arm in (method.main_arms or method.arms)
-               if not method.arms[arm].needs or getattr(config, method.arms[arm].needs)]
-    config = dataclasses.replace(config, arms=list(config.arms or default))
+    config = with_derived_arms(config, method)
     check_pretrain_split(config, method, source)
     return config
 
 
+def with_derived_arms(config: RunConfig, method: Method) -> RunConfig:
+    """The run's arms: the named ones of the method's table (default: its main arms, or all), then the arms the
+    method derives from the run's settings (sweeps, closed-loop rounds). Derived names may be listed too (a saved
+    run.config.yaml lists them); they are derived again, so resolving a resolved config changes nothing."""
+    sweeps = [key for key in ("filter_alphas", "filter_judges", "volumes", "rounds") if getattr(config, key)]
+    if sweeps and method.variants is None:
+        raise SegsynthError(f"run config key(s) {', '.join(sweeps)}: method {config.method} derives no arms; the "
+                            "filter and volume sweeps and the closed loop are freemask's (--method freemask)")
+    # An arm that needs a run key (e.g. target_images) runs by default only when the key is set, and is refused
+    # when named without it.
+    unmet = [arm for arm in config.arms if arm in method.arms and method.arms[arm].needs
+             and not getattr(config, method.arms[arm].needs)]
+    if unmet:
+        needs = method.arms[unmet[0]].needs
+        raise SegsynthError(f"arm(s) {', '.join(unmet)} of method {config.method} need the run key {needs!r} "
+                            f"(--{needs.replace('_', '-')}); give it, or leave the arm(s) out")
+    met = {arm for arm in method.arms if method.arms[arm].needs and getattr(config, method.arms[arm].needs)}
+    chosen = [arm for arm in config.arms if arm in method.arms] if config.arms else \
+        [arm for arm in (method.main_arms or method.arms) if not method.arms[arm].needs or arm in met] + \
+        [arm for arm in method.arms if arm in met and arm not in (method.main_arms or method.arms)]
+    derived = method.variants(dataclasses.replace(config, arms=chosen)) if method.variants else {}
+    unknown = [arm for arm in config.arms if arm not in method.arms and arm not in derived]
+    if unknown:
+        raise SegsynthError(f"unknown arm(s) {', '.join(unknown)} for method {config.method}; "
+                            f"options: {', '.join([*method.arms, *derived])}")
+    return dataclasses.replace(config, arms=chosen + [name for name in derived if name not in chosen])
+
+
 def check_pretrain_split(config: RunConfig, method: Method, source: str) -> None:
-    """pretrain-finetune arms split train.iterations by pretrain_fraction: both stages need an iteration."""
-    if not any(method.arms[name].recipe == "pretrain-finetune" for name in config.arms):
-        return
-    iterations = int(config.train.get("iterations", TrainConfig.__dataclass_fields__["iterations"].default))
-    pretrain = int(round(iterations * config.pretrain_fraction))
-    if not 1 <= pretrain <= iterations - 1:
-        raise SegsynthError(f"{source}: pretrain_fraction {config.pretrain_fraction} of train iterations {iterations} "
-                            f"gives {pretrain} pretraining and {iterations - pretrain} fine-tuning iterations; each "
-                            "stage of the pretrain-finetune arms needs at least 1: raise train iterations or change "
-                            "pretrain_fraction")
+    """pretrain-finetune arms split their iterations by pretrain_fraction: both stages need an iteration."""
+    table = method.arm_table(config)
+    for name in config.arms:
+        if table[name].recipe != "pretrain-finetune":
+            continue
+        iterations = arm_iterations(config, table[name])
+        pretrain = int(round(iterations * config.pretrain_fraction))
+        if not 1 <= pretrain <= iterations - 1:
+            raise SegsynthError(f"{source}: pretrain_fraction {config.pretrain_fraction} of {name}'s train iterations "
+                                f"{iterations} gives {pretrain} pretraining and {iterations - pretrain} fine-tuning "
+                                "iterations; each stage of the pretrain-finetune arms needs at least 1: raise train "
+                                "iterations or change pretrain_fraction")
+
+
+def arm_iterations(config: RunConfig, arm: Arm) -> int:
+    """An arm's training iterations: its own (a volume arm scaled with K) or the run's train section's."""
+    own = dict(arm.train).get("iterations")
+    return int(own if own is not None else
+               config.train.get("iterations", TrainConfig.__dataclass_fields__["iterations"].default))
 
 
 def method_of(config: RunConfig) -> Method:
@@ -230,6 +261,14 @@ class RunContext:
         """The first seed's real-only segmenter: it scores synthetic pixels (FreeMask's statistics and filter)."""
         return arm_dir(self.out, "real", self.config.seeds[0])
 
+    def arm_folder(self, arm: str, seed: int) -> Path:
+        """Where an arm's training with one seed writes (checkpoint/, metrics_<split>.json)."""
+        return arm_dir(self.out, arm, seed)
+
+    def arm_table(self) -> dict[str, Arm]:
+        """Every arm of the run by name, the derived ones included."""
+        return method_of(self.config).arm_table(self.config)
+
     def synthetic_set(self, name: str) -> Path:
         return self.out / "synthetic" / name
 
@@ -246,9 +285,12 @@ class RunContext:
         folder = self.out / "generator"
         config = self.stage_config(TrainGeneratorConfig, "train_generator",
                                    defaults={"sample_steps": self.config.synthesize.get("steps", 20)},
-                                   data=self.config.data, out=str(folder), device=self.config.device)
-        return [Stage("train generator", lambda: train_generator(config), lambda: _generator_finished(folder))], \
-            f"builtin:{folder}"
+                                   data=self.config.data, out=str(folder), resume=True, device=self.config.device)
+        if config.kind not in MASK_TO_IMAGE_KINDS:
+            raise SegsynthError(f"run config section 'train_generator': kind {config.kind!r} does not render masks; "
+                                f"options: {', '.join(MASK_TO_IMAGE_KINDS)}")
+        return [Stage("train generator", lambda: train_generator_kind(config), lambda: _generator_finished(folder))], \
+            f"{TRAINERS[config.kind][1]}:{folder}"
 
 
 def run(config: RunConfig) -> dict:
@@ -260,35 +302,44 @@ def run(config: RunConfig) -> dict:
 def _run(config: RunConfig) -> dict:
     method = method_of(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "run.config.yaml")
 
-    # 1. The data, checked once before any compute.
+    # 1. The data, checked once before any compute, and the method's stage list (making it checks its settings,
+    #    such as the files it names): a run refused here leaves no file behind.
     dataset = open_dataset(config.data)
     check_before_compute(dataset, ["train", config.eval_split])
+    context = RunContext(config, out, dataset, _read_seconds(out))
+    table = method.arm_table(config)
+    arms = [table[name] for name in config.arms]
+    stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "run.config.yaml")
     atomic_write_json(out / "classes.json", {"data": config.data, "classes": list(dataset.classes),  # for reports
                                              "palette": [list(c) for c in dataset.palette], "ignore_index": 255})
-    context = RunContext(config, out, dataset, _read_seconds(out))
     say(f"segsynth run --method {config.method}: {config.data} ({len(dataset.split('train'))} train / "
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
         f"seeds {config.seeds}")
     try:
-        # 2. Real-only reference segmenters (the method's stage list is made first: it checks its settings).
-        arms = [method.arms[name] for name in config.arms]
-        stages = method.stages(context, arms) if any(arm.synthetic for arm in arms) else []
+        # 2. Real-only reference segmenters.
         train_arms(context, [(method.arms["real"], seed) for seed in config.seeds], "real arm")
 
         # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).
         for stage in stages:
             _run_stage(context, stage)
 
-        # 4. Every other arm, every seed.
-        train_arms(context, [(arm, seed) for arm in arms if arm.name != "real" for seed in config.seeds],
-                   "other arms")
+        # 4. Every other arm of the first round, every seed.
+        train_arms(context, [(arm, seed) for arm in arms if arm.name != "real" and arm.round == 0
+                             for seed in config.seeds], "other arms")
+
+        # 5. The closed loop: round r's data from round r-1's models, then round r's arms.
+        for r in range(1, config.rounds + 1):
+            for stage in method.round_stages(context, r):
+                _run_stage(context, stage)
+            train_arms(context, [(arm, seed) for arm in arms if arm.round == r for seed in config.seeds],
+                       f"round {r} arms")
     finally:
         context.close()
 
-    # 5. Tables, grids and the HTML report (which reads only the files written so far).
+    # 6. Tables, grids and the HTML report (which reads only the files written so far).
     if any(arm.synthetic for arm in arms):
         _run_stage(context, Stage("grids", lambda: method.grids(context)))
     results = write_results(context, method)
@@ -307,11 +358,14 @@ def train_arm(context: RunContext, arm: Arm, seed: int) -> None:
     folder = arm_dir(context.out, arm.name, seed)
     if (folder / f"metrics_{config.eval_split}.json").is_file():
         return  # finished earlier
-    iterations = context.train_settings.iterations
+    iterations = arm_iterations(config, arm)
     pretrain = int(round(iterations * config.pretrain_fraction)) if arm.recipe == "pretrain-finetune" else 0
+    own = {key: value for key, value in arm.train if key != "iterations"}
+    if arm.init_from:  # e.g. a closed-loop round that continues the previous round's model of this seed
+        own["init_checkpoint"] = str(arm_dir(context.out, arm.init_from, seed))
     train(context.stage_config(
         TrainConfig, "train", defaults={"save_every": max(100, iterations // 4), "log_every": max(10, iterations // 20)},
-        **dict(arm.train), data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
+        **own, data=config.data, out=str(folder), recipe=arm.recipe, synthetic_masks=arm.masks,
         synthetic=[str(context.synthetic_set(name)) for name in arm.synthetic],
         iterations=iterations - pretrain, pretrain_iterations=pretrain, seed=seed, resume=True,
         eval_split=config.eval_split, device=config.device))
@@ -370,7 +424,7 @@ def _quiet_worker(threads: int) -> None:
 def _train_arm_in_worker(config: RunConfig, arm_name: str, seed: int) -> float:
     started = time.time()
     context = RunContext(config, Path(config.out), open_dataset(config.data))
-    train_arm(context, method_of(config).arms[arm_name], seed)
+    train_arm(context, method_of(config).arm_table(config)[arm_name], seed)
     return time.time() - started
 
 

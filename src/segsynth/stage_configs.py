@@ -10,6 +10,8 @@ the standard library and `segsynth.config`.
 
 from __future__ import annotations
 
+import re
+
 from segsynth.config import Range, check_values, coerce_values, config_class, field
 
 # --- the meaningful values of the fields, shared by several configs ------------------------------------
@@ -50,6 +52,11 @@ SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm
 SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
 PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
 METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
+# methods.freemask.method.ARMS but "real": the arms a closed loop can continue
+FREEMASK_SYNTHETIC_ARMS = ("synthetic-raw-uniform", "synthetic-filtered-hardness", "joint-raw-uniform",
+                           "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness")
+SWEEP_LENGTHS = tuple(range(0, 17))  # at most 16 values per sweep
+GENERATOR_KIND_NAMES = ("builtin", "latent", "text2mask-sd")  # GENERATOR_KINDS below, generators.TRAINERS
 
 
 def _ordered_pair(key: str):
@@ -62,13 +69,19 @@ def _ordered_pair(key: str):
 
 
 def _size_fits_unet(values: dict, source: str) -> str | None:
-    """The working size must pass space-to-depth (x2) and every UNet downsampling (the builtin kind's UNet)."""
-    if values.get("kind", "builtin") != "builtin" or not values.get("size"):
+    """The working size must pass space-to-depth (builtin: x2; latent: the autoencoder's x8) and every UNet
+    downsampling; checked here when both are given (otherwise once the kind's preset fills them in)."""
+    kind = values.get("kind", "builtin")
+    if kind not in ("builtin", "latent") or not values.get("size") or not values.get("channels"):
         return None
-    multiple = 2 * 2 ** (len(values["channels"]) - 1)
+    if kind == "latent" and not str(values.get("autoencoder") or "").startswith("taesd:"):
+        return None  # a diffusers autoencoder's factor is known once it is loaded (train_latent_generator checks)
+    factor, grid, example = ((2, "space-to-depth x2", "96,128") if kind == "builtin" else
+                             (8, "the autoencoder's x8", "192,256"))
+    multiple = factor * 2 ** (len(values["channels"]) - 1)
     if any(side % multiple for side in values["size"]):
-        return (f"key 'size' {values['size']}: H and W must be multiples of {multiple} (space-to-depth x2 and "
-                f"{len(values['channels']) - 1} UNet downsamplings of --channels {values['channels']}); e.g. 96,128")
+        return (f"key 'size' {values['size']}: H and W must be multiples of {multiple} ({grid} and "
+                f"{len(values['channels']) - 1} UNet downsamplings of --channels {values['channels']}); e.g. {example}")
     return None
 
 
@@ -89,6 +102,39 @@ def _pseudo_mask_settings(values: dict, source: str) -> str | None:
 def _distinct_seeds(values: dict, source: str) -> str | None:
     if len(set(values["seeds"])) != len(values["seeds"]):
         return f"key 'seeds' {values['seeds']}: give distinct seeds (each names its arm's folder)"
+    return None
+
+
+def _distinct(key: str, what: str):
+    def check(values: dict, source: str) -> str | None:
+        if len(set(values[key])) != len(values[key]):
+            return f"key {key!r} {values[key]}: give distinct values (each names {what})"
+        return None
+    return check
+
+
+def _judge_names(values: dict, source: str) -> str | None:
+    """filter_judges: NAME -> checkpoint folder; a name becomes part of arm and folder names."""
+    judges = values.get("filter_judges") or {}
+    for name, path in judges.items():
+        if name == "reference" or not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
+            return (f"key 'filter_judges': judge name {name!r} cannot name arms and folders; use letters, digits "
+                    "and '_' (not 'reference', the run's own real-data segmenter), e.g. filter_judges: {big: DIR}")
+        if not isinstance(path, str) or not path:
+            return (f"key 'filter_judges': judge {name!r} needs a checkpoint folder (a `segsynth train --out` "
+                    f"folder), got {path!r}")
+    return None
+
+
+TEXT_MASK_GENERATORS = ("text2mask", "text2mask-sd")
+
+
+def _text_mask_generator_spec(values: dict, source: str) -> str | None:
+    spec = values.get("text_mask_generator", "train")
+    name, _, argument = spec.partition(":")
+    if spec != "train" and (name not in TEXT_MASK_GENERATORS or not argument):
+        return (f"key 'text_mask_generator' {spec!r}: give train or a trained text -> mask generator, "
+                f"{' or '.join(n + ':DIR' for n in TEXT_MASK_GENERATORS)}")
     return None
 
 
@@ -172,6 +218,73 @@ class StatsConfig:
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
 
+# --- prompt augmentation (methods/attn2mask/prompts.py) ---------------------------------------------
+# One definition of each field, used by the settings section (PromptAugmentationConfig: the
+# `prompt_augmentation` key of plan and train-text-generator) and by the `segsynth prompts` verb.
+DEFAULT_TEMPLATES = ["a photo of {classes}", "a picture of {classes}", "an image of {classes}",
+                     "a photograph of {classes}", "a scene with {classes}"]
+_AUGMENTATION_FIELDS = {
+    "templates": dict(default=DEFAULT_TEMPLATES,
+                      range=Range(pattern=r"[^{}]*\{classes\}[^{}]*", pattern_hint="a text with {classes} once",
+                                  lengths=tuple(range(1, 65))),
+                      help="prompt templates, each with {classes} once (filled with the class words, ', '-joined); "
+                           "a prompt's template is a seeded choice"),
+    "synonyms": dict(default=True, help="add WordNet synonyms of each class name (its first noun senses' lemmas)"),
+    "hyponyms": dict(default=True, help="add WordNet hyponyms of each class name (kinds of it: car -> sedan, jeep)"),
+    "per_class": dict(default=6, range=Range(0, 1000),
+                      help="words per class at most: its own name and the --words file's first, then WordNet "
+                           "synonyms, then a seeded choice of hyponyms (0: every word found)"),
+    "min_count": dict(default=1, range=Range(0, 10**6),
+                      help="a WordNet synonym or hyponym needs this many uses in WordNet's sense-tagged corpus "
+                           "(SemCor), which keeps rare words out (car: 'machine' has 0; 0 keeps every lemma)"),
+    "senses": dict(default=1, range=Range(1, 100),
+                   help="how many of a class name's WordNet noun senses (most frequent first) give words"),
+    "words": dict(default=None, help="YAML/JSON file {class: [words]} (or {class: {words: [...], synset: "
+                                     "sidewalk.n.01}}) of extra words per class, kept before WordNet's; "
+                                     "'synset' replaces the WordNet sense looked up from the class name"),
+    "seed": dict(default=0, range=SEED, help="seed of every choice (hyponyms, templates, each prompt's words)"),
+}
+
+
+def _prompt_augmentation(values: dict, source: str) -> str | None:
+    """The prompt_augmentation section holds PromptAugmentationConfig keys, each in its range."""
+    where = "--prompt-augmentation" if source == "command line" else f"{source}: key 'prompt_augmentation'"
+    section = values["prompt_augmentation"] or {}
+    check_values(PromptAugmentationConfig, coerce_values(PromptAugmentationConfig, section, where), where)
+    return None
+
+
+@config_class
+class PromptAugmentationConfig:
+    """Which words and templates an augmented class prompt may use (methods/attn2mask/prompts.py)."""
+
+    templates: list[str] = field(**_AUGMENTATION_FIELDS["templates"])
+    synonyms: bool = field(**_AUGMENTATION_FIELDS["synonyms"])
+    hyponyms: bool = field(**_AUGMENTATION_FIELDS["hyponyms"])
+    per_class: int = field(**_AUGMENTATION_FIELDS["per_class"])
+    min_count: int = field(**_AUGMENTATION_FIELDS["min_count"])
+    senses: int = field(**_AUGMENTATION_FIELDS["senses"])
+    words: str | None = field(**_AUGMENTATION_FIELDS["words"])
+    seed: int = field(**_AUGMENTATION_FIELDS["seed"])
+
+
+@config_class
+class PromptsConfig:
+    """`segsynth prompts`: the words and prompts each class of a dataset gets under prompt augmentation."""
+
+    data: str = field(help="dataset spec whose classes are prompted, e.g. camvid:PATH")
+    out: str | None = field(None, help="JSON file to write the lists to (the resolved config beside it); "
+                                       "default: print only")
+    templates: list[str] = field(**_AUGMENTATION_FIELDS["templates"])
+    synonyms: bool = field(**_AUGMENTATION_FIELDS["synonyms"])
+    hyponyms: bool = field(**_AUGMENTATION_FIELDS["hyponyms"])
+    per_class: int = field(**_AUGMENTATION_FIELDS["per_class"])
+    min_count: int = field(**_AUGMENTATION_FIELDS["min_count"])
+    senses: int = field(**_AUGMENTATION_FIELDS["senses"])
+    words: str | None = field(**_AUGMENTATION_FIELDS["words"])
+    seed: int = field(**_AUGMENTATION_FIELDS["seed"])
+
+
 @config_class
 class PlanConfig:
     data: str = field(help="dataset spec whose masks are planned (text plan: whose mask ids the captions use), "
@@ -193,24 +306,50 @@ class PlanConfig:
     class_prompts: int = field(0, range=PER_ENTRY,
                                help="text plan: N images for each real image's class set, prompted 'a photo of "
                                     "road, car' (image-level labels only), for text -> image generators")
+    augment_prompts: bool = field(False, help="class-prompt plan: one entry per sample, its prompt drawn from the "
+                                              "templates and each class's words (prompt augmentation: synonyms, "
+                                              "hyponyms, --words lists), its class_words naming the words drawn")
+    prompt_augmentation: dict = field({}, help="PromptAugmentationConfig keys for --augment-prompts, e.g. "
+                                               "per_class=4 words=camvid_words.yaml (see `segsynth prompts`)")
+
+    __cross_checks__ = (_prompt_augmentation,)
 
 
 @config_class
 class TrainGeneratorConfig:
     data: str = field(help="dataset spec whose (image, mask) pairs the generator learns, e.g. camvid:PATH")
-    out: str = field(help="output folder: a generator (load it with --generator builtin:OUT, or text2mask-sd:OUT)")
-    kind: str = field("builtin", range=Range(choices=("builtin", "text2mask-sd")), help="what to train: builtin (the CPU mask -> image diffusion model) or "
-                                      "text2mask-sd (fine-tune a diffusers SD 1.x/2.x or SDXL text-to-image model "
-                                      "from --base on (caption, colour-coded mask) pairs: SegGen's text -> mask)")
+    out: str = field(help="output folder: a generator (load it with --generator builtin:OUT, latent:OUT or "
+                          "text2mask-sd:OUT)")
+    kind: str = field("builtin", range=Range(choices=GENERATOR_KIND_NAMES),
+                      help="what to train: builtin (the CPU mask -> image diffusion model on 2x2-packed pixels), "
+                           "latent (a mask -> image diffusion model on the latents of a frozen pretrained "
+                           "--autoencoder: sharp images at 8x less compute) or text2mask-sd (fine-tune a "
+                           "diffusers SD 1.x/2.x or SDXL text-to-image model from --base on (caption, "
+                           "colour-coded mask) pairs: SegGen's text -> mask)")
     split: str = field("train", help="split to train on")
     size: list[int] = field([], range=Range(8, MAX_GENERATOR_SIDE, lengths=(0, 1, 2), shape="H,W or one number for a "
                                                                                   "square; empty: the kind's default"),
                             help="working resolution H,W (default: builtin 96,128, each a multiple of "
-                                 "2*2^(levels-1); text2mask-sd the base model's own size, e.g. 512,512)")
-    channels: list[int] = field([64, 128, 256], range=CHANNELS,
-                                help="builtin: UNet widths per level (one level per entry)")
-    layers_per_block: int = field(2, range=Range(1, 8), help="builtin: ResNet blocks per UNet level")
-    attention: bool = field(True, help="builtin: self-attention at the lowest UNet level")
+                                 "2*2^(levels-1); latent 192,256, each a multiple of 8*2^(levels-1); "
+                                 "text2mask-sd the base model's own size, e.g. 512,512)")
+    channels: list[int] = field([], range=Range(8, 4096, multiple=8, lengths=tuple(range(0, 7)),
+                                                shape="one width per UNet level; empty: the kind's preset"),
+                                help="builtin, latent: UNet widths per level (one level per entry; default: "
+                                     "the CPU preset (builtin 32,64,128; latent 64,128,256) unless a GPU "
+                                     "is present (builtin 64,128,256; latent 128,256,512))")
+    layers_per_block: int | None = field(None, range=Range(1, 8),
+                                         help="builtin, latent: ResNet blocks per UNet level (default: 1 on CPU, "
+                                              "2 on GPU)")
+    attention: bool = field(True, help="builtin, latent: self-attention at the lowest UNet level")
+    autoencoder: str | None = field(None, help="latent: the frozen pretrained autoencoder the model works in: "
+                                               "taesd:DIR (NAME_encoder.pth + NAME_decoder.pth, e.g. "
+                                               "taesd:../shared/weights/taef2) or diffusers:ID_OR_DIR "
+                                               "(AutoencoderKL / AutoencoderTiny, hub id or folder); nothing is "
+                                               "downloaded for taesd")
+    cached_crops: int = field(0, range=Range(0, 64),
+                              help="latent: random rescaled crops (each side >= --crop-scale) encoded per training "
+                                   "image besides the whole image, once, into OUT/latents.safetensors (the "
+                                   "autoencoder is frozen); each also flipped with --flip")
     base: str | None = field(None, help="text2mask-sd: the text-to-image model to fine-tune, a hub id or diffusers "
                                         "folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 or "
                                         "stabilityai/stable-diffusion-xl-base-1.0")
@@ -227,58 +366,74 @@ class TrainGeneratorConfig:
     lora_rank: int = field(0, range=Range(0, 1024),
                            help="text2mask-sd: 0 fine-tunes the whole UNet; N > 0 trains rank-N LoRA adapters on "
                                 "its attention projections (peft), merged into the saved UNet")
-    cond_dropout: float = field(0.1, range=Range(0.0, 1.0, high_open=True),
-                                help="text2mask-sd: probability of training on the empty prompt (for "
-                                     "classifier-free guidance)")
-    guidance: float = field(5.0, range=GUIDANCE,
-                            help="text2mask-sd: default classifier-free guidance scale stored with the model")
+    cond_dropout: float | None = field(None, range=Range(0.0, 1.0, high_open=True),
+                                       help="probability of training a sample without its condition, for "
+                                            "classifier-free guidance (builtin, latent: the mask blanked; "
+                                            "text2mask-sd: the empty prompt); default: builtin and latent 0 "
+                                            "(off), text2mask-sd 0.1")
+    guidance: float | None = field(None, range=GUIDANCE,
+                                   help="default classifier-free guidance scale stored with the model (1: off; "
+                                        "builtin and latent need --cond-dropout > 0 for another); default: "
+                                        "builtin and latent 1, text2mask-sd 5")
     mixed_precision: str = field("auto", range=Range(choices=("auto", "no", "fp16", "bf16")),
                                  help="text2mask-sd: auto (bf16 on a GPU that has it, else fp16 on GPU, "
                                       "none on CPU), no, fp16 or bf16: autocast for the UNet, frozen parts "
                                       "held in that type")
     gradient_checkpointing: bool = field(False, help="text2mask-sd: recompute UNet activations in the backward pass "
                                                      "(less memory, ~30% slower)")
-    resume: bool = field(False, help="text2mask-sd: continue from OUT/training_state if it exists")
+    resume: bool = field(False, help="continue from OUT/training_state if it exists (a larger --iterations "
+                                     "trains a finished model further)")
     iterations: int = field(4000, range=ITERATIONS, help="training iterations")
     max_minutes: float = field(0.0, range=MINUTES,
                                help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
     batch_size: int = field(16, range=BATCH, help="images per iteration (per process under torchrun)")
     lr: float | None = field(None, range=POSITIVE,
                              help="peak learning rate (AdamW, linear warm-up then cosine decay; default: "
-                                  "builtin 6e-4, text2mask-sd 1e-5, or 1e-4 with --lora-rank)")
+                                  "builtin 6e-4, latent 3e-4, text2mask-sd 1e-5, or 1e-4 with --lora-rank)")
     warmup: int = field(100, range=COUNT, help="warm-up iterations")
     ema_decay: float = field(0.9995, range=Range(0.0, 1.0, high_open=True),
                              help="largest EMA decay (EMA warm-up ramps towards it; text2mask-sd: 0 = no EMA)")
     min_snr_gamma: float = field(5.0, range=Range(0.0, 1000.0), help="min-SNR loss weighting gamma (0: plain MSE)")
     crop_scale: float = field(0.7, range=Range(0.0, 1.0, low_open=True),
-                              help="random crops cover this fraction of each side or more, then resize")
+                              help="random crops cover this fraction of each side or more, then resize (latent: "
+                                   "the --cached-crops)")
     flip: bool = field(True, help="random horizontal flips")
     sample_steps: int = field(20, range=STEPS, help="default sampling steps stored with the model")
     sample_scheduler: str = field("dpm++", range=SCHEDULER, help="default sampling scheduler stored with the model")
     seed: int = field(0, range=SEED, help="run seed")
-    save_every: int = field(500, range=EVERY, help="write the (EMA) model every N iterations, so a kill loses little "
-                                                   "(text2mask-sd: the resumable training state)")
+    save_every: int = field(500, range=EVERY, help="write the (EMA) model and the resumable training state every N "
+                                                   "iterations, so a kill loses little")
     log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
     __cross_checks__ = (_size_fits_unet,)
 
 
-# train-generator kinds: the keys only that kind reads (a key of another kind set away from its default is an
-# error), and the defaults of keys whose good value depends on the kind (`resolve_generator_kind`).
+# train-generator kinds. "keys": the kind-specific keys this kind reads (one another kind reads but this one
+# does not, set away from its default, is an error); "defaults": values for the keys left unset, on any
+# device; "cpu" / "gpu": the size and width presets for keys still unset, by whether a GPU is present, so a
+# run without a config fits the machine (`resolve_generator_kind`).
+UNET_KEYS = ("channels", "layers_per_block", "attention")
 GENERATOR_KINDS = {
-    "builtin": {"only": ("channels", "layers_per_block", "attention"),
-                "defaults": {"size": [96, 128], "lr": 6e-4}},
-    "text2mask-sd": {"only": ("base", "prompts", "palette", "decode_max_distance", "lora_rank", "cond_dropout",
-                              "guidance", "mixed_precision", "gradient_checkpointing", "resume"),
-                     "defaults": {"lr": 1e-5}},
+    "builtin": {"keys": UNET_KEYS + ("crop_scale",),
+                "defaults": {"size": [96, 128], "lr": 6e-4, "cond_dropout": 0.0, "guidance": 1.0},
+                "cpu": {"channels": [32, 64, 128], "layers_per_block": 1},
+                "gpu": {"channels": [64, 128, 256], "layers_per_block": 2}},
+    "latent": {"keys": UNET_KEYS + ("autoencoder", "cached_crops", "crop_scale"),
+               "defaults": {"lr": 3e-4, "cond_dropout": 0.0, "guidance": 1.0},
+               "cpu": {"size": [192, 256], "channels": [64, 128, 256], "layers_per_block": 1},
+               "gpu": {"size": [192, 256], "channels": [128, 256, 512], "layers_per_block": 2}},
+    "text2mask-sd": {"keys": ("base", "prompts", "palette", "decode_max_distance", "lora_rank", "mixed_precision",
+                              "gradient_checkpointing", "crop_scale"),
+                     "defaults": {"lr": 1e-5, "cond_dropout": 0.1, "guidance": 5.0}},
 }
 LORA_LR = 1e-4  # text2mask-sd's default learning rate with --lora-rank (adapters start at zero and need more)
 
 
-def resolve_generator_kind(config: "TrainGeneratorConfig") -> "TrainGeneratorConfig":
-    """The config with its kind checked, keys of other kinds refused unless left at their defaults, and the
-    kind's defaults filled in for the keys left unset (size, lr)."""
+def resolve_generator_kind(config: "TrainGeneratorConfig", gpu: bool = False) -> "TrainGeneratorConfig":
+    """The config with its kind checked, keys the kind does not read refused unless left at their defaults,
+    and the kind's defaults filled in for the keys left unset (size, widths, lr, ...): the GPU preset when
+    `gpu`, else the CPU one."""
     from dataclasses import MISSING, fields, replace
 
     from segsynth.io import SegsynthError
@@ -287,17 +442,27 @@ def resolve_generator_kind(config: "TrainGeneratorConfig") -> "TrainGeneratorCon
         raise SegsynthError(f"unknown generator kind {config.kind!r}; options: {', '.join(GENERATOR_KINDS)}")
     defaults = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
                 for f in fields(config) if not (f.default is MISSING and f.default_factory is MISSING)}
-    foreign = [name for kind, entry in GENERATOR_KINDS.items() if kind != config.kind for name in entry["only"]
-               if getattr(config, name) != defaults[name]]
+    entry = GENERATOR_KINDS[config.kind]
+    others = {name for kind, other in GENERATOR_KINDS.items() if kind != config.kind for name in other["keys"]}
+    foreign = sorted(name for name in others - set(entry["keys"]) if getattr(config, name) != defaults[name])
     if foreign:
+        readers = sorted(kind for kind, other in GENERATOR_KINDS.items() if set(foreign) & set(other["keys"]))
         raise SegsynthError(f"train-generator --kind {config.kind} takes no {', '.join('--' + n.replace('_', '-') for n in foreign)} "
-                            f"(keys of kind(s) {', '.join(k for k in GENERATOR_KINDS if k != config.kind)}); "
-                            "leave them out")
-    filled = {key: value for key, value in GENERATOR_KINDS[config.kind]["defaults"].items()
+                            f"(keys of kind(s) {', '.join(readers)}); leave them out")
+    preset = entry.get("gpu" if gpu else "cpu", {})
+    filled = {key: value for key, value in {**entry["defaults"], **preset}.items()
               if getattr(config, key) in (None, [])}
     if config.kind == "text2mask-sd" and config.lr is None and config.lora_rank > 0:
         filled["lr"] = LORA_LR
     return replace(config, **filled)
+
+
+def preset_keys(config: "TrainGeneratorConfig", gpu: bool) -> dict:
+    """The size and width keys `resolve_generator_kind` would fill from the CPU / GPU preset (empty when the
+    config sets them all): what `train-generator` reports choosing for the machine."""
+    entry = GENERATOR_KINDS.get(config.kind, {})
+    preset = {**{k: v for k, v in entry.get("defaults", {}).items() if k == "size"}, **entry.get("gpu" if gpu else "cpu", {})}
+    return {key: value for key, value in preset.items() if getattr(config, key) in (None, [])}
 
 
 @config_class
@@ -355,8 +520,13 @@ class TrainTextGeneratorConfig:
     log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     resume: bool = field(False, help="continue from OUT/training_state if it exists")
+    augment_prompts: bool = field(False, help="prompts classes: train on prompts drawn from templates and each "
+                                              "class's words (prompt augmentation, `segsynth prompts`), so the "
+                                              "generator knows every word an augmented plan uses")
+    prompt_augmentation: dict = field({}, help="PromptAugmentationConfig keys for --augment-prompts (give the plan "
+                                               "the same ones), e.g. per_class=4 words=camvid_words.yaml")
 
-    __cross_checks__ = (_two_levels, _size_fits_unet)
+    __cross_checks__ = (_two_levels, _size_fits_unet, _prompt_augmentation)
 
 
 @config_class
@@ -423,7 +593,9 @@ class SynthesizeConfig:
     batch_size: int = field(4, range=BATCH, help="masks per model call (does not change any sample's pixels)")
     steps: int | None = field(None, range=STEPS, help="denoising steps (default: the generator's own)")
     guidance: float | None = field(None, range=GUIDANCE,
-                                   help="classifier-free guidance scale (ControlNet; default 7.5, LCM 1.5)")
+                                   help="classifier-free guidance scale (ControlNet: default 7.5, LCM 1.5; builtin "
+                                        "and latent: the model's stored scale, 1 = off, another needs a model "
+                                        "trained with --cond-dropout > 0)")
     scheduler: str | None = field(None, range=SCHEDULER, help="dpm++, unipc, ddim, euler, or lcm (with --lcm-lora)")
     negative_prompt: str = field("", help="negative prompt (ControlNet)")
     controlnet: str | None = field(None, help="ControlNet hub id or folder, e.g. lllyasviel/control_v11p_sd15_seg")
@@ -611,6 +783,10 @@ class RunConfig:
     generator: str = field("auto", help="mask-to-image generator: auto (the shipped toy generator on toy data, else "
                                         "train one), train, or a spec such as builtin:DIR (attn2mask: auto/train "
                                         "the builtin text generator, attention:DIR or attention-sd:BASE)")
+    text_mask_generator: str = field("train", help="seggen: the text -> mask generator of MaskSyn: train (the "
+                                                   "built-in one, trained by the run on the captions: section "
+                                                   "train_text_generator) or a trained one, text2mask:DIR or "
+                                                   "text2mask-sd:DIR (`train-generator --kind text2mask-sd`, GPU)")
     grids: int = field(6, range=Range(1, 64), help="rows in each visual grid")
     parallel: int = field(1, range=Range(1, 64),
                           help="arm trainings run at once, in worker processes that share the CPU threads "
@@ -619,14 +795,14 @@ class RunConfig:
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     train: dict = field({}, help="TrainConfig keys for every arm, e.g. model=segformer-small")
     train_generator: dict = field({}, help="TrainGeneratorConfig keys, e.g. max_minutes=20")
-    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (attn2mask), e.g. max_minutes=20")
     stats: dict = field({}, help="StatsConfig keys (default size: train's eval_size)")
     plan: dict = field({}, help="PlanConfig keys, e.g. nmax=20")
     synthesize: dict = field({}, help="SynthesizeConfig keys, e.g. steps=20")
     filter: dict = field({}, help="FilterConfig keys, e.g. alpha=1.25")
     captions: dict = field({}, help="CaptionConfig keys (SegGen), e.g. captioner=Salesforce/blip2-opt-2.7b")
-    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys (SegGen's text -> mask), e.g. "
-                                                "max_minutes=20")
+    train_text_generator: dict = field({}, help="TrainTextGeneratorConfig keys of the built-in text "
+                                                "generator: SegGen's text -> mask, Attn2mask's text -> image; "
+                                                "e.g. max_minutes=20")
     target_images: str = field("", help="attn2mask: unlabeled images of the target domain (a folder, or a dataset "
                                         "spec whose train images are read, labels never: e.g. "
                                         "'camvid:PATH?include=0001TP'); given, the run adapts its generator to them "
@@ -636,24 +812,68 @@ class RunConfig:
                                       "and stage sections but train, e.g. per_method: {seggen: "
                                       "{train_text_generator: {max_minutes: 2}}, attn2mask: {generator: "
                                       "attention-sd:BASE}} (resolved per member in run.config.yaml)")
+    # Sweeps and the closed loop (freemask): derived arms added to the run's arms (methods/freemask/variants.py).
+    filter_alphas: list[float] = field([], range=Range(0.0, 100.0, lengths=SWEEP_LENGTHS,
+                                                       shape="filter thresholds; 0: no filter"),
+                                       help="freemask: filter thresholds to compare; each arm on filtered masks gets "
+                                            "<arm>-alpha<A> per alpha (its set's images re-filtered at A in a copy "
+                                            "<set>-alpha<A>, nothing rendered again) and <arm>-unfiltered for 0 "
+                                            "(raw masks); the arm itself is filter.alpha")
+    filter_judges: dict = field({}, help="freemask: other segmenters that judge the filter, NAME=DIR (a `segsynth "
+                                         "train --out` folder trained on this run's real data): arms "
+                                         "<arm>-alpha<A>-<NAME> at every alpha of filter_alphas (or filter.alpha), "
+                                         "with that segmenter's own class losses")
+    volumes: list[int] = field([], range=Range(1, MAX_PER_ENTRY, lengths=SWEEP_LENGTHS,
+                                               shape="synthetic images per real mask"),
+                               help="freemask: synthetic volumes K to compare: each synthetic arm gets <arm>-k<K>, "
+                                    "trained on the share K / images_per_mask of its set (nested: K=1 within K=2 "
+                                    "within ...; rendered once at images_per_mask, which defaults to max K here)")
+    volume_iterations: str = field("same", range=Range(choices=("same", "scaled")),
+                                   help="volume arms' training length: same (train.iterations for every K) or "
+                                        "scaled (train.iterations x K / images_per_mask: as many passes over the "
+                                        "data as the full-volume arm)")
+    rounds: int = field(0, range=Range(0, 100),
+                        help="freemask closed loop: rounds after the first training (0: off). Round r measures "
+                             "what loop_arm's model of round r-1 still fails (loop_signal), re-plans a hardness-aware "
+                             "set for it with new seeds, synthesizes and filters it, and trains <loop_arm>-round<r>")
+    loop_arm: str = field("joint-filtered-hardness", range=Range(choices=FREEMASK_SYNTHETIC_ARMS),
+                          help="closed loop: the arm whose model drives the loop and whose recipe and masks each "
+                               "round trains with (must be one of the run's arms)")
+    loop_signal: str = field("loss", range=Range(choices=("loss", "iou")),
+                             help="closed loop: what plans the next round: loss (the class-wise mean loss L̄_c of "
+                                  "the previous round's first-seed model on the real train split, FreeMask's "
+                                  "hardness) or iou (1 - its per-class IoU on eval_split, mean over seeds: the "
+                                  "held-out split then steers which classes get data)")
+    loop_init: str = field("scratch", range=Range(choices=("scratch", "previous")),
+                           help="closed loop: each round trains from scratch (default: every round has the same "
+                                "iterations, so rounds differ only in their data) or from the previous round's "
+                                "checkpoint of the same seed")
+    loop_sets: str = field("accumulate", range=Range(choices=("accumulate", "latest")),
+                           help="closed loop: round r trains on loop_arm's sets plus every round's set so far "
+                                "(accumulate) or on round r's set alone (latest: the same volume every round)")
+    loop_images_per_mask: int = field(0, range=Range(0, MAX_PER_ENTRY),
+                                      help="closed loop: synthetic images per real mask each round adds (0: "
+                                           "images_per_mask)")
 
-    __cross_checks__ = (_distinct_seeds,)
+    __cross_checks__ = (_distinct_seeds, _text_mask_generator_spec, _distinct("filter_alphas", "an arm"),
+                        _distinct("volumes", "an arm"), _judge_names)
 
 
 # Settings sections inside a stage config (a dict field) -> the config whose keys they hold.
-SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig}
+SETTINGS_SECTIONS = {"pseudo_mask_settings": PseudoMaskConfig, "prompt_augmentation": PromptAugmentationConfig}
 
 # Run section -> (stage config, keys the run sets itself and a section may not).
 RUN_SECTIONS = {
     "train": (TrainConfig, ("data", "out", "recipe", "synthetic", "synthetic_masks", "pretrain_iterations",
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
-    "train_generator": (TrainGeneratorConfig, ("data", "out", "kind", "device")),
+    "train_generator": (TrainGeneratorConfig, ("data", "out", "resume", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
     "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
-                          "class_prompts")),
+                          "class_prompts", "augment_prompts")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device", "lora")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),
-    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device")),
+    "train_text_generator": (TrainTextGeneratorConfig, ("data", "out", "target", "prompts", "resume", "device",
+                                                        "augment_prompts", "prompt_augmentation")),
     "adapt": (AdaptConfig, ("generator", "images", "out", "resume", "device")),
 }

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+import segsynth.generators.builtin.train as train_module
 from segsynth.cli import main
 from segsynth.data import open_dataset
 from segsynth.generators import GENERATORS, GeneratorSettings, open_generator
 from segsynth.generators.builtin import train_generator
 from segsynth.generators.builtin.model import PATCH, decode_images, encode_images, encode_masks
-from segsynth.stage_configs import TrainGeneratorConfig
+from segsynth.stage_configs import TrainGeneratorConfig, resolve_generator_kind
 from segsynth.io import SegsynthError
 
 TOY = "toy:n=12,n_val=4,size=32"
@@ -65,7 +67,8 @@ def test_builtin_samples_with_each_ode_scheduler(builtin_dir, scheduler):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (GeneratorSettings(guidance=2.0), "takes no guidance"),
+    (GeneratorSettings(guidance=2.0), "guidance 2 needs a model trained with --cond-dropout > 0"),
+    (GeneratorSettings(captions="c.jsonl"), "takes no captions"),
     (GeneratorSettings(scheduler="lcm"), "not consistency-distilled"),
     (GeneratorSettings(dtype="fp16"), "fp32 only"),
     (GeneratorSettings(resolution=(64, 64)), "works at"),
@@ -122,3 +125,106 @@ def test_samples_follow_the_mask_after_brief_training(tmp_path):
     left, right = image[:, :16], image[:, 16:]
     assert left[..., 0].mean() - left[..., 2].mean() > 60  # red where the mask says red
     assert right[..., 2].mean() - right[..., 0].mean() > 60  # blue where it says blue
+
+
+TINY = dict(size=[32, 32], channels=[32, 32], layers_per_block=1, attention=False, batch_size=2, warmup=2,
+            log_every=1, sample_steps=3, device="cpu")
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = dict(data=TOY, iterations=5, save_every=2, cond_dropout=0.5, **TINY)
+    straight = train_generator(TrainGeneratorConfig(out=str(tmp_path / "straight"), **settings))
+
+    class Killed(Exception):
+        pass
+
+    original = train_module.report_speed
+
+    def kill_after_three(done_here, config, start, timer_start):
+        if done_here == 3:  # after the save at iteration 2, before the next one
+            raise Killed
+        return original(done_here, config, start, timer_start)
+
+    monkeypatch.setattr(train_module, "report_speed", kill_after_three)
+    with pytest.raises(Killed):
+        train_generator(TrainGeneratorConfig(out=str(tmp_path / "resumed"), **settings))
+    monkeypatch.setattr(train_module, "report_speed", original)
+    resumed = main(["train-generator", "--data", TOY, "--out", str(tmp_path / "resumed"), "--resume", "--iterations", "5",
+                    "--save-every", "2", "--cond-dropout", "0.5", "--size", "32,32", "--channels", "32,32",
+                    "--layers-per-block", "1", "--no-attention", "--batch-size", "2", "--warmup", "2",
+                    "--log-every", "1", "--sample-steps", "3", "--device", "cpu"])
+    assert resumed == 0
+    resumed = tmp_path / "resumed"
+    meta = json.loads((resumed / "segsynth_generator.json").read_text())
+    assert meta["training"]["resumed_at"] == 2 and meta["training"]["iterations"] == 5
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "training_state/weights.safetensors",
+                    "training_state/optimizer.safetensors", "training_state/ema.safetensors"):
+        expected, got = load_file(straight / weights), load_file(resumed / weights)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), weights
+    logged = [json.loads(line)["iteration"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]
+    with pytest.raises(SegsynthError, match=r"settings differ .*\(lr\)"):
+        train_generator(TrainGeneratorConfig(out=str(resumed), resume=True, **{**settings, "lr": 1e-3}))
+    # a larger --iterations trains the finished model further
+    longer = train_generator(TrainGeneratorConfig(out=str(resumed), resume=True, **{**settings, "iterations": 7}))
+    meta = json.loads((longer / "segsynth_generator.json").read_text())
+    assert meta["training"]["resumed_at"] == 5 and meta["training"]["iterations"] == 7
+
+
+def test_guidance_needs_condition_dropout_and_changes_the_samples(tmp_path):
+    with pytest.raises(SegsynthError, match="--guidance 3 needs a model trained with --cond-dropout > 0"):
+        train_generator(TrainGeneratorConfig(data=TOY, out=str(tmp_path / "no"), iterations=1, guidance=3.0, **TINY))
+    folder = train_generator(TrainGeneratorConfig(data=TOY, out=str(tmp_path / "cfg"), iterations=3, cond_dropout=0.3,
+                                                  guidance=2.5, **TINY))
+    meta = json.loads((folder / "segsynth_generator.json").read_text())
+    assert meta["cond_dropout"] == 0.3 and meta["sampling"]["guidance"] == 2.5
+    mask = open_dataset(TOY).split("train").label(0)
+    stored = open_generator(f"builtin:{folder}")  # the stored default scale
+    off = open_generator(f"builtin:{folder}", GeneratorSettings(guidance=1.0))
+    assert stored.guidance == 2.5 and stored.identity()["guidance"] == 2.5
+    assert off.guidance is None and "guidance" not in off.identity()  # unguided sets keep their old identity
+    guided, plain = stored.render_masks([mask], [""], [5])[0], off.render_masks([mask], [""], [5])[0]
+    assert np.abs(guided.astype(int) - plain.astype(int)).mean() > 1.0
+
+
+def test_condition_dropout_blanks_the_drawn_share_of_masks(tmp_path, monkeypatch):
+    seen = []
+    original = train_module.MaskDenoiser.forward
+
+    def record(self, noisy, condition, timesteps):
+        seen.append(condition.flatten(1).abs().sum(1).eq(0))
+        return original(self, noisy, condition, timesteps)
+
+    monkeypatch.setattr(train_module.MaskDenoiser, "forward", record)
+    train_generator(TrainGeneratorConfig(data=TOY, out=str(tmp_path / "g"), iterations=8, cond_dropout=0.5,
+                                         **{**TINY, "batch_size": 8}))
+    blank = torch.cat(seen).float().mean().item()
+    assert 0.2 < blank < 0.8  # 64 draws at p = 0.5
+    seen.clear()
+    train_generator(TrainGeneratorConfig(data=TOY, out=str(tmp_path / "off"), iterations=2, **TINY))
+    assert not torch.cat(seen).any()  # off by default
+
+
+@pytest.mark.parametrize("kind, gpu, expected", [
+    ("builtin", False, {"size": [96, 128], "channels": [32, 64, 128], "layers_per_block": 1}),
+    ("builtin", True, {"size": [96, 128], "channels": [64, 128, 256], "layers_per_block": 2}),
+    ("latent", False, {"size": [192, 256], "channels": [64, 128, 256], "layers_per_block": 1}),
+    ("latent", True, {"size": [192, 256], "channels": [128, 256, 512], "layers_per_block": 2}),
+])
+def test_sizes_and_widths_left_unset_come_from_the_machine_preset(kind, gpu, expected):
+    config = resolve_generator_kind(TrainGeneratorConfig(data=TOY, out="unused", kind=kind), gpu=gpu)
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert config.cond_dropout == 0.0 and config.guidance == 1.0  # classifier-free guidance off by default
+    chosen = resolve_generator_kind(TrainGeneratorConfig(data=TOY, out="unused", kind=kind, channels=[32, 32],
+                                                         layers_per_block=3), gpu=gpu)
+    assert chosen.channels == [32, 32] and chosen.layers_per_block == 3  # what is given stays
+
+
+def test_train_generator_without_a_config_says_its_preset_and_time(tmp_path, capsys):
+    code = main(["train-generator", "--data", TOY, "--out", str(tmp_path / "g"), "--iterations", "5", "--size", "32,32",
+                 "--batch-size", "1", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "no GPU, so the CPU preset: --channels 32,64,128, --layers-per-block 1" in printed
+    assert "s/iteration; about" in printed and "for the 1 iterations left" in printed

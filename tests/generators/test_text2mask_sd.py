@@ -176,7 +176,7 @@ def test_sdxl_trains_one_step_and_samples(tiny_bases, tmp_path):
     (["--size", "30,32"], "--size \\[30, 32\\]: give H,W, each a multiple of 4"),
     (["--base", "MISSING"], "base model .*MISSING: no such folder"),
     (["--kind", "builtin"], "--kind builtin takes no --base"),
-    (["--kind", "diffusion"], "--kind diffusion is unknown: kind must be one of: builtin, text2mask-sd"),
+    (["--kind", "diffusion"], "--kind diffusion is unknown: kind must be one of: builtin, latent, text2mask-sd"),
     (["--mixed-precision", "fp8"], "--mixed-precision fp8 is unknown: mixed_precision must be one of: auto, no, fp16, bf16"),
 ])
 def test_bad_settings_are_refused_before_any_training(tiny_bases, tmp_path, capsys, args, message):

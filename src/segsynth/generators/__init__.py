@@ -3,6 +3,8 @@
 A generator spec is 'NAME:ARGUMENT', as dataset specs are:
 
   builtin:DIR                 a `segsynth train-generator` folder (mask -> image)
+  latent:DIR                  a `segsynth train-generator --kind latent` folder (mask -> image on the latents of
+                              a frozen pretrained autoencoder)
   text2mask:DIR               a `segsynth train-text-generator --target colour-mask` folder (text -> colour-coded
                               mask, decoded to labels: SegGen's MaskSyn)
   text2mask-sd:DIR            a `segsynth train-generator --kind text2mask-sd` folder: Stable Diffusion / SDXL
@@ -25,6 +27,12 @@ def _builtin(argument: str, settings: GeneratorSettings) -> Generator:
     from segsynth.generators.builtin import BuiltinGenerator
 
     return BuiltinGenerator(argument, settings)
+
+
+def _latent(argument: str, settings: GeneratorSettings) -> Generator:
+    from segsynth.generators.latent import LatentGenerator
+
+    return LatentGenerator(argument, settings)
 
 
 def _controlnet(argument: str, settings: GeneratorSettings) -> Generator:
@@ -66,6 +74,7 @@ def _attention_sd(argument: str, settings: GeneratorSettings) -> Generator:
 # name -> builder(argument, settings). A new backend is one more row.
 GENERATORS = {
     "builtin": _builtin,
+    "latent": _latent,
     "controlnet": _controlnet,
     "controlnet-sdxl": _controlnet_sdxl,
     "text2mask": _text2mask,
@@ -81,6 +90,12 @@ def _train_builtin(config):
     return train_generator(config)
 
 
+def _train_latent(config):
+    from segsynth.generators.latent import train_latent_generator
+
+    return train_latent_generator(config)
+
+
 def _train_text2mask_sd(config):
     from segsynth.generators.text2mask_sd import train_text2mask_sd
 
@@ -91,6 +106,7 @@ def _train_text2mask_sd(config):
 # the folder). The keys each kind takes are listed in stage_configs.GENERATOR_KINDS.
 TRAINERS = {
     "builtin": (_train_builtin, "builtin"),
+    "latent": (_train_latent, "latent"),
     "text2mask-sd": (_train_text2mask_sd, "text2mask-sd"),
 }
 

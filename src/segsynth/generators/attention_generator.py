@@ -161,11 +161,26 @@ class _AttentionLabelling:
             self._groups(request)
 
     def _groups(self, request: Request) -> tuple[list[int], list[list[int]]]:
-        """(class ids, prompt token positions of each class's words) of one request."""
+        """(class ids, prompt token positions of each class's words) of one request.
+
+        A token inside a longer word of another class belongs to that class alone: with class_words
+        {road: [road], sign: [road sign]}, the 'road' of 'road sign' is the sign's (a sub-word tokenizer finds
+        'road' in both places; the builtin word tokenizer already reads 'road sign' as one token)."""
         classes = self._classes_or_error()
+        found = [(class_id, {word: self._positions(request, word) for word in words})
+                 for class_id, words in class_words_of(request, classes, self._names_in_prompt)]
+        longest: dict[int, int] = {}  # position -> characters of the longest class word covering it
+        for _, words in found:
+            for word, positions in words.items():
+                for position in positions:
+                    longest[position] = max(longest.get(position, 0), len(normalise(word)))
         class_ids, groups = [], []
-        for class_id, words in class_words_of(request, classes, self._names_in_prompt):
-            positions = sorted({p for word in words for p in self._positions(request, word)})
+        for class_id, words in found:
+            positions = sorted({p for word, at in words.items() for p in at if len(normalise(word)) == longest[p]})
+            if not positions:
+                raise SegsynthError(f"request {request.id} (prompt {request.prompt!r}): the words of class "
+                                    f"{classes[class_id]!r} ({', '.join(words)}) occur only inside longer words of "
+                                    "other classes; put the class's own word in the prompt")
             class_ids.append(class_id)
             groups.append(positions)
         return class_ids, groups
@@ -258,7 +273,9 @@ class BuiltinAttentionGenerator(_AttentionLabelling, Generator):
         where = f"request {request.id} (prompt {request.prompt!r})"
         if not self._known(word):
             raise SegsynthError(f"{where}: class word {word!r} is not in the text generator's vocabulary "
-                                f"({self.text.folder}/tokenizer); use the class names it was trained with")
+                                f"({self.text.folder}/tokenizer); use the class names it was trained with, or "
+                                "train it with the plan's prompt augmentation (train-text-generator "
+                                "--augment-prompts, the same prompt_augmentation settings)")
         positions = self.tokenizer.token_index(request.prompt, word)
         if not positions:
             raise SegsynthError(f"{where}: class word {word!r} is not in the prompt; put it in as written")

@@ -134,6 +134,73 @@ def save_lcm_lora(base_dir: str | Path, out: str | Path, rank: int = 4, seed: in
     return Path(out)
 
 
+def save_tiny_taesd(folder: str | Path, width: int = 8, latent_channels: int = 4, pool: bool = True,
+                    seed: int = 0) -> Path:
+    """A tiny random TAESD-family autoencoder (x8, the taef2 layout at width `width`) as a taesd:DIR folder."""
+    from segsynth.generators.latent.autoencoder import TinyAutoencoder, save_taesd
+
+    torch.manual_seed(seed)
+    return save_taesd(TinyAutoencoder(width, latent_channels, pool), folder)
+
+
+def save_colour_taesd(folder: str | Path, width: int = 8, latent_channels: int = 4) -> Path:
+    """A hand-set TAESD-layout autoencoder whose latents are the image's colours, subsampled x8 (and whose decoder
+    repeats each latent colour over its 8x8 cell): a known latent space, so a learning test can tell red from
+    blue where a random autoencoder's latents barely separate them. Every residual branch is zero (a block
+    is then a ReLU), every other convolution copies its first three channels through its centre tap."""
+    from segsynth.generators.latent.autoencoder import TinyAutoencoder, save_taesd
+
+    model = TinyAutoencoder(width, latent_channels, pool=True)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+                if module.kernel_size == (3, 3) and not _inside_block(model, module):
+                    for channel in range(3):
+                        module.weight[channel, channel, 1, 1] = 1.0
+            elif isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    return save_taesd(model, folder, name="colour")
+
+
+def _inside_block(model, conv) -> bool:
+    from segsynth.generators.latent.autoencoder import Block
+
+    return any(conv is inner for block in model.modules() if isinstance(block, Block) for inner in block.modules())
+
+
+def save_tiny_diffusers_autoencoder(folder: str | Path, kind: str = "tiny", seed: int = 0) -> Path:
+    """A tiny random diffusers AutoencoderTiny ("tiny", x8) or AutoencoderKL ("kl", x4) saved to `folder`."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if kind == "tiny":
+        model = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                                num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    else:
+        model = AutoencoderKL(block_out_channels=(8, 8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                              down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                              norm_num_groups=8, layers_per_block=1, sample_size=32)
+    model.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def save_tiny_latent(folder: str | Path, autoencoder: str, data: str = "toy:n=12,n_val=4,size=32",
+                     iterations: int = 2, size: tuple[int, int] = (32, 32), channels: tuple[int, ...] = (32, 32),
+                     sample_steps: int = 4, **settings) -> Path:
+    """A barely trained latent generator on `autoencoder` (e.g. taesd:DIR of `save_tiny_taesd`)."""
+    from segsynth.generators.latent import train_latent_generator
+
+    values = dict(layers_per_block=1, attention=False, batch_size=2, log_every=1, device="cpu")
+    config = TrainGeneratorConfig(data=data, out=str(folder), kind="latent", autoencoder=autoencoder, size=list(size),
+                                  channels=list(channels), iterations=iterations, sample_steps=sample_steps,
+                                  **{**values, **settings})
+    return train_latent_generator(config)
+
+
 def save_tiny_builtin(folder: str | Path, data: str = "toy:n=12,n_val=4,size=32", iterations: int = 2,
                       size: tuple[int, int] = (32, 32), channels: tuple[int, ...] = (32, 32), sample_steps: int = 4) -> Path:
     """A barely trained builtin generator: the smallest real `segsynth train-generator` folder."""

@@ -20,6 +20,10 @@ class Arm:
     masks: str = "raw"  # raw or filtered masks of those sets
     train: tuple[tuple[str, object], ...] = ()  # other TrainConfig keys this arm sets, e.g. (("loss", "reliable"),)
     method: str = ""  # the method whose arm it is, where a run mixes methods (`--method all`); "" = the run's
+    round: int = 0  # closed-loop round: 0 trains before the loop; round r after round r's stages (Method.round_stages)
+    init_from: str = ""  # an arm whose checkpoint of the same seed initialises this one ("" = from scratch)
+    # what a derived arm varies, for the results' sweep tables: e.g. (("sweep", "volume"), ("of", ARM), ("k", 2))
+    tags: tuple[tuple[str, object], ...] = ()
     needs: str = ""  # a RunConfig key the arm needs set (e.g. target_images); without it the arm runs only if named
 
 
@@ -44,6 +48,15 @@ class Method:
     # (merged run values, the user's values, data kind, preset) -> run values: a method that needs more than a
     # merge of presets (`--method all` fills in each member method's sections) finishes them here
     configure: Callable | None = None
+    # (run config, its arms already chosen) -> derived arms in table order (filter settings, volumes, closed-loop
+    # rounds), added to the run's arms; None: the method has none
+    variants: Callable | None = None
+    # (run context, round r >= 1) -> the stages that make round r's data; run.py trains round r's arms after them
+    round_stages: Callable | None = None
+
+    def arm_table(self, config) -> dict[str, Arm]:
+        """Every arm a run of this method can name: its table plus the arms derived from the run's settings."""
+        return {**self.arms, **(self.variants(config) if self.variants else {})}
 
     def preset(self, kind: str, preset: str) -> dict:
         """This method's sizes for a data kind and preset; a preset it has no entry for (e.g. the toy

@@ -10,7 +10,7 @@ from PIL import Image
 
 from segsynth.cli import main
 from segsynth.io import SegsynthError
-from segsynth.methods.attn2mask.method import ARMS, attention_heights
+from segsynth.methods.attn2mask.method import MAIN_ARMS, attention_heights
 from segsynth.run import resolve_run_config, run
 
 TOY = "toy:n=6,n_val=3,size=32x40"
@@ -40,7 +40,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_attn2mask_run_trains_every_arm_on_equal_budgets(tiny_run):
     out, results = tiny_run
-    assert list(results["arms"]) == list(ARMS)
+    # the augmented arm runs only when named; the + LoRA arm joins because the run has target images
+    assert list(results["arms"]) == [*MAIN_ARMS, "synthetic-attention-reliable-lora"]
     assert all(arm["mean"] is not None for arm in results["arms"].values())
     raw, band = (out / "synthetic" / name for name in ("attention-raw", "attention-band"))
     manifests = {folder.name: [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
@@ -82,7 +83,7 @@ def test_the_lora_arm_renders_the_same_plan_with_the_adapted_generator(tiny_run)
 
 def test_the_lora_arm_runs_only_with_target_images():
     config = resolve_run_config({**TINY_RUN, "out": "unused"})
-    assert "synthetic-attention-reliable-lora" not in config.arms and len(config.arms) == len(ARMS) - 1
+    assert "synthetic-attention-reliable-lora" not in config.arms and config.arms == list(MAIN_ARMS)
     with pytest.raises(SegsynthError, match="synthetic-attention-reliable-lora of method attn2mask need the run key "
                                             "'target_images' \\(--target-images\\)"):
         resolve_run_config({**TINY_RUN, "out": "unused", "arms": ["real", "synthetic-attention-reliable-lora"]})
@@ -145,3 +146,28 @@ def test_train_text_generator_verb(tmp_path, capsys):
                  "--batch-size", "2", "--warmup", "1", "--device", "cpu"])
     assert code == 0 and f"--generator attention:{tmp_path / 'gen'}" in capsys.readouterr().out
     assert (tmp_path / "gen" / "segsynth_generator.json").is_file()
+
+
+def test_the_prompt_augmentation_arm_renders_an_augmented_plan(tmp_path):
+    words = tmp_path / "words.yaml"
+    words.write_text("car: [motor car]\nroad: [street]\nsky: [heavens]\n", encoding="utf-8")
+    out = tmp_path / "augmented"
+    augmentation = {"synonyms": False, "hyponyms": False, "words": str(words)}
+    results = run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "synthetic-attention-augmented"],
+                                      "plan": {"prompt_augmentation": augmentation}}))
+    assert list(results["arms"]) == ["real", "synthetic-attention-augmented"]
+    assert results["arms"]["synthetic-attention-augmented"]["mean"] is not None
+    assert not (out / "synthetic" / "attention-band").exists()  # no arm uses it
+    records = [json.loads(line) for line in
+               (out / "synthetic" / "attention-augmented" / "manifest.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (out / "plans" / "class_prompts.jsonl").read_text().splitlines()]
+    assert len(records) == len(plain) == 6  # the same budget as the other arms
+    augmented = [json.loads(line) for line in (out / "plans" / "class_prompts_augmented.jsonl").read_text().splitlines()]
+    assert any("street" in entry["prompt"] or "heavens" in entry["prompt"] for entry in augmented)
+    trained = json.loads((out / "text_generator" / "segsynth_generator.json").read_text())["train_config"]
+    assert trained["augment_prompts"] and trained["prompt_augmentation"] == augmentation
+    assert "loss: reliable" in (out / "arms" / "synthetic-attention-augmented" / "seed0" / "config.yaml").read_text()
+    # The same folder without the arm: its generator learned other prompts, which the run says before using it.
+    with pytest.raises(SegsynthError, match="trained with prompt augmentation .*but this run's arms need no prompt "
+                                            "augmentation.*use a new --out"):
+        run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "synthetic-attention-band"]}))

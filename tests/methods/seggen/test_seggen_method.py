@@ -60,3 +60,27 @@ def test_seggen_config_sections_and_arms():
         resolve_run_config({"method": "seggen", "train_text_generator": {"target": "image"}})
     with pytest.raises(SegsynthError, match="unknown arm.*options: real, imgsyn-replace"):
         resolve_run_config({"method": "seggen", "arms": ["joint-raw-uniform"]})
+
+
+def test_seggen_run_with_a_trained_text_to_mask_generator(tmp_path):
+    """`text_mask_generator: text2mask:DIR` (or text2mask-sd:DIR) draws MaskSyn's masks with a generator trained
+    before: the run trains none of its own."""
+    first = tmp_path / "first"
+    run(resolve_run_config({**TINY_SEGGEN, "out": str(first), "arms": ["masksyn-replace"]}))
+    trained = first / "text2mask"
+    second = tmp_path / "second"
+    run(resolve_run_config({**TINY_SEGGEN, "out": str(second), "arms": ["masksyn-replace"],
+                            "text_mask_generator": f"text2mask:{trained}"}))
+    assert not (second / "text2mask").exists()
+    masks = read_manifest(second / "synthetic" / "masks")
+    assert len(masks) == 12 and masks[0]["generator"]["name"] == "text2mask"
+    # The same generator, plan and seeds draw the same masks as the run that trained it.
+    assert [m["id"] for m in masks] == [m["id"] for m in read_manifest(first / "synthetic" / "masks")]
+    assert (second / "synthetic" / "masks" / masks[0]["mask"]).read_bytes() == \
+        (first / "synthetic" / "masks" / read_manifest(first / "synthetic" / "masks")[0]["mask"]).read_bytes()
+
+
+@pytest.mark.parametrize("spec", ["builtin:runs/x", "text2mask", "text2mask-sd:", "attention:runs/x"])
+def test_text_mask_generator_must_be_train_or_a_text_to_mask_spec(tmp_path, spec):
+    with pytest.raises(SegsynthError, match="text_mask_generator"):
+        resolve_run_config({**TINY_SEGGEN, "out": str(tmp_path), "text_mask_generator": spec})

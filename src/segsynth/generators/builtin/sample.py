@@ -1,4 +1,8 @@
-"""Sampling the built-in generator: its UNet and a DPM-Solver++ (or other) scheduler, called directly."""
+"""Sampling the built-in mask -> image generators: the trained `MaskDenoiser` and a DPM-Solver++ (or other)
+scheduler, called directly, with classifier-free guidance when the model was trained for it.
+
+`BuiltinGenerator` samples the pixel model; the latent generator (generators/latent/sample.py) subclasses it
+and changes what a sample is made of (its folder, its networks, the noise shape, the decoding)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared,
                                       check_trained_classes, file_fingerprint, initial_noise, resolve_device)
-from segsynth.generators.builtin.model import PATCH, check_generator_folder, decode_images, encode_masks
+from segsynth.generators.builtin.model import PATCH, MaskDenoiser, check_generator_folder, decode_images, encode_masks
 from segsynth.generators.lora import folder_identity, load_adapter
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, loading
@@ -27,40 +31,76 @@ class BuiltinGenerator(MaskToImageGenerator):
     def __init__(self, folder: str | os.PathLike, settings: GeneratorSettings | None = None):
         settings = settings or GeneratorSettings()
         self.folder = Path(folder)
-        self.meta = check_generator_folder(self.folder)
-        unused = [name for name, value in (("guidance", settings.guidance), ("controlnet", settings.controlnet),
-                                           ("lcm_lora", settings.lcm_lora), ("captions", settings.captions))
-                  if value is not None]
+        self.meta = self.check_folder(self.folder)
+        unused = [name for name, value in (("controlnet", settings.controlnet), ("lcm_lora", settings.lcm_lora),
+                                           ("captions", settings.captions)) if value is not None]
         if unused:
-            raise SegsynthError(f"the builtin generator takes no {', '.join(unused)} (mask-only conditioning); "
+            raise SegsynthError(f"the {self.name} generator takes no {', '.join(unused)} (mask-only conditioning); "
                                 "leave those settings unset")
         if settings.resolution and tuple(settings.resolution) != tuple(self.meta["size"]):
             raise SegsynthError(f"{self.folder}: the model works at {self.meta['size']} (H,W) only; drop --resolution")
         self.classes = tuple(self.meta["classes"])
         self.size = tuple(self.meta["size"])
-        self.steps = settings.steps or self.meta["sampling"]["steps"]
-        self.scheduler_name = scheduler_name(settings.scheduler or self.meta["sampling"]["scheduler"])
+        sampling = self.meta["sampling"]
+        self.steps = settings.steps or sampling["steps"]
+        scale = float(settings.guidance if settings.guidance is not None else sampling.get("guidance", 1.0))
+        if scale != 1.0 and not self.meta.get("cond_dropout"):
+            raise SegsynthError(f"{self.folder}: guidance {scale:g} needs a model trained with --cond-dropout > 0 "
+                                "(this one has no unconditional mode); use guidance 1 or retrain with "
+                                "--cond-dropout 0.1")
+        # classifier-free guidance scale; None at 1 (no guidance), as before guidance existed, so manifests
+        # and identities of unguided sets stay what they were
+        self.guidance = None if scale == 1.0 else scale
+        self.scheduler_name = scheduler_name(settings.scheduler or sampling["scheduler"])
         if self.scheduler_name == "lcm":
-            raise SegsynthError("the builtin generator is not consistency-distilled; use dpm++, unipc, ddim or euler")
+            raise SegsynthError(f"the {self.name} generator is not consistency-distilled; use dpm++, unipc, ddim or "
+                                "euler")
         self.device = resolve_device(settings.device)
-        self.dtype = torch.float32 if settings.dtype in ("auto", "fp32", "float32") else None
-        if self.dtype is None:
-            raise SegsynthError(f"the builtin generator runs in fp32 only (got dtype {settings.dtype!r})")
+        if settings.dtype not in ("auto", "fp32", "float32"):
+            raise SegsynthError(f"the {self.name} generator runs in fp32 only (got dtype {settings.dtype!r})")
         # fp32 always: the shipped toy model is stored in fp16 to keep the package small
         with loading(self.folder, "the generator folder is damaged: restore it, or rerun `segsynth train-generator`",
                      "the generator"):
-            self.unet = UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
-                                                    use_safetensors=True).to(self.device).eval()
+            self.denoiser = self.load_denoiser().to(self.device).eval()
             self.noise_schedule_config = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler").config
-        self.fingerprint = file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
+        self.fingerprint = self.weights_fingerprint()
         self.lora = None  # a LoRA adapter (`segsynth adapt`) made for this model, merged into its UNet
         if settings.lora:
             self.lora = load_adapter(self.unet, settings.lora, settings.lora_scale, self.adapter_base(),
-                                     f"builtin:{self.folder}")
+                                     f"{self.name}:{self.folder}")
+
+    @property
+    def unet(self):
+        """The denoiser's UNet (what a LoRA adapter adapts)."""
+        return self.denoiser.unet
 
     def adapter_base(self) -> dict:
         """The identity a LoRA adapter of this model records (generators/lora.py)."""
-        return folder_identity("builtin", "builtin", self.folder, self.fingerprint)
+        return folder_identity(self.name, self.name, self.folder, self.fingerprint)
+
+    # --- what the latent generator changes ---------------------------------------------------------------
+
+    def check_folder(self, folder: Path) -> dict:
+        return check_generator_folder(folder)
+
+    def load_denoiser(self) -> MaskDenoiser:
+        return MaskDenoiser(UNet2DModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32,
+                                                        use_safetensors=True))
+
+    def weights_fingerprint(self) -> str:
+        return file_fingerprint(self.folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def noise_shape(self) -> tuple[int, int, int]:
+        height, width = self.size
+        return 3 * PATCH * PATCH, height // PATCH, width // PATCH
+
+    def encode_condition(self, masks: np.ndarray) -> torch.Tensor:
+        return encode_masks(masks, len(self.classes))
+
+    def decode(self, sample: torch.Tensor) -> list[np.ndarray]:
+        return decode_images(sample)
+
+    # --- the contract ------------------------------------------------------------------------------------
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
         check_trained_classes(self.folder, self.classes, classes, "a generator")
@@ -75,10 +115,9 @@ class BuiltinGenerator(MaskToImageGenerator):
         return scheduler
 
     def prepare(self, conditions: list[Condition]) -> Prepared:
-        height, width = self.size
         seeds = [condition.request.seed for condition in conditions]
-        condition = encode_masks(np.stack([c.mask for c in conditions]), len(self.classes))
-        noise = initial_noise(seeds, (3 * PATCH * PATCH, height // PATCH, width // PATCH))
+        condition = self.encode_condition(np.stack([c.mask for c in conditions]))
+        noise = initial_noise(seeds, self.noise_shape())
         return Prepared(self.size, [c.prompt for c in conditions], seeds, {"condition": condition, "noise": noise},
                         conditions)
 
@@ -89,11 +128,15 @@ class BuiltinGenerator(MaskToImageGenerator):
         sample = prepared.tensors["noise"].to(self.device) * scheduler.init_noise_sigma
         for timestep in scheduler.timesteps:
             model_input = scheduler.scale_model_input(sample, timestep)
-            predicted = self.unet(torch.cat([model_input, condition], dim=1), timestep).sample
+            predicted = self.denoiser.guided(model_input, condition, timestep, self.guidance or 1.0)
             sample = scheduler.step(predicted, timestep, sample).prev_sample
-        return decode_images(sample)
+        return self.decode(sample)
 
     def identity(self) -> dict:
-        return {"name": self.name, "path": str(self.folder.resolve()), "fingerprint": self.fingerprint,
-                "steps": self.steps, "scheduler": self.scheduler_name, "size": list(self.size), "dtype": "fp32",
-                **({"lora": self.lora} if self.lora else {})}
+        identity = {"name": self.name, "path": str(self.folder.resolve()), "fingerprint": self.fingerprint,
+                    "steps": self.steps, "scheduler": self.scheduler_name, "size": list(self.size), "dtype": "fp32"}
+        if self.guidance is not None:
+            identity["guidance"] = self.guidance
+        if self.lora:
+            identity["lora"] = self.lora
+        return identity

@@ -17,6 +17,11 @@ Prompts (`--prompts`): "classes" makes "a photo of sky, road, car" from the
 classes covering at least 0.5% of an image, in the dataset's class order (the
 label is read once per image for that list and never again); or a captions
 JSONL file with one {"id", "caption"} line per training sample.
+With `--augment-prompts` (class prompts only) each sample gets 16 prompts drawn
+from templates and its classes' words -- synonyms, hyponyms, listed words
+(methods/attn2mask/prompts.py) -- and each iteration trains on one of them, so
+an augmented plan's every word is in the vocabulary and was seen naming its
+class; each word (also a multi-word one) is one token, like a class name.
 
 Recipe: v-prediction on a cosine schedule, the loss weight of nearly clean
 steps capped Min-SNR style (Hang et al. 2023; `_loss_weights` says why the
@@ -48,7 +53,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel
@@ -74,6 +78,7 @@ from segsynth.generators.schedulers import scheduler_name
 from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
 from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl,
                          staged_swap)
+from segsynth.methods.attn2mask.prompts import PromptAugmenter
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
 from segsynth.outputs import claim_folder
@@ -83,6 +88,7 @@ GENERATOR_FILE = "segsynth_generator.json"
 FORMAT = "segsynth-builtin-text-generator/1"
 TRAINING_STATE = "training_state"
 MIN_CLASS_FRACTION = 0.005  # classes under 0.5% of an image's pixels are left out of its prompt
+AUGMENTED_VARIANTS = 16  # --augment-prompts: prompts drawn per training sample, one of them per iteration
 PROMPT_TEMPLATE = "a photo of {classes}"
 # Settings a resumed run may change (everything else must match the saved run).
 RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device",
@@ -173,17 +179,25 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     if config.keys == "class-words" and config.prompts != "classes":
         raise SegsynthError("--keys class-words needs --prompts classes (class prompts name the classes the keys are "
                             "restricted to); with a captions file use --keys all")
+    if config.augment_prompts and config.prompts != "classes":
+        raise SegsynthError("--augment-prompts varies class prompts: it needs --prompts classes (a captions file "
+                            "brings its own words)")
     dataset = open_dataset(config.data)
+    augmenter = PromptAugmenter(dataset.classes, config.prompt_augmentation) if config.augment_prompts else None
     split = dataset.split(config.split)
     check_before_compute(dataset, [config.split])
 
     # 2. Every target at working size and every prompt, in memory (small images; read once).
     palette = coding_palette(config, dataset)
-    targets, prompts = _load_training_set(config, dataset, split, size, kind, palette)
-    tokenizer = WordTokenizer.build(prompts, phrases=dataset.classes, max_length=config.max_length)
-    token_ids = tokenizer(prompts)
+    targets, prompts, class_names = _load_training_set(config, dataset, split, size, kind, palette)
+    if augmenter is None:
+        tokenizer = WordTokenizer.build(prompts, phrases=dataset.classes, max_length=config.max_length)
+        token_ids = tokenizer(prompts)
+        class_token_ids = class_tokens(tokenizer, dataset.classes)
+    else:  # (N, variants, length): each iteration draws one variant per sample
+        tokenizer, token_ids = augmented_prompt_ids(augmenter, class_names, config.max_length)
+        class_token_ids = class_tokens(tokenizer, list(dataset.classes) + augmenter.all_words())
     empty_ids = tokenizer([""])[0]
-    class_token_ids = class_tokens(tokenizer, dataset.classes)
 
     # 3. Networks, noise schedule, optimizer, EMA; the saved state when resuming.
     torch.manual_seed(config.seed)
@@ -208,6 +222,7 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     else:
         log_path.unlink(missing_ok=True)
     meta = _meta(config, dataset, size, kind, tokenizer, unet, text_encoder, palette, class_token_ids)
+    meta["prompt_augmentation"] = None if augmenter is None else augmenter.describe()
     models = (unet, text_encoder, tokenizer, noise_schedule)
     if start >= config.iterations:
         tqdm.write(f"{out}: already trained for {start} iterations (--iterations {config.iterations}); nothing to do")
@@ -238,7 +253,10 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         dropped = torch.from_numpy(rng.random(config.batch_size) < config.cond_dropout)
         pictures = targets[indices].float()
         pictures[flips] = pictures[flips].flip(-1)
-        ids = token_ids[indices].clone()
+        if augmenter is None:
+            ids = token_ids[indices].clone()
+        else:  # drawn after the plain run's draws, which stay as they were
+            ids = token_ids[indices, torch.from_numpy(rng.integers(0, token_ids.shape[1], config.batch_size))].clone()
         ids[dropped] = empty_ids
         clean = encode_images(pictures).to(device)
         ids = ids.to(device)
@@ -284,6 +302,20 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     return out
 
 
+def augmented_prompt_ids(augmenter: PromptAugmenter, class_names: list[list[str]],
+                         max_length: int) -> tuple[WordTokenizer, torch.Tensor]:
+    """(tokenizer, (N, AUGMENTED_VARIANTS, length) ids): AUGMENTED_VARIANTS prompts per sample drawn from its
+    classes' words (key: sample index, variant), a vocabulary holding every word and template any augmented
+    prompt can have (each word one token), and a length that fits every sample's longest template."""
+    variants = [[augmenter.prompt(names, index, variant)[0] for variant in range(AUGMENTED_VARIANTS)]
+                for index, names in enumerate(class_names)]
+    texts = ([text for row in variants for text in row] + augmenter.vocabulary_texts()
+             + [augmenter.longest_prompt(names) for names in class_names])
+    tokenizer = WordTokenizer.build(texts, phrases=augmenter.classes + tuple(augmenter.all_words()),
+                                    max_length=max_length)
+    return tokenizer, torch.stack([tokenizer(row) for row in variants])
+
+
 def diffusion_loss(unet: UNet2DConditionModel, clean: torch.Tensor, states: torch.Tensor, mask: torch.Tensor | None,
                    noise_schedule, alphas_cumprod: torch.Tensor, min_snr_gamma: float,
                    generator: torch.Generator) -> torch.Tensor:
@@ -301,9 +333,10 @@ def diffusion_loss(unet: UNet2DConditionModel, clean: torch.Tensor, states: torc
 
 
 def _load_training_set(config: TrainTextGeneratorConfig, dataset, split, size, kind: str, palette):
-    """(N, 3, H, W) uint8 targets at working size, and one prompt per sample."""
+    """(N, 3, H, W) uint8 targets at working size, one prompt per sample, and (class prompts) the names of
+    the classes each prompt lists."""
     resample = TARGETS[config.target][1]
-    targets, prompts = [], []
+    targets, prompts, class_names = [], [], []
     captions = read_captions(config.prompts, split.ids) if kind == "captions" else None
     for index in tqdm(range(len(split)), desc="load", unit="img", leave=False):
         sample = split[index]
@@ -311,12 +344,13 @@ def _load_training_set(config: TrainTextGeneratorConfig, dataset, split, size, k
         picture = np.asarray(picture.resize((size[1], size[0]), resample))
         targets.append(torch.from_numpy(picture.copy()).permute(2, 0, 1))
         if captions is None:  # image-level labels: which classes are present, read once here
-            prompts.append(class_prompt([dataset.classes[c] for c in present_classes(sample.label, dataset.num_classes)]))
+            class_names.append([dataset.classes[c] for c in present_classes(sample.label, dataset.num_classes)])
+            prompts.append(class_prompt(class_names[-1]))
         else:
             prompts.append(captions[index])
     if not targets:
         raise SegsynthError(f"dataset {config.data}, split {config.split}: no samples to train on")
-    return torch.stack(targets), prompts
+    return torch.stack(targets), prompts, class_names
 
 
 def class_tokens(tokenizer: WordTokenizer, classes: Sequence[str]) -> list[int]:
@@ -459,19 +493,10 @@ def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordToken
 
 
 def _load_state(folder: Path, state: dict, unet, text_encoder, ema, optimizer, device) -> tuple[int, float]:
+    from segsynth.generators.builtin.train import load_ema_and_optimizer
+
     raw = load_file(str(folder / "weights.safetensors"))
     unet.load_state_dict({k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in raw.items() if k.startswith("text_encoder.")})
-    with safe_open(str(folder / "ema.safetensors"), framework="pt") as handle:
-        ema_state = json.loads(handle.metadata()["state"])
-    shadow = load_file(str(folder / "ema.safetensors"))
-    ema.load_state_dict({**ema_state, "shadow_params": [shadow[f"shadow.{i}"].to(device) for i in range(len(shadow))]})
-    with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
-        groups = json.loads(handle.metadata()["param_groups"])
-    optimizer_state: dict = {}
-    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
-        _, index, name = key.split(".", 2)
-        # AdamW keeps `step` on the CPU and its moments beside the parameters
-        optimizer_state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+    load_ema_and_optimizer(folder, ema, optimizer, device)
     return int(state["iteration"]), float(state.get("seconds", 0.0))

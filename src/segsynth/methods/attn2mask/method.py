@@ -22,7 +22,14 @@ no pixel label is used anywhere. Stages, after the real-only reference:
      keeps ("attention-raw", variants.py): no band, every pixel its top class
      (or background, where the dataset has that class), no weights -- the
      two sets differ only in their labels
-  6. with `target_images` (unlabeled images of the domain the segmenter is
+  6. with the arm synthetic-attention-augmented (opt-in, `arms:`): the same
+     class-prompt plan with prompt augmentation (`--augment-prompts`: each
+     sample's prompt drawn from templates and its classes' synonyms, hyponyms
+     and listed words, prompts.py; settings in the plan section's
+     `prompt_augmentation`), rendered like the band set ("attention-augmented");
+     a builtin generator trained here then learns the augmented prompts too, so
+     it knows every word of that plan (the other arms' plan is unchanged)
+  7. with `target_images` (unlabeled images of the domain the segmenter is
      evaluated on): adapt the generator to them with LoRA (`segsynth adapt`,
      the `adapt` section) and render the same plan with the adapter
      ("attention-band-lora": the band set's prompts and seeds, drawn by the
@@ -31,13 +38,15 @@ Arms: real (reference); synthetic-attention-raw; synthetic-attention-band
 (+ ignore band and confidence weights); synthetic-attention-reliable (the
 band set, trained with the reliability-aware loss: per predicted class only
 the most confident share of pixels in full, BECO-style, as Attn2mask does);
-synthetic-attention-reliable-lora (+ LoRA: the same on the adapted model's
+synthetic-attention-augmented (+ prompt augmentation: the reliable arm on the
+augmented set; not run unless named). synthetic-attention-reliable-lora (+ LoRA: the same on the adapted model's
 set; runs only when the run is given target_images).
 All synthetic arms train on the same images_per_mask x N images.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -64,11 +73,16 @@ ARMS = {
                                     (("loss", "ce"),)),
     "synthetic-attention-reliable": Arm("synthetic-attention-reliable", "synthetic", ("attention-band",), "raw",
                                         (("loss", "reliable"),)),
+    # + prompt augmentation: the reliable arm on images drawn from augmented prompts (opt-in: --arms)
+    "synthetic-attention-augmented": Arm("synthetic-attention-augmented", "synthetic", ("attention-augmented",),
+                                         "raw", (("loss", "reliable"),)),
     "synthetic-attention-reliable-lora": Arm("synthetic-attention-reliable-lora", "synthetic",
                                              ("attention-band-lora",), "raw", (("loss", "reliable"),),
                                              needs="target_images"),
 }
-SETS = ("attention-band", "attention-raw", "attention-band-lora")
+MAIN_ARMS = ("real", "synthetic-attention-raw", "synthetic-attention-band", "synthetic-attention-reliable")
+SETS = ("attention-band", "attention-raw", "attention-augmented", "attention-band-lora")
+AUGMENTED = "attention-augmented"  # the set an augmented plan renders
 PRESET = "dataset-diffusion"  # the recipe when the synthesize section names none
 
 
@@ -83,6 +97,9 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     """Attn2mask's stages for the arms being trained (sets no arm uses are not made)."""
     config, out = context.config, context.out
     plan = out / "plans" / "class_prompts.jsonl"
+    augmented_plan = out / "plans" / "class_prompts_augmented.jsonl"
+    augmenting = any(AUGMENTED in arm.synthetic for arm in arms)
+    augmentation = dict(config.plan.get("prompt_augmentation") or {})
     section = dict(config.synthesize)
     pseudo_mask = section.pop("pseudo_mask", PRESET)
     overrides = dict(section.pop("pseudo_mask_settings", {}) or {})
@@ -95,12 +112,14 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                             "auto or train (the builtin one, trained here), attention:DIR or attention-sd:BASE")
     if generator in ("auto", "train"):
         folder = out / "text_generator"
+        # With the augmented arm it learns the augmented prompts too, so it knows every word of that plan.
         train_config = build_config(TrainTextGeneratorConfig, {
             "sample_steps": config.synthesize.get("steps", 20), **config.train_text_generator, "data": config.data,
-            "out": str(folder), "device": config.device, "target": "image", "prompts": "classes", "resume": True},
+            "out": str(folder), "device": config.device, "target": "image", "prompts": "classes", "resume": True,
+            "augment_prompts": augmenting, "prompt_augmentation": augmentation if augmenting else {}},
             "run config section 'train_text_generator'")
         result.append(Stage("train text generator", lambda: _train_text_generator(train_config),
-                            lambda: _finished(folder, train_config.max_minutes)))
+                            lambda: _finished(folder, train_config.max_minutes, train_config)))
         generator = f"attention:{folder}"
         heights = attention_heights(train_config.size, train_config.channels)
         overrides = {"resolutions": heights, "self_attention_resolution": heights[0], **overrides}
@@ -115,6 +134,10 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     # 2-3. The class-prompt plan; pseudo-mask quality on real held-out images.
     result.append(Stage("class-prompt plan", lambda: make_plan(context.stage_config(
         PlanConfig, "plan", data=config.data, out=str(plan), class_prompts=config.images_per_mask)), plan.is_file))
+    if augmenting:
+        result.append(Stage("augmented class-prompt plan", lambda: make_plan(context.stage_config(
+            PlanConfig, "plan", data=config.data, out=str(augmented_plan), class_prompts=config.images_per_mask,
+            augment_prompts=True)), augmented_plan.is_file))
     quality = out / "attention_quality"
     result.append(Stage("attention quality", lambda: _attention_quality(AttentionQualityConfig(
         generator=generator, data=config.data, out=str(quality), split=config.eval_split, pseudo_mask_settings=overrides,
@@ -122,7 +145,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
 
     # 4-5. Render the band set once; relabel its images for the raw set (each resumes on its own).
     band, raw = (context.synthetic_set(name) for name in SETS[:2])
-    if any(arm.synthetic for arm in arms):
+    if any(set(arm.synthetic) & {SETS[0], SETS[1], "attention-band-lora"} for arm in arms):
         result.append(Stage("synthesize attention-band", lambda: synthesize(context.stage_config(
             SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator, out=str(band),
             device=config.device, pseudo_mask=pseudo_mask, pseudo_mask_settings=overrides))))
@@ -130,13 +153,20 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
         result.append(Stage("relabel attention-raw", lambda: derive_label_set(band, raw, "raw_label"),
                             lambda: _relabelled(band, raw)))
 
+    # 6. The augmented plan rendered with the band set's recipe (same generator, seeds and budget).
+    if augmenting:
+        result.append(Stage(f"synthesize {AUGMENTED}", lambda: synthesize(context.stage_config(
+            SynthesizeConfig, "synthesize", data=config.data, plan=str(augmented_plan), generator=generator,
+            out=str(context.synthetic_set(AUGMENTED)), device=config.device, pseudo_mask=pseudo_mask,
+            pseudo_mask_settings=overrides))))
+
     # 6. + LoRA: the generator adapted to the target images, the same plan rendered with the adapter.
     if any("attention-band-lora" in arm.synthetic for arm in arms):
         adapter, adapted = out / "adapter", context.synthetic_set("attention-band-lora")
         adapt_config = context.stage_config(AdaptConfig, "adapt", generator=generator, images=config.target_images,
                                             out=str(adapter), resume=True, device=config.device)
         result.append(Stage("adapt generator (LoRA)", lambda: _adapt(adapt_config),
-                            lambda: _finished(adapter, adapt_config.max_minutes, "adapter.json")))
+                            lambda: _finished(adapter, adapt_config.max_minutes, meta_file="adapter.json")))
         result.append(Stage("synthesize attention-band-lora", lambda: synthesize(context.stage_config(
             SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator, out=str(adapted),
             device=config.device, pseudo_mask=pseudo_mask, pseudo_mask_settings=overrides, lora=str(adapter)))))
@@ -161,13 +191,29 @@ def _attention_quality(config: AttentionQualityConfig):
     return attention_quality(config)
 
 
-def _finished(folder: Path, max_minutes: float, meta_file: str = "segsynth_generator.json") -> bool:
-    """All iterations done, or the time budget spent (a resumed run would only train past it)."""
+def _finished(folder: Path, max_minutes: float, wanted: TrainTextGeneratorConfig | None = None,
+              meta_file: str = "segsynth_generator.json") -> bool:
+    """All iterations done, or the time budget spent (a resumed run would only train past it). A generator
+    trained with other prompt augmentation than `wanted` asks for is refused: its vocabulary differs."""
     meta = folder / meta_file
     if not meta.is_file():
         return False
-    training = read_json(meta).get("training", {})
+    saved = read_json(meta)
+    if wanted is not None:
+        trained = saved.get("train_config", {})
+        has, needs = (_augmentation_text(trained.get("augment_prompts", False), trained.get("prompt_augmentation")),
+                      _augmentation_text(wanted.augment_prompts, wanted.prompt_augmentation))
+        if has != needs:
+            raise SegsynthError(f"{folder}: this text generator was trained with {has}, but this run's arms need "
+                                f"{needs} (the arm synthetic-attention-augmented trains it on augmented prompts, with "
+                                "the plan section's prompt_augmentation); use a new --out, or delete that folder to "
+                                "train it again")
+    training = saved.get("training", {})
     return bool(training.get("finished")) or (max_minutes > 0 and training.get("seconds", 0) >= 60 * max_minutes - 1)
+
+
+def _augmentation_text(augment: bool, settings: dict | None) -> str:
+    return f"prompt augmentation {json.dumps(settings or {}, sort_keys=True)}" if augment else "no prompt augmentation"
 
 
 def _relabelled(band: Path, raw: Path) -> bool:
@@ -250,4 +296,4 @@ PRESETS = {
 }
 
 ATTN2MASK = Method("attn2mask", "Attn2mask / DiffuMask: text -> image samples labelled by their cross-attention",
-                   ARMS, stages, grids, PRESETS)
+                   ARMS, stages, grids, PRESETS, main_arms=MAIN_ARMS)

@@ -8,13 +8,22 @@ Stages, after the real-only reference segmenter:
   5. filter both synthetic sets (loss > α·L̄_c -> ignore)
 Arms: real; synthetic-only raw / filtered + hardness; joint raw / filtered /
 filtered + hardness; pre-train on filtered + hardness, then fine-tune on real.
+Derived arms (variants.py) vary one setting of these: the filter's alpha and
+judge, the synthetic volume K, and the closed loop's rounds (loop.py); their
+sets are made here from the sets above (a copy filtered again, a nested
+subset), the loop's sets by `round_stages` after each round's training.
 """
 
 from __future__ import annotations
 
+from segsynth.formats.checkpoint import resolve_checkpoint
+from segsynth.io import SegsynthError
 from segsynth.methods.base import Arm, Method, Stage
 from segsynth.methods.freemask.filter import filter_synthetic
+from segsynth.methods.freemask.loop import round_stages
 from segsynth.methods.freemask.stats import compute_class_stats
+from segsynth.methods.freemask.variants import (HARDNESS_FIRST_SEED, REFERENCE, derive_set, derived_set_done,
+                                                filtered_done, nested_ids, plan_variants, run_alpha)
 from segsynth.plan import make_plan
 from segsynth.report import write_set_grids
 from segsynth.stage_configs import FilterConfig, PlanConfig, StatsConfig, SynthesizeConfig
@@ -32,7 +41,6 @@ ARMS = {
                                                ("hardness",), "filtered"),
 }
 SETS = ("uniform", "hardness")
-HARDNESS_FIRST_SEED = 10_000_000  # the hardness plan's seeds never meet the uniform plan's
 
 
 def stages(context, arms: list[Arm]) -> list[Stage]:
@@ -61,20 +69,68 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     generator_stages, generator = context.generator_stages()
     result += generator_stages
 
-    # 4-5. Synthesize and filter each set an arm uses (each resumes on its own).
+    # 4-5. Synthesize and filter each set an arm uses, directly or through a set derived from it (each resumes
+    #      on its own). The closed loop's sets are made by `round_stages`, after the arms of the round before.
+    first = [arm for arm in arms if arm.round == 0]
+    derived = {name: spec for name, spec in plan_variants(config, ARMS)[1].items()
+               if any(name in arm.synthetic for arm in first)}
     for name in SETS:
-        users = [arm for arm in arms if name in arm.synthetic]
-        if not users:
+        users = [arm for arm in first if name in arm.synthetic]
+        subsets = [spec for spec in derived.values() if spec.source == name]
+        if not users and not subsets:
             continue
         folder = context.synthetic_set(name)
         result.append(Stage(f"synthesize {name}", lambda f=folder, p=plans[name]: synthesize(context.stage_config(
             SynthesizeConfig, "synthesize", data=config.data, plan=str(p), generator=generator, out=str(f),
             device=config.device))))
-        if any(arm.masks == "filtered" for arm in users):
+        if any(arm.masks == "filtered" for arm in users) or any(
+                spec.kind == "subset" and _filtered_users(first, spec.name) for spec in subsets):
             result.append(Stage(f"filter {name}", lambda f=folder: filter_synthetic(context.stage_config(
                 FilterConfig, "filter", synthetic=str(f), segmenter=str(segmenter), stats=str(stats_path),
-                device=config.device))))
+                device=config.device)), lambda f=folder: filtered_done(f, run_alpha(config))))
+
+    # 6. Derived sets: copies judged again at another alpha or by another segmenter; nested shares (volume).
+    judges = {REFERENCE: (segmenter, stats_path)}
+    for judge, folder in config.filter_judges.items():
+        if any(spec.judge == judge for spec in derived.values()):
+            judges[judge] = (_judge_checkpoint(judge, folder), out / "judges" / judge / "class_stats.json")
+            result.append(Stage(f"class statistics ({judge})", lambda j=judges[judge]: compute_class_stats(
+                context.stage_config(StatsConfig, "stats", defaults={"size": eval_size}, segmenter=str(j[0]),
+                                     out=str(j[1]), data=config.data, device=config.device)), judges[judge][1].is_file))
+    for name, spec in derived.items():
+        source, folder = context.synthetic_set(spec.source), context.synthetic_set(name)
+        if spec.kind == "subset":
+            carry = _filtered_users(first, name)
+            ids = lambda s=spec: nested_ids(plans[s.source], s.share)
+            result.append(Stage(f"subset {name}", lambda s=source, f=folder, i=ids, c=carry: derive_set(s, f, i(), c),
+                                lambda s=source, f=folder, i=ids, c=carry: derived_set_done(s, f, i(), c)))
+            continue
+        judge_segmenter, judge_stats = judges[spec.judge]
+        result.append(Stage(f"copy {spec.source} for {name}", lambda s=source, f=folder: derive_set(s, f),
+                            lambda s=source, f=folder: derived_set_done(s, f, None, False)))
+        result.append(Stage(f"filter {name}", lambda f=folder, s=spec, j=judge_segmenter, js=judge_stats:
+                            filter_synthetic(context.stage_config(
+                                FilterConfig, "filter", synthetic=str(f), segmenter=str(j), stats=str(js),
+                                alpha=s.alpha, device=config.device)),
+                            lambda f=folder, s=spec: filtered_done(f, s.alpha)))
     return result
+
+
+def _filtered_users(arms: list[Arm], name: str) -> bool:
+    return any(name in arm.synthetic and arm.masks == "filtered" for arm in arms)
+
+
+def _judge_checkpoint(name: str, folder: str):
+    """A filter judge's checkpoint, checked before any compute."""
+    try:
+        return resolve_checkpoint(folder)
+    except SegsynthError as error:
+        raise SegsynthError(f"filter_judges {name}: {error}") from None
+
+
+def variants(config) -> dict[str, Arm]:
+    """The arms derived from the run's settings (filter sweep, volumes, closed-loop rounds): variants.py."""
+    return plan_variants(config, ARMS)[0]
 
 
 def grids(context) -> list:
@@ -83,4 +139,4 @@ def grids(context) -> list:
 
 
 FREEMASK = Method("freemask", "FreeMask: images for real masks, pixel filter, hardness-aware re-sampling",
-                  ARMS, stages, grids)
+                  ARMS, stages, grids, variants=variants, round_stages=round_stages)

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from segsynth.config import build_config
 from segsynth.formats.plan import read_plan, write_plan
 from segsynth.generators.builtin_text import train_text_generator
@@ -117,19 +119,24 @@ def masksyn_stages(context, generator: str) -> list[Stage]:
     masks_plan = out / "plans" / "masks.jsonl"
     caption_config = context.stage_config(CaptionConfig, "captions", data=config.data, out=str(captions.parent),
                                           split="train", device=config.device)
-    generator_config = build_config(TrainTextGeneratorConfig, {
-        "sample_steps": config.synthesize.get("steps", 20), **config.train_text_generator, "data": config.data,
-        "out": str(text_generator), "target": "colour-mask", "prompts": str(captions), "resume": True,
-        "device": config.device}, "run config section 'train_text_generator'")
-    return [
-        Stage("captions", lambda: make_captions(caption_config), captions.is_file),
-        Stage("train text -> mask generator", lambda: train_text_generator(generator_config),
-              lambda: _finished(text_generator)),
+    result = [Stage("captions", lambda: make_captions(caption_config), captions.is_file)]
+    spec = config.text_mask_generator
+    if spec == "train":
+        generator_config = build_config(TrainTextGeneratorConfig, {
+            "sample_steps": config.synthesize.get("steps", 20), **config.train_text_generator, "data": config.data,
+            "out": str(text_generator), "target": "colour-mask", "prompts": str(captions), "resume": True,
+            "device": config.device}, "run config section 'train_text_generator'")
+        result.append(Stage("train text -> mask generator", lambda: train_text_generator(generator_config),
+                            lambda: _finished(text_generator)))
+        spec = f"text2mask:{text_generator}"
+    else:
+        tqdm.write(f"[skip] train text -> mask generator: using {spec}")
+    return result + [
         Stage("masks plan", lambda: make_plan(context.stage_config(
             PlanConfig, "plan", data=config.data, out=str(masks_plan), captions=str(captions),
             per_caption=config.images_per_mask, seed=MASKS_FIRST_SEED)), masks_plan.is_file),
         Stage("synthesize masks", lambda: synthesize(context.stage_config(
-            SynthesizeConfig, "synthesize", data=config.data, plan=str(masks_plan), generator=f"text2mask:{text_generator}",
+            SynthesizeConfig, "synthesize", data=config.data, plan=str(masks_plan), generator=spec,
             out=str(context.synthetic_set(MASK_SET)), device=config.device))),
     ]
 
