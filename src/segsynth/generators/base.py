@@ -210,6 +210,15 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds])
 
 
+def duration_text(seconds: float) -> str:
+    """A training's expected time as its trainers print it: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -35,7 +35,7 @@ from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
-from segsynth.generators.base import resolve_device
+from segsynth.generators.base import duration_text, resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, MaskDenoiser, build_unet, encode_images,
                                                encode_masks, training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
@@ -241,20 +241,12 @@ def report_speed(done_here: int, config: TrainGeneratorConfig, start: int, timer
         per_iteration = (time.time() - timer_start) / 3
         left = config.iterations - start - 4
         seconds = per_iteration * left
-        line = f"train-generator: {per_iteration:.3g} s/iteration; about {_duration(seconds)} for the {left} iterations left"
+        line = f"train-generator: {per_iteration:.3g} s/iteration; about {duration_text(seconds)} for the {left} iterations left"
         if config.max_minutes and seconds > config.max_minutes * 60:
             line += (f"; --max-minutes {config.max_minutes:g} ends it after about "
                      f"{int(config.max_minutes * 60 / per_iteration)} of them")
         tqdm.write(line)
     return timer_start
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _training_batch(images, labels, size, config: TrainGeneratorConfig, rng: np.random.Generator):

@@ -62,7 +62,7 @@ from segsynth.config import save_config, to_dict
 from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
-from segsynth.generators.base import resolve_device
+from segsynth.generators.base import duration_text, resolve_device
 from segsynth.generators.builtin_text.model import (
     PATCH,
     build_text_encoder,
@@ -366,17 +366,9 @@ def _report_speed(done_here: int, total_here: int, timer_start: float | None) ->
     if done_here == 4 and timer_start is not None and total_here > 4:
         per_iteration = (time.time() - timer_start) / 3
         remaining = per_iteration * (total_here - 4)
-        tqdm.write(f"train-text-generator: {per_iteration:.3g} s/iteration; about {_duration(remaining)} "
+        tqdm.write(f"train-text-generator: {per_iteration:.3g} s/iteration; about {duration_text(remaining)} "
                    f"for the remaining {total_here - 4} iterations")
     return timer_start
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _learning_rate(config: TrainTextGeneratorConfig, iteration: int, progress: float) -> float:
