@@ -178,8 +178,7 @@ def _builtin_mask(argument: str, config: AdaptConfig, device: torch.device) -> A
     from segsynth import IGNORE_INDEX
     from segsynth.generators.builtin import BuiltinGenerator
     from segsynth.generators.builtin.model import encode_images, encode_masks
-    from segsynth.generators.builtin.train import _loss_weights
-    from segsynth.generators.lora import folder_identity
+    from segsynth.generators.builtin.train import denoising_loss
 
     if config.prompt:
         raise SegsynthError(f"--prompt {config.prompt!r}: the builtin mask -> image generator takes no text; its "
@@ -190,22 +189,14 @@ def _builtin_mask(argument: str, config: AdaptConfig, device: torch.device) -> A
     schedule = DDPMScheduler.from_config(generator.noise_schedule_config)
     alphas_cumprod = schedule.alphas_cumprod.to(device)
     gamma = float(generator.meta.get("train_config", {}).get("min_snr_gamma", 5.0))
-    unet = generator.unet
 
     def loss(pictures: torch.Tensor, noise_generator: torch.Generator) -> torch.Tensor:
-        # the steps of the builtin trainer's loop (generators/builtin/train.py), on the all-ignore condition
+        # the builtin trainer's loss (generators/builtin/train.py), on the all-ignore condition
         clean = encode_images(pictures).to(device)
-        noise = torch.randn(clean.shape, generator=noise_generator).to(device)
-        timesteps = torch.randint(0, schedule.config.num_train_timesteps, (clean.shape[0],),
-                                  generator=noise_generator).to(device)
-        noisy = schedule.add_noise(clean, noise, timesteps)
-        target = schedule.get_velocity(clean, noise, timesteps)
-        predicted = unet(torch.cat([noisy, condition.expand(clean.shape[0], -1, -1, -1)], dim=1), timesteps).sample
-        per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
-        return (per_sample * _loss_weights(alphas_cumprod, timesteps, gamma)).mean()
+        return denoising_loss(generator.denoiser, schedule, alphas_cumprod, clean,
+                              condition.expand(clean.shape[0], -1, -1, -1), noise_generator, gamma)
 
-    return Adaptee(unet, size, folder_identity("builtin", "builtin", argument, generator.fingerprint), BUILTIN_LR,
-                   None, loss)
+    return Adaptee(generator.unet, size, generator.adapter_base(), BUILTIN_LR, None, loss)
 
 
 def _diffusers(name: str) -> Callable[[str, AdaptConfig, torch.device], Adaptee]:
