@@ -62,12 +62,17 @@ def decode_images(sample: torch.Tensor) -> list[np.ndarray]:
 
 def working_size(values: Sequence[int], levels: int) -> tuple[int, int]:
     """(H, W) checked to pass through space-to-depth and every UNet downsampling."""
+    return sized_for(values, PATCH * 2 ** (levels - 1), f"space-to-depth x{PATCH} and {levels - 1} UNet downsamplings",
+                     "96,128")
+
+
+def sized_for(values: Sequence[int], multiple: int, why: str, example: str) -> tuple[int, int]:
+    """`--size` (one value: square) as (H, W), both positive multiples of `multiple` (`why` says which
+    downsamplings need that, `example` a size that works)."""
     if len(values) == 1:
         values = [values[0], values[0]]
-    multiple = PATCH * 2 ** (levels - 1)
     if len(values) != 2 or any(v < multiple or v % multiple for v in values):
-        raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} "
-                            f"(space-to-depth x{PATCH} and {levels - 1} UNet downsamplings); e.g. 96,128")
+        raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} ({why}); e.g. {example}")
     return int(values[0]), int(values[1])
 
 

@@ -31,7 +31,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from segsynth.generators.base import check_model_folder
-from segsynth.generators.builtin.model import GENERATOR_FILE, MaskDenoiser, conditioned_unet
+from segsynth.generators.builtin.model import GENERATOR_FILE, MaskDenoiser, conditioned_unet, sized_for
 from segsynth.io import SegsynthError
 
 FORMAT = "segsynth-latent-generator/1"
@@ -68,13 +68,9 @@ def build_denoiser(latent_size: Sequence[int], latent_channels: int, num_classes
 
 def latent_working_size(values: Sequence[int], factor: int, levels: int) -> tuple[int, int]:
     """(H, W) checked to pass through the autoencoder's downsampling and every UNet downsampling."""
-    if len(values) == 1:
-        values = [values[0], values[0]]
-    multiple = factor * 2 ** (levels - 1)
-    if len(values) != 2 or any(v < multiple or v % multiple for v in values):
-        raise SegsynthError(f"--size {list(values)}: H and W must be multiples of {multiple} (the autoencoder's "
-                            f"x{factor} and {levels - 1} UNet downsamplings); e.g. 192,256 with three levels, 176,240 with two")
-    return int(values[0]), int(values[1])
+    return sized_for(values, factor * 2 ** (levels - 1),
+                     f"the autoencoder's x{factor} and {levels - 1} UNet downsamplings",
+                     "192,256 with three levels, 176,240 with two")
 
 
 def standardise(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
