@@ -154,10 +154,10 @@ def with_derived_arms(config: RunConfig, method: Method) -> RunConfig:
         needs = method.arms[unmet[0]].needs
         raise SegsynthError(f"arm(s) {', '.join(unmet)} of method {config.method} need the run key {needs!r} "
                             f"(--{needs.replace('_', '-')}); give it, or leave the arm(s) out")
-    met = {arm for arm in method.arms if method.arms[arm].needs and getattr(config, method.arms[arm].needs)}
+    main = list(method.main_arms or method.arms)
+    met = [arm for arm in method.arms if method.arms[arm].needs and getattr(config, method.arms[arm].needs)]
     chosen = [arm for arm in config.arms if arm in method.arms] if config.arms else \
-        [arm for arm in (method.main_arms or method.arms) if not method.arms[arm].needs or arm in met] + \
-        [arm for arm in method.arms if arm in met and arm not in (method.main_arms or method.arms)]
+        [arm for arm in main if not method.arms[arm].needs or arm in met] + [arm for arm in met if arm not in main]
     derived = method.variants(dataclasses.replace(config, arms=chosen)) if method.variants else {}
     unknown = [arm for arm in config.arms if arm not in method.arms and arm not in derived]
     if unknown:
