@@ -126,8 +126,8 @@ def test_text_plan_needs_per_caption_and_only_one_mode(tmp_path, capsys):
         make_plan(PlanConfig(data=TOY, out=str(tmp_path / "p.jsonl"), captions=str(captions)))
     assert main(["plan", "--data", TOY, "--uniform", "1", "--captions", str(captions), "--per-caption", "1",
                  "--out", str(tmp_path / "p.jsonl")]) == 2
-    assert "choose exactly one plan mode (--uniform K, --stats FILE, --captions FILE --per-caption N, " \
-           "--class-prompts N); got uniform, text" in capsys.readouterr().err
+    assert "choose exactly one plan mode (--uniform K, --stats FILE, --stats FILE --targeted, --captions FILE " \
+           "--per-caption N, --class-prompts N); got uniform, text" in capsys.readouterr().err
 
 
 def test_cli_captions_writes_one_caption_per_mask(tmp_path, capsys):

@@ -6,7 +6,8 @@ distinct seeds, the plan file (format: `segsynth.formats.plan`), the resolved
 config beside it. Entry keys are the plan format's (`kind`, `prompt`,
 `class_words`, and `id` when the entry is not named by its mask id) plus any
 extra key a planner records. Modes: uniform (K per mask, `--uniform K`),
-FreeMask's hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py)
+FreeMask's hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py), the class-targeted plan
+(`--stats FILE --targeted`, methods/freemask/targeted.py)
 and the text plan (`--captions FILE --per-caption N`: one text entry per
 caption, for a text -> mask generator such as SegGen's MaskSyn) and text entries from
 each real image's class set (`--class-prompts N`, Attn2mask; with `--augment-prompts` one entry per
@@ -26,6 +27,7 @@ from segsynth.generators.builtin_text.train import class_prompt, present_classes
 from segsynth.io import SegsynthError
 from segsynth.methods.attn2mask.prompts import PromptAugmenter
 from segsynth.methods.freemask.hardness import hardness_planner
+from segsynth.methods.freemask.targeted import targeted_planner
 from segsynth.methods.seggen.captions import read_captions
 from segsynth.outputs import claim_file
 from segsynth.stage_configs import PlanConfig
@@ -86,7 +88,9 @@ def class_prompt_planner(config: PlanConfig, dataset: Dataset, ids: list[str]) -
 # plan mode -> (the flags that select it, is it selected by this config?, planner).
 PLANNERS: dict[str, tuple[str, Callable[[PlanConfig], bool], Planner]] = {
     "uniform": ("--uniform K", lambda config: config.uniform > 0, uniform_planner),
-    "hardness": ("--stats FILE", lambda config: config.hardness or config.stats is not None, hardness_planner),
+    "hardness": ("--stats FILE", lambda config: (config.hardness or config.stats is not None) and not config.targeted,
+                 hardness_planner),
+    "targeted": ("--stats FILE --targeted", lambda config: config.targeted, targeted_planner),
     "text": ("--captions FILE --per-caption N", lambda config: config.captions is not None, text_planner),
     "class-prompts": ("--class-prompts N", lambda config: config.class_prompts > 0, class_prompt_planner),
 }

@@ -295,11 +295,16 @@ class PlanConfig:
     limit: int = field(0, range=COUNT, help="plan only the first N masks of the split (0: all), for smoke runs")
     seed: int = field(0, range=SEED, help="first seed; each sample gets the next one, so seeds are distinct")
     hardness: bool = field(False, help="hardness-aware plan (FreeMask); needs --stats")
-    stats: str | None = field(None, help="hardness plan: class-stats JSON from `segsynth stats` (selects the hardness plan)")
+    stats: str | None = field(None, help="hardness plan: class-stats JSON from `segsynth stats` (selects the hardness "
+                                         "plan, or the targeted plan with --targeted)")
+    targeted: bool = field(False, help="class-targeted plan (needs --stats): the budget split over classes by their "
+                                       "mean_loss weight, each class's share over the masks showing it by how much "
+                                       "of the mask it covers, at most Nmax per mask (methods/freemask/targeted.py)")
     nmax: int = field(20, range=Range(1, MAX_PER_ENTRY),
-                      help="hardness plan: the hardest mask gets Nmax images, the easiest 1")
+                      help="hardness plan: the hardest mask gets Nmax images, the easiest 1 (targeted: the cap)")
     budget: int = field(0, range=Range(0, MAX_PLANNED),
-                        help="hardness plan: scale k so the plan renders exactly this many images in all")
+                        help="hardness plan: scale k so the plan renders exactly this many images in all "
+                             "(targeted: the images in all, default one per mask)")
     captions: str | None = field(None, help="text plan: captions file (JSON {mask id: caption} or JSONL, e.g. from "
                                             "`segsynth captions`) whose captions become text requests")
     per_caption: int = field(0, range=PER_ENTRY, help="text plan: N seeds (samples) per caption")
@@ -851,6 +856,10 @@ class RunConfig:
     loop_sets: str = field("accumulate", range=Range(choices=("accumulate", "latest")),
                            help="closed loop: round r trains on loop_arm's sets plus every round's set so far "
                                 "(accumulate) or on round r's set alone (latest: the same volume every round)")
+    loop_planner: str = field("hardness", range=Range(choices=("hardness", "targeted")),
+                              help="closed loop: how the signal becomes a plan: hardness (FreeMask's mask ranking "
+                                   "by mean class weight) or targeted (the budget split over classes by weight, "
+                                   "then over the masks showing each class: what a failed small class needs)")
     loop_images_per_mask: int = field(0, range=Range(0, MAX_PER_ENTRY),
                                       help="closed loop: synthetic images per real mask each round adds (0: "
                                            "images_per_mask)")
@@ -868,8 +877,8 @@ RUN_SECTIONS = {
                             "init_checkpoint", "seed", "resume", "eval_split", "device")),
     "train_generator": (TrainGeneratorConfig, ("data", "out", "resume", "device")),
     "stats": (StatsConfig, ("segmenter", "out", "data", "device")),
-    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "budget", "seed", "captions", "per_caption",
-                          "class_prompts", "augment_prompts")),
+    "plan": (PlanConfig, ("data", "out", "uniform", "hardness", "stats", "targeted", "budget", "seed", "captions",
+                          "per_caption", "class_prompts", "augment_prompts")),
     "synthesize": (SynthesizeConfig, ("data", "plan", "generator", "out", "device", "lora")),
     "filter": (FilterConfig, ("synthetic", "segmenter", "stats", "device")),
     "captions": (CaptionConfig, ("data", "out", "split", "device")),

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from segsynth.formats.manifest import read_manifest
+from segsynth.formats.plan import read_plan
 from segsynth.io import read_json
 from segsynth.run import resolve_run_config, run
 
@@ -24,15 +25,17 @@ def _seeds(folder) -> set[int]:
 
 
 def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
-    """The default suite's run of the loop: one round re-planned from the joint model's class losses."""
+    """The default suite's run of the loop: one round re-planned from the joint model's class losses, with the
+    class-targeted planner (the slow test below takes the default hardness planner)."""
     out = tmp_path / "run"
-    values = {**TINY, "out": str(out), "rounds": 1, "loop_images_per_mask": 1}
+    values = {**TINY, "out": str(out), "rounds": 1, "loop_images_per_mask": 1, "loop_planner": "targeted"}
     results = run(resolve_run_config(values))
     assert list(results["arms"]) == ["real", "joint-filtered-hardness", "joint-filtered-hardness-round1"]
     signal = read_json(out / "loop" / "round1" / "class_stats.json")
     assert signal["segmenter"].startswith(str(out / "arms" / "joint-filtered-hardness" / "seed0"))
     round_set = out / "synthetic" / "hardness-round1"
     assert len(read_manifest(round_set)) == 12 and not _seeds(round_set) & _seeds(out / "synthetic" / "hardness")
+    assert all("targeted" in entry.extra for entry in read_plan(out / "plans" / "hardness-round1.jsonl"))
     assert results["arms"]["joint-filtered-hardness-round1"]["synthetic_images"] == 12 + 24
     assert "| 1 | joint-filtered-hardness-round1 | 36 |" in (out / "results.md").read_text()
 

@@ -12,7 +12,10 @@ synthetic data instead. Round r (1..R), after loop_arm's round r-1 model
      0.01 so that no class drops out), written in the class-statistics format
      so the hardness planner reads either unchanged
      -> OUT/loop/round<r>/class_stats.json
-  2. a hardness-aware plan from it, loop_images_per_mask (default
+  2. a plan from it (`loop_planner`: FreeMask's hardness-aware ranking of
+     masks, or `targeted`: the budget split over classes by the signal, then
+     over the masks showing each class; methods/freemask/targeted.py),
+     loop_images_per_mask (default
      images_per_mask) x N images, seeds starting at a new block per round, so
      no sample of any round or of the first plans is rendered twice
      -> OUT/plans/hardness-round<r>.jsonl
@@ -76,7 +79,8 @@ def round_stages(context, r: int) -> list[Stage]:
               # 2-3. The re-planned set, with seeds no earlier plan used.
               Stage(f"round {r}: plan", lambda: make_plan(context.stage_config(
                   PlanConfig, "plan", data=config.data, out=str(plan), stats=str(signal), budget=budget,
-                  seed=HARDNESS_FIRST_SEED + r * ROUND_SEEDS)), plan.is_file),
+                  targeted=config.loop_planner == "targeted", seed=HARDNESS_FIRST_SEED + r * ROUND_SEEDS)),
+                  plan.is_file),
               Stage(f"round {r}: synthesize", lambda: synthesize(context.stage_config(
                   SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator,
                   out=str(folder), device=config.device)), lambda: _synthesized(folder, plan))]
