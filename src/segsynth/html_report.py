@@ -441,7 +441,8 @@ def sweeps_section(run: RunFolder, table: dict[str, dict], sets: dict[str, list[
                   for name, variant in rows if arms[name]["per_class"]}
         chart = img(grouped_bars(run.classes, series, "IoU (%)", f"Per-class IoU per closed-loop round of {origin}",
                                  ymax=100), "per-class IoU per round") if series and run.classes else ""
-        parts.append(f"<h3>Closed loop of {esc(origin)}</h3><p>signal {esc(last.get('signal'))}, init "
+        parts.append(f"<h3>Closed loop of {esc(origin)}</h3><p>signal {esc(last.get('signal'))}, planner "
+                     f"{esc(last.get('planner', 'hardness'))}, init "
                      f"{esc(last.get('init'))}, sets {esc(last.get('sets'))}.</p>" + chart + table_html(
                          ["round", "arm", "synthetic images", "mIoU mean", "spread", *run.classes],
                          [[variant["round"], name, arms[name]["synthetic_images"], arms[name]["mean"],

@@ -173,7 +173,8 @@ def format_sweeps(results: dict) -> str:
         parts.append("\n".join(lines))
     for origin, rows in sweep_rows(results, "loop").items():
         first = rows[-1][1]
-        lines = [f"Closed loop of {origin} (signal {first.get('signal')}, init {first.get('init')}, sets "
+        lines = [f"Closed loop of {origin} (signal {first.get('signal')}, planner {first.get('planner', 'hardness')}, "
+                 f"init {first.get('init')}, sets "
                  f"{first.get('sets')}): mIoU and per-class IoU per round", "",
                  "| round | arm | synthetic images | mIoU | spread | vs round 0 | " + " | ".join(classes) + " |",
                  "|---|---|---|---|---|---|" + "---|" * len(classes)]

@@ -38,6 +38,7 @@ def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
     assert all("targeted" in entry.extra for entry in read_plan(out / "plans" / "hardness-round1.jsonl"))
     assert results["arms"]["joint-filtered-hardness-round1"]["synthetic_images"] == 12 + 24
     assert "| 1 | joint-filtered-hardness-round1 | 36 |" in (out / "results.md").read_text()
+    assert "(signal loss, planner targeted, init scratch" in (out / "results.md").read_text()
 
     capsys.readouterr()
     assert run(resolve_run_config(values))["arms"] == results["arms"]
@@ -87,7 +88,7 @@ def test_closed_loop_with_filter_and_volume_sweeps_end_to_end_and_resume(tmp_pat
 
     # The tables: per-class IoU per round, the sweeps, and the same in the HTML report.
     text = (out / "results.md").read_text()
-    assert "Closed loop of joint-filtered-hardness (signal loss, init scratch, sets accumulate)" in text
+    assert "Closed loop of joint-filtered-hardness (signal loss, planner hardness, init scratch, sets accumulate)" in text
     assert "| 2 | joint-filtered-hardness-round2 | 72 |" in text and "Filter settings of" in text
     assert "Synthetic volume of joint-filtered-hardness" in text and "iterations the same for every K" in text
     page = (out / "report.html").read_text()
