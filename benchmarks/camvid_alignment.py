@@ -31,7 +31,8 @@ from PIL import Image
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generator", required=True, help="builtin generator folder")
+    parser.add_argument("--generator", required=True,
+                        help="builtin generator folder, or KIND:DIR for another kind (latent:runs/camvid_latent_generator)")
     parser.add_argument("--segmenter", required=True, help="segmenter checkpoint trained on the real data")
     parser.add_argument("--data", default="camvid:/work/shared/datasets/camvid")
     parser.add_argument("--split", default="val")
@@ -90,14 +91,16 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(args.data)
-    meta = json.loads((Path(args.generator) / GENERATOR_FILE).read_text())
+    # A bare folder is the builtin pixel generator; "latent:DIR" (or any KIND:DIR) names the kind.
+    kind, _, folder = args.generator.rpartition(":") if ":" in args.generator else ("builtin", "", args.generator)
+    meta = json.loads((Path(folder) / GENERATOR_FILE).read_text())
     size = tuple(meta["size"])
     native = dataset.split(args.split)[0].label.shape
 
     # 1. One image per val mask, timed by synthesize itself.
     plan = make_plan(PlanConfig(data=args.data, out=str(work / "plan.jsonl"), split=args.split, uniform=1, seed=1000))
     started = time.time()
-    summary = synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"builtin:{args.generator}",
+    summary = synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"{kind}:{folder}",
                                           out=str(work / "synthetic"), split=args.split, batch_size=args.batch_size,
                                           steps=args.steps))
     synth_wall = time.time() - started
@@ -135,8 +138,8 @@ def main() -> int:
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "# Builtin generator on CamVid: mask alignment", "",
-        f"Generator `{args.generator}`: {meta.get('parameters', 0) / 1e6:.2f} M parameters, working size "
+        f"# {kind.capitalize()} generator on CamVid: mask alignment", "",
+        f"Generator `{folder}`: {meta.get('parameters', 0) / 1e6:.2f} M parameters, working size "
         f"{size[0]}x{size[1]} (H x W), trained {training.get('iterations')} iterations in {training.get('minutes')} min "
         f"on {os.cpu_count()} CPU cores; sampling {report['sampling']['steps']} steps {report['sampling']['scheduler']}, "
         f"{report['seconds_per_image']} s/image ({report['model_seconds_per_image']} s/image in the model).", "",
