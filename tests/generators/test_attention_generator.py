@@ -77,7 +77,10 @@ def test_samples_have_an_attention_label_confidence_and_heat_map(text_generator,
     # compared: the label. This 2-iteration model attends almost alike to every word, so per-pixel margins
     # between classes are ~1e-8 and float rounding that differs with the batch size flips many of them.)
     alone = generator.generate([Condition(requests[1], None, requests[1].prompt)])[0]
-    assert np.array_equal(alone.image, samples[1].image)
+    # Images: equal up to float rounding, which differs with the batch size on some CPUs (BLAS kernels):
+    # at most one 8-bit level on a few pixels; another seed or prompt differs on nearly every pixel.
+    gap = np.abs(alone.image.astype(int) - samples[1].image.astype(int))
+    assert gap.max() <= 1 and (gap > 0).mean() < 0.01
     assert len(captured) == 3 and captured[2].keys() == captured[1].keys()
     for res in captured[1]:
         assert torch.allclose(captured[2][res], captured[1][res], rtol=0, atol=1e-6)
