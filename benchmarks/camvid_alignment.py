@@ -91,8 +91,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(args.data)
-    # A bare folder is the builtin pixel generator; "latent:DIR" (or any KIND:DIR) names the kind.
-    kind, _, folder = args.generator.rpartition(":") if ":" in args.generator else ("builtin", "", args.generator)
+    # A bare folder is the builtin pixel generator; "latent:DIR" (or any KIND:DIR) names the kind, split as
+    # open_generator splits a spec.
+    kind, _, folder = args.generator.partition(":") if ":" in args.generator else ("builtin", "", args.generator)
     meta = json.loads((Path(folder) / GENERATOR_FILE).read_text())
     size = tuple(meta["size"])
     native = dataset.split(args.split)[0].label.shape

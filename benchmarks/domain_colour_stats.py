@@ -62,10 +62,12 @@ def main() -> int:
     args = parse_args()
     size = tuple(int(v) for v in args.size.split(","))
     target_name, target_paths = named_glob(args.target)
-    _, target_lum = luminance_of(target_paths, size)
     report = {"size": list(size), "target": target_name, "sets": {}}
+    target_lum = None
     for name, paths in [(target_name, target_paths)] + [named_glob(text) for text in args.set]:
         images, lum = luminance_of(paths, size)
+        if target_lum is None:  # the target comes first: every set, itself included, is measured against it
+            target_lum = lum
         report["sets"][name] = {
             "images": len(paths), "rgb_mean": [round(float(v), 1) for v in images.mean(axis=(0, 1, 2))],
             "luminance_mean": round(float(lum.mean()), 1),
