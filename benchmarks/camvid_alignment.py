@@ -37,6 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", default="camvid:/work/shared/datasets/camvid")
     parser.add_argument("--split", default="val")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator's)")
+    parser.add_argument("--guidance", default="",
+                        help="classifier-free guidance scales, comma-separated (a sweep: one synthetic set and one score "
+                             "each; needs a generator trained with cond_dropout); default: the generator's own")
+    parser.add_argument("--inference-size", default="",
+                        help="H,W the segmenter sees every image at (default: the data's native size); give the "
+                             "segmenter's training size for one trained at a low resolution")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grid", type=int, default=8, help="rows in the grid image")
     parser.add_argument("--work", default="runs/camvid_alignment", help="folder for the synthetic and resized sets")
@@ -98,29 +104,40 @@ def main() -> int:
     size = tuple(meta["size"])
     native = dataset.split(args.split)[0].label.shape
 
-    # 1. One image per val mask, timed by synthesize itself.
+    inference = tuple(int(v) for v in args.inference_size.split(",")) if args.inference_size else native
+    scales = [float(v) for v in args.guidance.split(",")] if args.guidance else [None]
+
+    # 1. One image per val mask for each guidance scale, timed by synthesize itself.
     plan = make_plan(PlanConfig(data=args.data, out=str(work / "plan.jsonl"), split=args.split, uniform=1, seed=1000))
-    started = time.time()
-    summary = synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"{kind}:{folder}",
-                                          out=str(work / "synthetic"), split=args.split, batch_size=args.batch_size,
-                                          steps=args.steps))
-    synth_wall = time.time() - started
 
-    # 2. The segmenter on generated images (vs their masks), on real val, and on real val at the working size.
-    def score(data: str, split: str, name: str, inference_size=None) -> dict:
+    def score(data: str, split: str, name: str) -> dict:
         return evaluate(EvalConfig(checkpoint=args.segmenter, data=data, split=split, out=str(work / f"metrics_{name}.json"),
-                                   size=list(inference_size or [])))
+                                   size=list(inference)))
 
-    generated = score(f"folder:{work / 'synthetic'}", "train", "generated", native)
+    sweep = []
+    for scale in scales:
+        tag = "synthetic" if scale is None else f"synthetic_g{scale:g}"
+        started = time.time()
+        summary = synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"{kind}:{folder}",
+                                              out=str(work / tag), split=args.split, batch_size=args.batch_size,
+                                              steps=args.steps, guidance=scale))
+        synth_wall = time.time() - started
+        # 2. The segmenter on generated images (vs their masks).
+        sweep.append({"guidance": scale, "folder": tag, "summary": summary, "synthesize_wall_s": round(synth_wall, 1),
+                      "generated": score(f"folder:{work / tag}", "train", f"generated_{tag}")})
+
+    # 3. ... and on real val, and on real val at the working size (the ceilings).
     real = score(args.data, args.split, "real")
-    low_res = score(resized_real_set(dataset, args.split, size, work / "real_low_res"), "train", "real_low_res", native)
+    low_res = score(resized_real_set(dataset, args.split, size, work / "real_low_res"), "train", "real_low_res")
+    best = max(sweep, key=lambda row: row["generated"]["miou"])
+    generated, summary, synth_wall = best["generated"], best["summary"], best["synthesize_wall_s"]
 
-    # 3. Grid and report.
-    grid = grid_image(dataset, args.split, work / "synthetic", args.grid, size)
+    # 4. Grid (of the best scale) and report.
+    grid = grid_image(dataset, args.split, work / best["folder"], args.grid, size)
     grid_path = out.with_name(out.name + "_grid.png")
     grid.save(grid_path)
     training = meta.get("training", {})
-    synthetic_records = [json.loads(line) for line in (work / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    synthetic_records = [json.loads(line) for line in (work / best["folder"] / "manifest.jsonl").read_text().splitlines()]
     report = {
         "generator": str(args.generator), "segmenter": str(args.segmenter), "data": args.data, "split": args.split,
         "working_size": list(size), "native_size": list(native), "parameters": meta.get("parameters"),
@@ -133,26 +150,39 @@ def main() -> int:
         "miou_generated_vs_conditioning_masks": round(generated["miou"], 2),
         "miou_real_val": round(real["miou"], 2),
         "miou_real_val_at_working_size": round(low_res["miou"], 2),
+        "inference_size": list(inference), "guidance": best["guidance"],
+        "alignment": round(generated["miou"] / low_res["miou"], 4) if low_res["miou"] else None,
+        "guidance_sweep": [{"guidance": row["guidance"], "miou_generated": round(row["generated"]["miou"], 2),
+                            "alignment": round(row["generated"]["miou"] / low_res["miou"], 4) if low_res["miou"] else None,
+                            "synthesize_wall_s": row["synthesize_wall_s"]} for row in sweep],
         "per_class": {name: {"generated": _round(generated["per_class"][name]), "real": _round(real["per_class"][name]),
                              "real_at_working_size": _round(low_res["per_class"][name])} for name in dataset.classes},
         "grid": str(grid_path), "cores": os.cpu_count(),
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    guided = "" if best["guidance"] is None else f", guidance {best['guidance']:g}"
     lines = [
         f"# {kind.capitalize()} generator on CamVid: mask alignment", "",
         f"Generator `{folder}`: {meta.get('parameters', 0) / 1e6:.2f} M parameters, working size "
         f"{size[0]}x{size[1]} (H x W), trained {training.get('iterations')} iterations in {training.get('minutes')} min "
         f"on {os.cpu_count()} CPU cores; sampling {report['sampling']['steps']} steps {report['sampling']['scheduler']}, "
         f"{report['seconds_per_image']} s/image ({report['model_seconds_per_image']} s/image in the model).", "",
-        f"Segmenter `{args.segmenter}` (trained on real {args.data}), mIoU on the {len(synthetic_records)} {args.split} masks:", "",
+        f"Segmenter `{args.segmenter}` (trained on real {args.data}), every image seen at {inference[0]}x{inference[1]}, "
+        f"mIoU on the {len(synthetic_records)} {args.split} masks:", "",
         "| images | mIoU |", "|---|---|",
-        f"| generated from the {args.split} masks (scored against them) | {report['miou_generated_vs_conditioning_masks']:.2f} |",
+        f"| generated from the {args.split} masks (scored against them{guided}) | {report['miou_generated_vs_conditioning_masks']:.2f} |",
         f"| real {args.split} images at {size[0]}x{size[1]} (ceiling at the generator's size) | {report['miou_real_val_at_working_size']:.2f} |",
         f"| real {args.split} images at {native[0]}x{native[1]} (ceiling) | {report['miou_real_val']:.2f} |", "",
         "| class | generated | real at working size | real |", "|---|---|---|---|",
         *[f"| {name} | {_fmt(v['generated'])} | {_fmt(v['real_at_working_size'])} | {_fmt(v['real'])} |"
           for name, v in report["per_class"].items()],
-        "", f"Grid (mask | generated | real): `{grid_path}`", "",
+        "", f"Alignment (generated / real at working size): {_percent(report['alignment'])}", "",
+        *([] if len(sweep) == 1 else [
+            "Guidance sweep (same masks, seeds and steps):", "", "| guidance | mIoU generated | alignment | synthesis s |",
+            "|---|---|---|---|",
+            *[f"| {row['guidance']:g} | {row['miou_generated']:.2f} | {_percent(row['alignment'])} | {row['synthesize_wall_s']:.0f} |"
+              for row in report["guidance_sweep"]], ""]),
+        f"Grid (mask | generated | real{guided}): `{grid_path}`", "",
     ]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -161,6 +191,10 @@ def main() -> int:
 
 def _round(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, 2)
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
 def _fmt(value) -> str:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from fakes import PYTHON, REPO, subprocess_env
+from fakes import PYTHON, REPO, TOY_SPEC, subprocess_env
 
 SMOKE = {
     "filter": (["--images", "16", "--size", "32x32", "--model", "segformer-tiny", "--batch", "4"],
@@ -69,3 +69,29 @@ def test_under_load_benchmark_reports_ratios_only_from_an_undisturbed_baseline(t
     else:  # a disturbed baseline: no ratio is reported, and the table says why
         assert entry["busy_ratio"] is None and entry["pair_ratio"] is None and entry["baseline"]["problems"]
         assert "DISTURBED: ratios invalid" in done.stdout
+
+
+def test_alignment_benchmark_sweeps_guidance_and_scores_at_the_segmenter_size(tmp_path, trained):
+    """camvid_alignment.py on toy data: a tiny generator trained with condition dropout, the shared tiny segmenter,
+    two guidance scales; each scale gets its own synthetic set and score, the report names the best one."""
+    from segsynth.generators.builtin import train_generator
+    from segsynth.stage_configs import TrainGeneratorConfig
+
+    generator = train_generator(TrainGeneratorConfig(
+        data=TOY_SPEC, out=str(tmp_path / "generator"), iterations=2, cond_dropout=0.5, size=[32, 32], channels=[32, 32],
+        layers_per_block=1, attention=False, batch_size=2, warmup=1, sample_steps=2, device="cpu"))
+    out = tmp_path / "report" / "alignment"
+    done = subprocess.run([PYTHON, "benchmarks/camvid_alignment.py", "--generator", f"builtin:{generator}",
+                           "--segmenter", str(trained[0]), "--data", TOY_SPEC, "--guidance", "1,2",
+                           "--inference-size", "32,32", "--batch-size", "4", "--grid", "2", "--work", str(tmp_path / "work"),
+                           "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [row["guidance"] for row in report["guidance_sweep"]] == [1.0, 2.0]
+    assert (tmp_path / "work" / "synthetic_g1" / "manifest.jsonl").is_file()
+    assert (tmp_path / "work" / "synthetic_g2" / "manifest.jsonl").is_file()
+    best = max(report["guidance_sweep"], key=lambda row: row["miou_generated"])
+    assert report["guidance"] == best["guidance"] and report["inference_size"] == [32, 32]
+    assert report["miou_generated_vs_conditioning_masks"] == best["miou_generated"]
+    assert 0 <= report["alignment"] and math.isfinite(report["alignment"])
+    assert "Guidance sweep" in out.with_suffix(".md").read_text() and out.with_name("alignment_grid.png").is_file()
