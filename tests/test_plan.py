@@ -68,12 +68,31 @@ def test_read_plan_keeps_extra_keys(tmp_path):
     ('{"id": "a", "seeds": ["1"]}\n', "integers"),
     ('{"seeds": [1]}\n', "\"id\""),
     ('', "empty"),
+    ('{"id": "a@x", "source": "a", "crop": [0, 0, 8], "seeds": [1]}\n', "must be \\[top, left, height, width\\]"),
+    ('{"id": "a@x", "source": "a", "crop": [0, -1, 8, 8], "seeds": [1]}\n', "top/left >= 0"),
+    ('{"id": "a@x", "source": "a", "crop": [0, 0, 0, 8], "seeds": [1]}\n', "height/width >= 1"),
+    ('{"id": "a@x", "source": "", "seeds": [1]}\n', "must name a mask id"),
+    ('{"id": "t", "kind": "text", "prompt": "a road", "crop": [0, 0, 8, 8], "seeds": [1]}\n', "belong to mask entries"),
 ])
 def test_read_plan_rejects_bad_plans(tmp_path, text, message):
     path = tmp_path / "p.jsonl"
     path.write_text(text)
     with pytest.raises(SegsynthError, match=message):
         read_plan(path)
+
+
+def test_a_crop_entry_names_its_mask_and_round_trips(tmp_path):
+    from segsynth.formats.plan import plan_requests, write_plan
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "m@pole", "source": "m", "crop": [1, 2, 3, 4], "seeds": [7], "target_class": "pole"}\n'
+                    '{"id": "m", "seeds": [8]}\n')
+    entries = read_plan(path)
+    assert (entries[0].source, entries[0].crop, entries[0].extra) == ("m", [1, 2, 3, 4], {"target_class": "pole"})
+    requests = plan_requests(entries, path)
+    assert [(r.id, r.source, r.crop) for r in requests] == [("m@pole_s7", "m", (1, 2, 3, 4)), ("m_s8", "m", None)]
+    write_plan(tmp_path / "again.jsonl", entries)
+    assert read_plan(tmp_path / "again.jsonl")[0].to_json() == entries[0].to_json()
 
 
 def test_read_plan_missing_file_says_how_to_make_one(tmp_path):

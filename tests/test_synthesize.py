@@ -93,6 +93,31 @@ def test_writes_a_folder_dataset_with_manifest(tmp_path, generator_dir):
     np.testing.assert_array_equal(sample.label, resize_mask(real.label(3), (32, 32)))
 
 
+def test_a_crop_entry_renders_that_window_of_its_source_mask(tmp_path, generator_dir):
+    """A plan entry with "source" and "crop" conditions on the window of the mask: the sample's label is the crop
+    resized to the working size, its id the entry's, its source the mask, and the crop is in its meta."""
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"id": "toy_train_00003@road", "source": "toy_train_00003", "crop": [8, 4, 16, 20], "seeds": [5]}\n'
+                    '{"id": "toy_train_00003", "seeds": [6]}\n')
+    run(plan, generator_dir, tmp_path / "set", batch_size=2)
+    records = {record["id"]: record for record in manifest(tmp_path / "set")}
+    cropped = records["toy_train_00003@road_s5"]
+    assert cropped["source"] == "toy_train_00003" and cropped["meta"] == {"crop": [8, 4, 16, 20]}
+    assert "meta" not in records["toy_train_00003_s6"]
+    real = open_dataset(TOY).split("train").label(3)
+    label = np.asarray(Image.open(tmp_path / "set" / cropped["mask"]))
+    np.testing.assert_array_equal(label, resize_mask(real[8:24, 4:24], (32, 32)))
+    assert not np.array_equal(label, resize_mask(real, (32, 32)))
+
+
+def test_a_crop_outside_its_mask_is_refused_before_the_generator_opens(tmp_path):
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"id": "a@road", "source": "toy_train_00000", "crop": [20, 0, 16, 16], "seeds": [0]}\n')
+    with pytest.raises(SegsynthError, match=r"a@road_s0: crop \[20, 0, 16, 16\].*outside mask toy_train_00000 \(32x32\)"):
+        run(plan, tmp_path / "no_generator_here", tmp_path / "set")
+    assert not (tmp_path / "set").exists()
+
+
 def test_rerun_skips_finished_samples(tmp_path, generator_dir):
     plan = make_test_plan(tmp_path / "plan.jsonl")
     run(plan, generator_dir, tmp_path / "set")

@@ -7,7 +7,7 @@ config beside it. Entry keys are the plan format's (`kind`, `prompt`,
 `class_words`, and `id` when the entry is not named by its mask id) plus any
 extra key a planner records. Modes: uniform (K per mask, `--uniform K`),
 FreeMask's hardness-aware plan (`--stats FILE`, methods/freemask/hardness.py), the class-targeted plan
-(`--stats FILE --targeted`, methods/freemask/targeted.py)
+(`--stats FILE --targeted`, methods/freemask/targeted.py; with `--class-crop F`, class-centred crops)
 and the text plan (`--captions FILE --per-caption N`: one text entry per
 caption, for a text -> mask generator such as SegGen's MaskSyn) and text entries from
 each real image's class set (`--class-prompts N`, Attn2mask; with `--augment-prompts` one entry per
@@ -27,7 +27,7 @@ from segsynth.generators.builtin_text.train import class_prompt, present_classes
 from segsynth.io import SegsynthError
 from segsynth.methods.attn2mask.prompts import PromptAugmenter
 from segsynth.methods.freemask.hardness import hardness_planner
-from segsynth.methods.freemask.targeted import targeted_planner
+from segsynth.methods.freemask.targeted import class_crop_entries, targeted_planner
 from segsynth.methods.seggen.captions import read_captions
 from segsynth.outputs import claim_file
 from segsynth.stage_configs import PlanConfig
@@ -118,6 +118,9 @@ def _make_plan(config: PlanConfig) -> Path:
     if len(chosen) != 1:
         modes = ", ".join(flags for flags, _, _ in PLANNERS.values())
         raise SegsynthError(f"choose exactly one plan mode ({modes}); got {', '.join(chosen) or 'none'} (e.g. --uniform 2)")
+    if config.class_crop and chosen != ["targeted"]:
+        raise SegsynthError("--class-crop renders the classes a targeted plan aims at: use it with --stats FILE "
+                            "--targeted")
     if config.augment_prompts and chosen != ["class-prompts"]:
         raise SegsynthError("--augment-prompts varies class prompts: use it with --class-prompts N (text -> image "
                             "generators with attention labels)")
@@ -137,6 +140,9 @@ def _make_plan(config: PlanConfig) -> Path:
                for sample_id, sample_seeds, entry_fields in zip(ids, seeds, fields)]
     if augmenter is not None:
         entries = augment_entries(entries, augmenter)
+    # ... and with class-centred crops, one entry per (mask, class it was planned for).
+    if config.class_crop:
+        entries = class_crop_entries(entries, dataset.split(config.split), list(dataset.classes), config.class_crop)
 
     # 4. Write the plan atomically, the resolved config beside it.
     out = write_plan(config.out, entries)

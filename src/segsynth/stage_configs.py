@@ -300,6 +300,10 @@ class PlanConfig:
     targeted: bool = field(False, help="class-targeted plan (needs --stats): the budget split over classes by their "
                                        "mean_loss weight, each class's share over the masks showing it by how much "
                                        "of the mask it covers, at most Nmax per mask (methods/freemask/targeted.py)")
+    class_crop: float = field(0.0, range=Range(0.0, 1.0),
+                              help="targeted plan: render each class's images from the window of this fraction of "
+                                   "each side of the mask that holds the most of the class (class-centred crops; "
+                                   "0: whole masks)")
     nmax: int = field(20, range=Range(1, MAX_PER_ENTRY),
                       help="hardness plan: the hardest mask gets Nmax images, the easiest 1 (targeted: the cap)")
     budget: int = field(0, range=Range(0, MAX_PLANNED),
@@ -856,10 +860,15 @@ class RunConfig:
     loop_sets: str = field("accumulate", range=Range(choices=("accumulate", "latest")),
                            help="closed loop: round r trains on loop_arm's sets plus every round's set so far "
                                 "(accumulate) or on round r's set alone (latest: the same volume every round)")
-    loop_planner: str = field("hardness", range=Range(choices=("hardness", "targeted")),
+    loop_planner: str = field("hardness", range=Range(choices=("hardness", "targeted", "targeted-crops")),
                               help="closed loop: how the signal becomes a plan: hardness (FreeMask's mask ranking "
-                                   "by mean class weight) or targeted (the budget split over classes by weight, "
-                                   "then over the masks showing each class: what a failed small class needs)")
+                                   "by mean class weight), targeted (the budget split over classes by weight, "
+                                   "then over the masks showing each class: what a failed small class needs) or "
+                                   "targeted-crops (targeted, each class's images rendered from a class-centred "
+                                   "crop of loop_class_crop x each side of the mask)")
+    loop_class_crop: float = field(0.5, range=Range(0.05, 1.0),
+                                   help="closed loop, targeted-crops planner: the crop's side as a fraction of the "
+                                        "mask's")
     loop_images_per_mask: int = field(0, range=Range(0, MAX_PER_ENTRY),
                                       help="closed loop: synthetic images per real mask each round adds (0: "
                                            "images_per_mask)")

@@ -169,11 +169,22 @@ def source_provenance(spec: str) -> dict[str, dict] | None:
 
 
 def check_sources(requests: list[Request], split: Split, plan_path: str) -> None:
-    """Every mask a request names must exist in the split it is rendered from."""
+    """Every mask a request names must exist in the split it is rendered from, and every crop lie inside it."""
     missing = sorted({r.source for r in requests if r.kind == "mask" and not split.has(r.source)})
     if missing:
         raise SegsynthError(f"{plan_path}: {len(missing)} mask id(s) are not in split {split.name!r}, e.g. "
                             f"{missing[:5]}; make the plan from this dataset and split (segsynth plan --split)")
+    shapes: dict[str, tuple[int, int]] = {}
+    for request in requests:
+        if request.crop is None:
+            continue
+        if request.source not in shapes:
+            shapes[request.source] = split.label(split.index_of(request.source)).shape[:2]
+        top, left, height, width = request.crop
+        if top + height > shapes[request.source][0] or left + width > shapes[request.source][1]:
+            raise SegsynthError(f"{plan_path}: {request.id}: crop {list(request.crop)} (top, left, height, width) reaches "
+                                f"outside mask {request.source} ({shapes[request.source][0]}x{shapes[request.source][1]}); "
+                                "make the plan from this dataset (segsynth plan --class-crop)")
 
 
 def check_request_kinds(generator: Generator, requests: list[Request], config: SynthesizeConfig) -> None:
@@ -283,15 +294,19 @@ def render(generator: Generator, split: Split, dataset, requests: list[Request],
 def _batches(generator: Generator, split: Split, dataset, requests: list[Request], batch_size: int):
     """Prepared batches of up to `batch_size` requests of one working size, in plan order within each size."""
     buckets: dict[tuple[int, int], list[Condition]] = {}
-    mask_cache: dict[str, tuple] = {}  # consecutive seeds of one mask share its read and prompt
+    mask_cache: dict[tuple, tuple] = {}  # consecutive seeds of one mask (and crop) share its read and prompt
     for request in requests:
         if request.kind == "mask":
-            if request.source not in mask_cache:
+            key = (request.source, request.crop)
+            if key not in mask_cache:
                 mask_cache.clear()
                 label = split.label(split.index_of(request.source))
+                if request.crop is not None:  # a class-centred window of the mask, rendered at the working size
+                    top, left, height, width = request.crop
+                    label = np.ascontiguousarray(label[top: top + height, left: left + width])
                 size = generator.working_size(label.shape)
-                mask_cache[request.source] = (size, resize_mask(label, size), generator.prompt(request, label, dataset.classes))
-            size, mask, prompt = mask_cache[request.source]
+                mask_cache[key] = (size, resize_mask(label, size), generator.prompt(request, label, dataset.classes))
+            size, mask, prompt = mask_cache[key]
         else:
             size, mask, prompt = generator.working_size(None), None, generator.prompt(request, None, dataset.classes)
         bucket = buckets.setdefault(size, [])
@@ -317,6 +332,8 @@ def _write_batch(batch: dict, out: Path, manifest: Path, palette, fields: dict, 
                                prompt=condition.prompt if uses_prompts else None, **fields,
                                size=list(sample.image.shape[:2]), seconds=round(batch["seconds"], 4))
         meta = dict(sample.meta)
+        if request.crop is not None:
+            meta["crop"] = list(request.crop)
         if sources is not None and request.source in sources:
             meta["source"] = sources[request.source]
         if meta:

@@ -5,9 +5,14 @@
     {"id": "street-3", "kind": "text", "seeds": [7], "prompt": "a photo of a road and a car",
      "class_words": {"road": ["road"], "car": ["car"]}}                            a text request
     {"id": "free", "kind": "none", "seeds": [8, 9]}                                 unconditional
+    {"id": "0001TP_006690@pole", "source": "0001TP_006690", "crop": [40, 60, 108, 144], "seeds": [3]}
+                                                    a crop [top, left, height, width] of a mask (class-centred crops)
 
 `kind` defaults to "mask", whose `id` names the mask (a real mask, or one a
-text -> mask stage generated, in whatever dataset the plan is rendered from).
+text -> mask stage generated, in whatever dataset the plan is rendered from),
+unless `source` names it: then `id` only names the entry, so one mask can have
+several entries (e.g. crops of it). `crop` renders that window of the mask,
+in its own pixels, instead of the whole mask; the sample's label is the crop.
 Seeds are distinct across the plan, so no two samples start from the same
 noise; sample `i` of an entry is named "<id>_s<seed>". Any other key a planner
 adds (FreeMask's "hardness") is kept in `PlanEntry.extra`.
@@ -22,7 +27,7 @@ from pathlib import Path
 from segsynth.generators.base import REQUEST_KINDS, Request
 from segsynth.io import SegsynthError, atomic_write_text, read_jsonl
 
-_KNOWN_KEYS = ("id", "seeds", "kind", "prompt", "class_words")
+_KNOWN_KEYS = ("id", "seeds", "kind", "prompt", "class_words", "source", "crop")
 MAX_SEED = 2**32 - 1
 
 
@@ -34,9 +39,15 @@ class PlanEntry:
     kind: str = "mask"
     prompt: str = ""
     class_words: dict[str, list[str]] = field(default_factory=dict)
+    source: str | None = None  # kind "mask": the mask id when it is not `id`
+    crop: list[int] | None = None  # kind "mask": [top, left, height, width] of the mask to render
 
     def to_json(self) -> dict:
         record: dict = {"id": self.id, "seeds": self.seeds}
+        if self.source is not None:
+            record["source"] = self.source
+        if self.crop is not None:
+            record["crop"] = list(self.crop)
         if self.kind != "mask":
             record["kind"] = self.kind
         if self.prompt:
@@ -88,12 +99,29 @@ def read_plan(path: str | Path) -> list[PlanEntry]:
         if not isinstance(class_words, dict) or not all(
                 isinstance(words, list) and all(isinstance(w, str) for w in words) for words in class_words.values()):
             raise SegsynthError(f"{where} ({record['id']}): \"class_words\" must map class names to lists of words")
+        source, crop = _mask_window(record, kind, where)
         seen.add(record["id"])
         extra = {k: v for k, v in record.items() if k not in _KNOWN_KEYS}
-        entries.append(PlanEntry(record["id"], seeds, extra, kind, prompt, class_words))
+        entries.append(PlanEntry(record["id"], seeds, extra, kind, prompt, class_words, source, crop))
     if not entries:
         raise SegsynthError(f"plan file {path} is empty")
     return entries
+
+
+def _mask_window(record: dict, kind: str, where: str) -> tuple[str | None, list[int] | None]:
+    """An entry's "source" (the mask id, when not its own id) and "crop" ([top, left, height, width]), checked."""
+    source, crop = record.get("source"), record.get("crop")
+    if (source is not None or crop is not None) and kind != "mask":
+        raise SegsynthError(f"{where} ({record['id']}): \"source\" and \"crop\" belong to mask entries, not kind {kind!r}")
+    if source is not None and (not isinstance(source, str) or not source):
+        raise SegsynthError(f"{where} ({record['id']}): \"source\" must name a mask id (a non-empty string)")
+    if crop is not None:
+        if (not isinstance(crop, list) or len(crop) != 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in crop)
+                or crop[0] < 0 or crop[1] < 0 or crop[2] < 1 or crop[3] < 1):
+            raise SegsynthError(f"{where} ({record['id']}): \"crop\" must be [top, left, height, width] in the mask's "
+                                f"pixels (integers, top/left >= 0, height/width >= 1); got {crop!r}")
+    return source, crop
 
 
 def plan_requests(entries: list[PlanEntry], plan_path: str | Path) -> list[Request]:
@@ -102,8 +130,9 @@ def plan_requests(entries: list[PlanEntry], plan_path: str | Path) -> list[Reque
     if unsafe:
         raise SegsynthError(f"{plan_path}: id(s) {unsafe[:5]} cannot name files (leading '.', or a path separator)")
     requests = [Request(f"{entry.id}_s{seed}", entry.kind, int(seed),
-                        source=entry.id if entry.kind == "mask" else None, prompt=entry.prompt,
-                        class_words=tuple((name, tuple(words)) for name, words in entry.class_words.items()))
+                        source=(entry.source or entry.id) if entry.kind == "mask" else None, prompt=entry.prompt,
+                        class_words=tuple((name, tuple(words)) for name, words in entry.class_words.items()),
+                        crop=tuple(entry.crop) if entry.crop else None)
                 for entry in entries for seed in entry.seeds]
     ids = [request.id for request in requests]
     if len(set(ids)) != len(ids):

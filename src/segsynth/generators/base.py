@@ -89,6 +89,7 @@ class Request:
     source: str | None = None  # kind "mask": id of the mask in the plan's dataset
     prompt: str = ""  # kind "text": the prompt; kind "mask": an optional caption from the plan
     class_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # class name -> words in `prompt` standing for it
+    crop: tuple[int, int, int, int] | None = None  # kind "mask": render this window (top, left, height, width) of it
 
     def words_by_class(self) -> dict[str, list[str]]:
         return {name: list(words) for name, words in self.class_words}

@@ -26,19 +26,22 @@ def _seeds(folder) -> set[int]:
 
 def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
     """The default suite's run of the loop: one round re-planned from the joint model's class losses, with the
-    class-targeted planner (the slow test below takes the default hardness planner)."""
+    class-targeted planner and class-centred crops (the slow test below takes the default hardness planner)."""
     out = tmp_path / "run"
-    values = {**TINY, "out": str(out), "rounds": 1, "loop_images_per_mask": 1, "loop_planner": "targeted"}
+    values = {**TINY, "out": str(out), "rounds": 1, "loop_images_per_mask": 1, "loop_planner": "targeted-crops",
+              "loop_class_crop": 0.5}
     results = run(resolve_run_config(values))
     assert list(results["arms"]) == ["real", "joint-filtered-hardness", "joint-filtered-hardness-round1"]
     signal = read_json(out / "loop" / "round1" / "class_stats.json")
     assert signal["segmenter"].startswith(str(out / "arms" / "joint-filtered-hardness" / "seed0"))
     round_set = out / "synthetic" / "hardness-round1"
     assert len(read_manifest(round_set)) == 12 and not _seeds(round_set) & _seeds(out / "synthetic" / "hardness")
-    assert all("targeted" in entry.extra for entry in read_plan(out / "plans" / "hardness-round1.jsonl"))
+    entries = read_plan(out / "plans" / "hardness-round1.jsonl")
+    assert all("targeted" in entry.extra and entry.crop[2:] == [16, 20] for entry in entries)
+    assert all(record["meta"]["crop"] for record in read_manifest(round_set))
     assert results["arms"]["joint-filtered-hardness-round1"]["synthetic_images"] == 12 + 24
     assert "| 1 | joint-filtered-hardness-round1 | 36 |" in (out / "results.md").read_text()
-    assert "(signal loss, planner targeted, init scratch" in (out / "results.md").read_text()
+    assert "(signal loss, planner targeted-crops 0.5, init scratch" in (out / "results.md").read_text()
 
     capsys.readouterr()
     assert run(resolve_run_config(values))["arms"] == results["arms"]

@@ -87,3 +87,64 @@ def test_targeted_plan_file(tmp_path):
 def test_targeted_needs_statistics(tmp_path):
     with pytest.raises(SegsynthError, match="targeted plan needs --stats"):
         make_plan(PlanConfig(data="toy:n=4,size=32", out=str(tmp_path / "p.jsonl"), targeted=True))
+
+
+def test_class_window_holds_the_most_pixels_of_the_class_and_centres_ties_on_it():
+    from segsynth.methods.freemask.targeted import class_window
+
+    label = np.zeros((20, 40), np.uint8)
+    label[2:4, 30:34] = 1  # a small sign in the top right
+    top, left, height, width = class_window(label, 1, 0.5)
+    assert (height, width) == (10, 20) and top + height <= 20 and left + width <= 40
+    assert (label[top:top + height, left:left + width] == 1).sum() == 8  # the whole sign is inside
+    # every window that holds the sign ties; the chosen one is centred nearest the sign (rows 2-3, columns 30-33)
+    assert (top, left) == (0, 20)
+    label[15:20, 0:8] = 1  # a larger patch of the class elsewhere wins
+    top, left, _, _ = class_window(label, 1, 0.5)
+    assert (label[top:top + 10, left:left + 20] == 1).sum() == 40 and left == 0
+    assert class_window(label, 1, 1.0) == [0, 0, 20, 40]
+
+
+def test_class_crops_split_each_mask_over_its_classes_and_raise_their_share(tmp_path):
+    """--class-crop: each targeted mask becomes one entry per class that earned it images, rendering the window
+    where that class is; the failed small classes cover a larger share of the planned pixels than with whole
+    masks, the seeds and the budget stay the same."""
+    from segsynth.data import open_dataset
+    from segsynth.data.toy import TOY_CLASSES
+    from segsynth.formats.plan import plan_requests
+
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"classes": list(TOY_CLASSES), "mean_loss": [0.1] * 6 + [5.0, 5.0, 5.0],
+                                 "pixels": [1] * 9}))
+    data, settings = "toy:n=30,size=32x40", dict(stats=str(stats), targeted=True, budget=45, nmax=10)
+    whole = read_plan(make_plan(PlanConfig(data=data, out=str(tmp_path / "whole.jsonl"), **settings)))
+    crops = read_plan(make_plan(PlanConfig(data=data, out=str(tmp_path / "crops.jsonl"), class_crop=0.5, **settings)))
+    assert sorted(s for e in crops for s in e.seeds) == sorted(s for e in whole for s in e.seeds)
+    split = open_dataset(data).split("train")
+    index = {name: c for c, name in enumerate(TOY_CLASSES)}
+
+    def shares(entries) -> np.ndarray:
+        pixels = np.zeros(len(TOY_CLASSES))
+        for entry in entries:
+            label = split.label(split.index_of(entry.source or entry.id))
+            if entry.crop:
+                top, left, height, width = entry.crop
+                label = label[top:top + height, left:left + width]
+            pixels += len(entry.seeds) * np.bincount(label.ravel(), minlength=256)[:len(TOY_CLASSES)]
+        return pixels / pixels.sum()
+
+    for entry in crops:
+        source, target = entry.id.split("@")
+        assert entry.source == source and entry.extra["target_class"] == target and "class_images" not in entry.extra
+        top, left, height, width = entry.crop
+        assert (height, width) == (16, 20) and top + height <= 32 and left + width <= 40
+        assert (split.label(split.index_of(source))[top:top + height, left:left + width] == index[target]).any()
+    assert len({e.id for e in crops}) == len(crops) >= len(whole)
+    failed = [index[name] for name in ("person", "pole", "sign")]
+    assert shares(crops)[failed].sum() > 1.5 * shares(whole)[failed].sum()
+    assert [r.source for r in plan_requests(crops, "crops.jsonl")] == [e.source for e in crops for _ in e.seeds]
+
+
+def test_class_crop_needs_the_targeted_plan(tmp_path):
+    with pytest.raises(SegsynthError, match="--class-crop .* --targeted"):
+        make_plan(PlanConfig(data="toy:n=4,size=32", out=str(tmp_path / "p.jsonl"), uniform=1, class_crop=0.5))

@@ -14,7 +14,9 @@ synthetic data instead. Round r (1..R), after loop_arm's round r-1 model
      -> OUT/loop/round<r>/class_stats.json
   2. a plan from it (`loop_planner`: FreeMask's hardness-aware ranking of
      masks, or `targeted`: the budget split over classes by the signal, then
-     over the masks showing each class; methods/freemask/targeted.py),
+     over the masks showing each class; methods/freemask/targeted.py; or
+     `targeted-crops`: the same, each class's images rendered from a crop of
+     the mask centred on that class, loop_class_crop x each side),
      loop_images_per_mask (default
      images_per_mask) x N images, seeds starting at a new block per round, so
      no sample of any round or of the first plans is rendered twice
@@ -79,7 +81,9 @@ def round_stages(context, r: int) -> list[Stage]:
               # 2-3. The re-planned set, with seeds no earlier plan used.
               Stage(f"round {r}: plan", lambda: make_plan(context.stage_config(
                   PlanConfig, "plan", data=config.data, out=str(plan), stats=str(signal), budget=budget,
-                  targeted=config.loop_planner == "targeted", seed=HARDNESS_FIRST_SEED + r * ROUND_SEEDS)),
+                  targeted=config.loop_planner in ("targeted", "targeted-crops"),
+                  class_crop=config.loop_class_crop if config.loop_planner == "targeted-crops" else 0.0,
+                  seed=HARDNESS_FIRST_SEED + r * ROUND_SEEDS)),
                   plan.is_file),
               Stage(f"round {r}: synthesize", lambda: synthesize(context.stage_config(
                   SynthesizeConfig, "synthesize", data=config.data, plan=str(plan), generator=generator,

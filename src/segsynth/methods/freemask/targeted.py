@@ -20,15 +20,30 @@ class mix round after round; the closed loop measured exactly that
 
 Selected by `segsynth plan --stats FILE --targeted` (budget: --budget, default
 one image per mask) and by the closed loop's `loop_planner: targeted`.
+
+Class-centred crops (`--class-crop F`, the loop's `loop_planner: targeted-crops`).
+Spreading images over masks cannot raise a small class above its share inside
+the masks that hold it: a synthetic image repeats its mask's class mix (the
+loop measured person at 0.73 % of the real pixels and 1.04 % of either plan's).
+With crops, each mask's images are split over the classes that earned them
+(largest remainder of step 3's per-class shares), and the images class c earned
+render the window of F x each side of the mask that holds the most pixels of c
+(ties: the window centred nearest the class's centroid), resized to the
+generator's working size. The class then covers a larger share of each image,
+and shows up larger, than in the whole mask.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from tqdm import tqdm
 
 from segsynth import IGNORE_INDEX
 from segsynth.data import Dataset
+from segsynth.data.base import Split
+from segsynth.formats.plan import PlanEntry
 from segsynth.formats.stats import load_class_stats
 from segsynth.io import SegsynthError
 from segsynth.stage_configs import PlanConfig
@@ -110,7 +125,54 @@ def targeted_planner(config: PlanConfig, dataset: Dataset, ids: list[str]) -> tu
     budget = config.budget or len(ids)
     per_mask_class = targeted_allocation(class_pixels, weights, budget, config.nmax)
     counts = round_to_budget(per_mask_class.sum(axis=1), budget, config.nmax)
-    # the class that brought each mask most of its images, kept in the plan for reading it later
-    fields = [{"targeted": round(float(row.sum()), 4)} | ({"target_class": dataset.classes[int(np.argmax(row))]}
-                                                           if row.sum() > 0 else {}) for row in per_mask_class]
+    # the class that brought each mask most of its images, and every class's share of them, kept in the plan for
+    # reading it later (and for class-centred crops)
+    fields = [{"targeted": round(float(row.sum()), 4)}
+              | ({"target_class": dataset.classes[int(np.argmax(row))],
+                  "class_images": {dataset.classes[c]: round(float(row[c]), 4) for c in np.flatnonzero(row > 0)}}
+                 if row.sum() > 0 else {}) for row in per_mask_class]
     return counts, fields
+
+
+def class_window(label: np.ndarray, class_id: int, fraction: float) -> list[int]:
+    """[top, left, height, width] of the window of `fraction` x each side of `label` holding the most pixels of
+    `class_id`; among equal windows, the one whose centre is nearest the class's centroid."""
+    height, width = label.shape[:2]
+    window_h, window_w = max(1, int(round(height * fraction))), max(1, int(round(width * fraction)))
+    hits = (label == class_id)
+    integral = np.pad(hits.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    counts = (integral[window_h:, window_w:] - integral[:-window_h, window_w:]
+              - integral[window_h:, :-window_w] + integral[:-window_h, :-window_w])  # [H-h+1, W-w+1]
+    tops, lefts = np.nonzero(counts == counts.max())
+    if hits.any():
+        rows, cols = np.nonzero(hits)
+        distance = (tops + window_h / 2 - rows.mean()) ** 2 + (lefts + window_w / 2 - cols.mean()) ** 2
+        best = int(np.argmin(distance))
+    else:
+        best = 0
+    return [int(tops[best]), int(lefts[best]), window_h, window_w]
+
+
+def class_crop_entries(entries: list[PlanEntry], split: Split, classes: list[str], fraction: float) -> list[PlanEntry]:
+    """Each targeted mask entry -> one entry per class that earned it images (module docstring), named
+    "<mask id>@<class>" (the class name made file-name safe), rendering that class's window of the mask with its share of the entry's seeds."""
+    if not 0 < fraction <= 1:
+        raise SegsynthError(f"--class-crop takes the crop's side as a fraction of the mask's, in (0, 1]; got {fraction}")
+    index = {name: c for c, name in enumerate(classes)}
+    result = []
+    for entry in tqdm(entries, desc="class crops", unit="mask", leave=False):
+        shares = entry.extra.get("class_images") or {}
+        if entry.kind != "mask" or not shares or not entry.seeds:
+            result.append(entry)
+            continue
+        names = sorted(shares, key=lambda name: index[name])
+        counts = round_to_budget(np.array([shares[name] for name in names]), len(entry.seeds), len(entry.seeds))
+        label = split.label(split.index_of(entry.source or entry.id))
+        seeds = iter(entry.seeds)
+        for name, count in zip(names, counts):
+            if count:
+                extra = {key: value for key, value in entry.extra.items() if key != "class_images"}
+                result.append(PlanEntry(f"{entry.id}@{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}", [next(seeds) for _ in range(count)],
+                                        extra | {"target_class": name}, source=entry.source or entry.id,
+                                        crop=class_window(label, index[name], fraction)))
+    return result

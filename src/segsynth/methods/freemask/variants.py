@@ -144,7 +144,8 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
                 origin, name=name, synthetic=(origin.synthetic if config.loop_sets == "accumulate" else ()) + new,
                 round=r, init_from=previous if config.loop_init == "previous" else "",
                 tags=(("sweep", "loop"), ("of", config.loop_arm), ("round", r), ("signal", config.loop_signal),
-                      ("planner", config.loop_planner), ("init", config.loop_init), ("sets", config.loop_sets),
+                      ("planner", config.loop_planner if config.loop_planner != "targeted-crops" else
+                                  f"targeted-crops {config.loop_class_crop:g}"), ("init", config.loop_init), ("sets", config.loop_sets),
                       ("signal_file", f"loop/round{r}/class_stats.json")))
     return arms, sets
 
