@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inference-size", default="",
                         help="H,W the segmenter sees every image at (default: the data's native size); give the "
                              "segmenter's training size for one trained at a low resolution")
+    parser.add_argument("--curve", action="store_true",
+                        help="also score every snapshot the generator's training kept (train-generator --keep-every: "
+                             "GEN/snapshots/it<N>): alignment against training iterations from one run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grid", type=int, default=8, help="rows in the grid image")
     parser.add_argument("--work", default="runs/camvid_alignment", help="folder for the synthetic and resized sets")
@@ -126,6 +129,20 @@ def main() -> int:
         sweep.append({"guidance": scale, "folder": tag, "summary": summary, "synthesize_wall_s": round(synth_wall, 1),
                       "generated": score(f"folder:{work / tag}", "train", f"generated_{tag}")})
 
+    # 2b. With --curve, each kept snapshot of the same training at the first guidance scale.
+    snapshots = sorted((int(path.name[2:]), path) for path in (Path(folder) / "snapshots").glob("it*")
+                       if path.name[2:].isdigit()) if args.curve else []
+    if args.curve and not snapshots:
+        raise SystemExit(f"--curve: {folder}/snapshots holds no it<N> folder; train with --keep-every N")
+    curve = []
+    for iterations, path in snapshots:
+        tag = f"curve_it{iterations}"
+        synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"{kind}:{path}", out=str(work / tag),
+                                    split=args.split, batch_size=args.batch_size, steps=args.steps, guidance=scales[0]))
+        training = json.loads((path / GENERATOR_FILE).read_text()).get("training", {})
+        curve.append({"iterations": iterations, "minutes": training.get("minutes"),
+                      "generated": score(f"folder:{work / tag}", "train", f"generated_{tag}")})
+
     # 3. ... and on real val, and on real val at the working size (the ceilings).
     real = score(args.data, args.split, "real")
     low_res = score(resized_real_set(dataset, args.split, size, work / "real_low_res"), "train", "real_low_res")
@@ -155,6 +172,11 @@ def main() -> int:
         "guidance_sweep": [{"guidance": row["guidance"], "miou_generated": round(row["generated"]["miou"], 2),
                             "alignment": round(row["generated"]["miou"] / low_res["miou"], 4) if low_res["miou"] else None,
                             "synthesize_wall_s": row["synthesize_wall_s"]} for row in sweep],
+        "curve": [{"iterations": row["iterations"], "minutes": row["minutes"],
+                   "miou_generated": round(row["generated"]["miou"], 2),
+                   "alignment": round(row["generated"]["miou"] / low_res["miou"], 4) if low_res["miou"] else None,
+                   "per_class": {name: _round(row["generated"]["per_class"][name]) for name in dataset.classes}}
+                  for row in curve],
         "per_class": {name: {"generated": _round(generated["per_class"][name]), "real": _round(real["per_class"][name]),
                              "real_at_working_size": _round(low_res["per_class"][name])} for name in dataset.classes},
         "grid": str(grid_path), "cores": os.cpu_count(),
@@ -182,6 +204,13 @@ def main() -> int:
             "|---|---|---|---|",
             *[f"| {row['guidance']:g} | {row['miou_generated']:.2f} | {_percent(row['alignment'])} | {row['synthesize_wall_s']:.0f} |"
               for row in report["guidance_sweep"]], ""]),
+        *([] if not curve else [
+            f"Alignment against training iterations (snapshots of the same run{guided}; the last row is the final model):",
+            "", "| iterations | minutes | mIoU generated | alignment |", "|---|---|---|---|",
+            *[f"| {row['iterations']} | {row['minutes']} | {row['miou_generated']:.2f} | {_percent(row['alignment'])} |"
+              for row in report["curve"] if row["iterations"] != training.get("iterations")],
+            f"| {training.get('iterations')} | {training.get('minutes')} | "
+            f"{report['guidance_sweep'][0]['miou_generated']:.2f} | {_percent(report['guidance_sweep'][0]['alignment'])} |", ""]),
         f"Grid (mask | generated | real{guided}): `{grid_path}`", "",
     ]
     out.with_suffix(".md").write_text("\n".join(lines))

@@ -79,11 +79,12 @@ def test_alignment_benchmark_sweeps_guidance_and_scores_at_the_segmenter_size(tm
 
     generator = train_generator(TrainGeneratorConfig(
         data=TOY_SPEC, out=str(tmp_path / "generator"), iterations=2, cond_dropout=0.5, size=[32, 32], channels=[32, 32],
-        layers_per_block=1, attention=False, batch_size=2, warmup=1, sample_steps=2, device="cpu"))
+        layers_per_block=1, attention=False, batch_size=2, warmup=1, sample_steps=2, save_every=1, keep_every=1,
+        device="cpu"))
     out = tmp_path / "report" / "alignment"
     done = subprocess.run([PYTHON, "benchmarks/camvid_alignment.py", "--generator", f"builtin:{generator}",
                            "--segmenter", str(trained[0]), "--data", TOY_SPEC, "--guidance", "1,2",
-                           "--inference-size", "32,32", "--batch-size", "4", "--grid", "2", "--work", str(tmp_path / "work"),
+                           "--curve", "--inference-size", "32,32", "--batch-size", "4", "--grid", "2", "--work", str(tmp_path / "work"),
                            "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -95,3 +96,7 @@ def test_alignment_benchmark_sweeps_guidance_and_scores_at_the_segmenter_size(tm
     assert report["miou_generated_vs_conditioning_masks"] == best["miou_generated"]
     assert 0 <= report["alignment"] and math.isfinite(report["alignment"])
     assert "Guidance sweep" in out.with_suffix(".md").read_text() and out.with_name("alignment_grid.png").is_file()
+    # --curve: the snapshots of iterations 1 and 2 (the final model), at the first guidance scale
+    assert [row["iterations"] for row in report["curve"]] == [1, 2]
+    assert report["curve"][1]["miou_generated"] == report["guidance_sweep"][0]["miou_generated"]
+    assert "| 1 |" in out.with_suffix(".md").read_text().split("against training iterations")[1]

@@ -68,6 +68,19 @@ def _ordered_pair(key: str):
     return check
 
 
+def _keep_every_fits_saves(values: dict, source: str) -> str | None:
+    """Snapshots copy a saved model, so they come at saves (builtin and latent only)."""
+    keep, save = values.get("keep_every") or 0, values.get("save_every") or 500
+    if not keep:
+        return None
+    if values.get("kind", "builtin") not in ("builtin", "latent"):
+        return f"key 'keep_every' {keep}: snapshots are kept by the builtin and latent trainers only; drop it"
+    if keep % save:
+        return (f"key 'keep_every' {keep} is not a multiple of save_every {save}: a snapshot is a copy of a saved "
+                f"model; give a multiple, e.g. --keep-every {save * -(-keep // save)}")
+    return None
+
+
 def _size_fits_unet(values: dict, source: str) -> str | None:
     """The working size must pass space-to-depth (builtin: x2; latent: the autoencoder's x8) and every UNet
     downsampling; checked here when both are given (otherwise once the kind's preset fills them in)."""
@@ -412,10 +425,14 @@ class TrainGeneratorConfig:
     seed: int = field(0, range=SEED, help="run seed")
     save_every: int = field(500, range=EVERY, help="write the (EMA) model and the resumable training state every N "
                                                    "iterations, so a kill loses little")
+    keep_every: int = field(0, range=Range(0, 10_000_000),
+                            help="builtin, latent: also keep the (EMA) model of every Nth iteration, a multiple of "
+                                 "--save-every, in OUT/snapshots/it<N> (each opens as a generator: a quality-vs-"
+                                 "iterations curve from one run; 0: none)")
     log_every: int = field(50, range=EVERY, help="write a OUT/train_log.jsonl line every N iterations")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
 
-    __cross_checks__ = (_size_fits_unet,)
+    __cross_checks__ = (_size_fits_unet, _keep_every_fits_saves)
 
 
 # train-generator kinds. "keys": the kind-specific keys this kind reads (one another kind reads but this one

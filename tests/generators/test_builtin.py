@@ -131,6 +131,32 @@ TINY = dict(size=[32, 32], channels=[32, 32], layers_per_block=1, attention=Fals
             log_every=1, sample_steps=3, device="cpu")
 
 
+def test_keep_every_leaves_snapshots_that_open_as_generators_and_survive_a_resume(tmp_path):
+    """--keep-every N: the EMA model of every Nth iteration (at saves, and the last one) in OUT/snapshots/it<N>,
+    without training state; each opens and samples; a resumed run adds the new ones and keeps the old."""
+    out = tmp_path / "g"
+    settings = dict(data=TOY, out=str(out), save_every=2, keep_every=2, **TINY)
+    train_generator(TrainGeneratorConfig(iterations=4, **settings))
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["it2", "it4"]
+    first = (out / "snapshots" / "it2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert not (out / "snapshots" / "it2" / "training_state").exists()
+    assert json.loads((out / "snapshots" / "it2" / "segsynth_generator.json").read_text())["training"]["iterations"] == 2
+    final = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    kept = load_file(out / "snapshots" / "it4" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final[name], kept[name]) for name in final)
+    generator = open_generator(f"builtin:{out / 'snapshots' / 'it2'}", GeneratorSettings(steps=2, device="cpu"))
+    assert generator.steps == 2
+
+    train_generator(TrainGeneratorConfig(iterations=6, resume=True, **settings))
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["it2", "it4", "it6"]
+    assert (out / "snapshots" / "it2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first
+
+
+def test_keep_every_must_be_a_multiple_of_save_every(tmp_path):
+    with pytest.raises(SegsynthError, match="keep_every. 3 is not a multiple of save_every 2.*--keep-every 4"):
+        TrainGeneratorConfig(data=TOY, out=str(tmp_path / "g"), save_every=2, keep_every=3)
+
+
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     settings = dict(data=TOY, iterations=5, save_every=2, cond_dropout=0.5, **TINY)
     straight = train_generator(TrainGeneratorConfig(out=str(tmp_path / "straight"), **settings))

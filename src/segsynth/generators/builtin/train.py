@@ -46,8 +46,9 @@ from segsynth.training.schedule import check_finite, warmup_cosine
 
 TRAINING_STATE = "training_state"
 # Settings a resumed run may change (everything else must match the saved run).
-RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "log_every", "device",
+RESUMABLE_CHANGES = ("out", "resume", "iterations", "max_minutes", "save_every", "keep_every", "log_every", "device",
                      "sample_steps", "sample_scheduler", "guidance")
+SNAPSHOTS = "snapshots"
 
 # (generator RNG for this iteration) -> (clean sample in model space, mask condition), both on the CPU
 DrawBatch = Callable[[np.random.Generator, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -208,6 +209,8 @@ def train_denoiser(config: TrainGeneratorConfig, out: Path, denoiser: MaskDenois
         bar.update(1)
         if done % config.save_every == 0 and done < config.iterations:
             saver.save(_stats(config, done, start, seconds_before, started, smoothed, finished=False))
+            if config.keep_every and done % config.keep_every == 0:
+                saver.keep(out / SNAPSHOTS / f"it{done}")
     bar.close()
 
     # 3. The final model (EMA weights) with its training state, swapped in whole. A run that spent its
@@ -216,6 +219,8 @@ def train_denoiser(config: TrainGeneratorConfig, out: Path, denoiser: MaskDenois
                    finished=completed >= config.iterations or out_of_time)
     stats["stopped_by"] = "max_minutes" if out_of_time else "iterations"
     saver.save(stats)
+    if config.keep_every and completed % config.keep_every == 0:
+        saver.keep(out / SNAPSHOTS / f"it{completed}")
     return out
 
 
@@ -323,10 +328,26 @@ class _Saver:
         self.out, self.denoiser, self.noise_schedule = out, denoiser, noise_schedule
         self.optimizer, self.ema, self.meta, self.files = optimizer, ema, meta, files
 
+    def model_files(self) -> list[str]:
+        """What a generator folder holds besides its training state."""
+        return [*self.denoiser.parts(), "scheduler", *self.files, GENERATOR_FILE]
+
+    def keep(self, folder: Path) -> None:
+        """A copy of the model just saved (no training state), whole or not at all: a snapshot."""
+        if folder.exists():  # a resumed run passing an iteration it had kept already
+            return
+        staging = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in self.model_files():
+            source = self.out / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, staging / name)
+        staging.rename(folder)
+
     def save(self, stats: dict) -> None:
         meta = {**self.meta, "training": stats}
         parameters = list(self.denoiser.parameters())
-        names = [TRAINING_STATE, *self.denoiser.parts(), "scheduler", *self.files, GENERATOR_FILE]
+        names = [TRAINING_STATE, *self.model_files()]
         with staged_swap(self.out, names, what="generator") as staging:
             save_training_state(staging / TRAINING_STATE, self.denoiser, self.optimizer, self.ema, meta)
             self.ema.store(parameters)
