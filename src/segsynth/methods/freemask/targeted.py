@@ -155,9 +155,8 @@ def class_window(label: np.ndarray, class_id: int, fraction: float) -> list[int]
 
 def class_crop_entries(entries: list[PlanEntry], split: Split, classes: list[str], fraction: float) -> list[PlanEntry]:
     """Each targeted mask entry -> one entry per class that earned it images (module docstring), named
-    "<mask id>@<class>" (the class name made file-name safe), rendering that class's window of the mask with its share of the entry's seeds."""
-    if not 0 < fraction <= 1:
-        raise SegsynthError(f"--class-crop takes the crop's side as a fraction of the mask's, in (0, 1]; got {fraction}")
+    "<mask id>@<class>" (the class name made file-name safe), rendering that class's window of the mask with
+    its share of the entry's seeds. `fraction` is in (0, 1] (PlanConfig.class_crop's range)."""
     index = {name: c for c, name in enumerate(classes)}
     result = []
     for entry in tqdm(entries, desc="class crops", unit="mask", leave=False):
@@ -169,10 +168,11 @@ def class_crop_entries(entries: list[PlanEntry], split: Split, classes: list[str
         counts = round_to_budget(np.array([shares[name] for name in names]), len(entry.seeds), len(entry.seeds))
         label = split.label(split.index_of(entry.source or entry.id))
         seeds = iter(entry.seeds)
+        extra = {key: value for key, value in entry.extra.items() if key != "class_images"}
         for name, count in zip(names, counts):
             if count:
-                extra = {key: value for key, value in entry.extra.items() if key != "class_images"}
-                result.append(PlanEntry(f"{entry.id}@{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}", [next(seeds) for _ in range(count)],
+                safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+                result.append(PlanEntry(f"{entry.id}@{safe_name}", [next(seeds) for _ in range(count)],
                                         extra | {"target_class": name}, source=entry.source or entry.id,
                                         crop=class_window(label, index[name], fraction)))
     return result
