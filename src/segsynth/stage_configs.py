@@ -407,7 +407,8 @@ class TrainGeneratorConfig:
                                      "trains a finished model further)")
     iterations: int = field(4000, range=ITERATIONS, help="training iterations")
     max_minutes: float = field(0.0, range=MINUTES,
-                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+                               help="stop after this many minutes of training, the LR schedule shortened to fit; a resumed "
+                                    "run counts the minutes it trained before (0: no limit)")
     batch_size: int = field(16, range=BATCH, help="images per iteration (per process under torchrun)")
     lr: float | None = field(None, range=POSITIVE,
                              help="peak learning rate (AdamW, linear warm-up then cosine decay; default: "
@@ -527,7 +528,8 @@ class TrainTextGeneratorConfig:
                             help="tokens per prompt with <bos>/<eos> (0: the longest training prompt's, rounded up to 8)")
     iterations: int = field(4000, range=ITERATIONS, help="training iterations")
     max_minutes: float = field(0.0, range=MINUTES,
-                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+                               help="stop after this many minutes of training, the LR schedule shortened to fit; a resumed "
+                                    "run counts the minutes it trained before (0: no limit)")
     batch_size: int = field(16, range=BATCH, help="images per iteration")
     lr: float = field(5e-4, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay)")
     warmup: int = field(100, range=COUNT, help="warm-up iterations")
@@ -681,7 +683,8 @@ class AdaptConfig:
                                            "default: the attention projections, self- and cross-attention")
     iterations: int = field(500, range=ITERATIONS, help="training iterations")
     max_minutes: float = field(0.0, range=MINUTES,
-                               help="stop after this many minutes, the LR schedule shortened to fit (0: no limit)")
+                               help="stop after this many minutes of training, the LR schedule shortened to fit; a resumed "
+                                    "run counts the minutes it trained before (0: no limit)")
     batch_size: int = field(8, range=BATCH, help="images per iteration")
     lr: float | None = field(None, range=POSITIVE, help="peak learning rate (AdamW, linear warm-up then cosine decay; "
                                                         "default: 1e-3 for the builtin generators, 1e-4 for diffusers "

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import segsynth.generators.builtin.train as train_module
+import segsynth.generators.training_loop as training_loop
 from segsynth.cli import main
 from segsynth.data import open_dataset
 from segsynth.generators import GENERATORS, GeneratorSettings, open_generator
@@ -164,17 +165,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypa
     class Killed(Exception):
         pass
 
-    original = train_module.report_speed
+    original = training_loop._report_speed
 
-    def kill_after_three(done_here, config, start, timer_start):
+    def kill_after_three(name, done_here, *rest):
         if done_here == 3:  # after the save at iteration 2, before the next one
             raise Killed
-        return original(done_here, config, start, timer_start)
+        return original(name, done_here, *rest)
 
-    monkeypatch.setattr(train_module, "report_speed", kill_after_three)
+    monkeypatch.setattr(training_loop, "_report_speed", kill_after_three)
     with pytest.raises(Killed):
         train_generator(TrainGeneratorConfig(out=str(tmp_path / "resumed"), **settings))
-    monkeypatch.setattr(train_module, "report_speed", original)
+    monkeypatch.setattr(training_loop, "_report_speed", original)
     resumed = main(["train-generator", "--data", TOY, "--out", str(tmp_path / "resumed"), "--resume", "--iterations", "5",
                     "--save-every", "2", "--cond-dropout", "0.5", "--size", "32,32", "--channels", "32,32",
                     "--layers-per-block", "1", "--no-attention", "--batch-size", "2", "--warmup", "2",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import segsynth.generators.builtin_text.train as train_module
+import segsynth.generators.training_loop as training_loop
 from segsynth.data import Sample, open_dataset
 from segsynth.generators.base import Condition, GeneratorSettings, Request
 from segsynth.generators.builtin_text import (
@@ -146,17 +146,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypa
     class Killed(Exception):
         pass
 
-    original = train_module._report_speed
+    original = training_loop._report_speed
 
-    def kill_after_three(done_here, total_here, timer_start):
+    def kill_after_three(name, done_here, *rest):
         if done_here == 3:  # after the save at iteration 2, before the next one
             raise Killed
-        return original(done_here, total_here, timer_start)
+        return original(name, done_here, *rest)
 
-    monkeypatch.setattr(train_module, "_report_speed", kill_after_three)
+    monkeypatch.setattr(training_loop, "_report_speed", kill_after_three)
     with pytest.raises(Killed):
         train_text_generator(TrainTextGeneratorConfig(out=str(tmp_path / "resumed"), **settings))
-    monkeypatch.setattr(train_module, "_report_speed", original)
+    monkeypatch.setattr(training_loop, "_report_speed", original)
     resumed = train_text_generator(TrainTextGeneratorConfig(out=str(tmp_path / "resumed"), resume=True, **settings))
 
     meta = json.loads((resumed / "segsynth_generator.json").read_text())

@@ -3,21 +3,22 @@ an EMA of the weights, optional condition dropout for classifier-free guidance; 
 staging folder, with a training state that `--resume` continues from.
 
 `train_generator` trains the pixel generator (rescaled crops and flips of the real pairs, 2x2-packed);
-`train_denoiser` is the loop itself, shared with the latent generator (generators/latent/train.py), which
-hands it its own networks and batches.
+`train_denoiser` is the trainer shared with the latent generator (generators/latent/train.py), which hands it
+its own networks and batches; the iterations themselves run in generators/training_loop.py.
 
 Determinism and resume: iteration i draws its batch (crops, flips, dropped conditions), noise and timesteps
 from generators seeded by (seed, i), the networks have no dropout, and the learning rate is a function of
 i, so a run resumed from its last save (OUT/training_state: raw weights, EMA, AdamW state, iteration) ends
-with the weights of an uninterrupted run (unless --max-minutes shortens the schedule by wall time). A
-resume with a larger --iterations trains a finished model further, on the schedule of the new length.
+with the weights of an uninterrupted run (unless --max-minutes shortens the schedule by wall time: that budget
+counts the training time of every session of the run). A resume with a larger --iterations (or, for a run
+its --max-minutes ended, a larger --max-minutes) trains a finished model further, on the schedule of the new
+length.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,18 +32,17 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
-from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
-from segsynth.generators.base import duration_text, resolve_device
+from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, MaskDenoiser, build_unet, encode_images,
                                                encode_masks, training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl, staged_swap
+from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
 from segsynth.outputs import claim_folder
 from segsynth.stage_configs import TrainGeneratorConfig, preset_keys, resolve_generator_kind
-from segsynth.training.schedule import check_finite, warmup_cosine
+from segsynth.generators.training_loop import TrainingParts, run_iterations
 
 TRAINING_STATE = "training_state"
 # Settings a resumed run may change (everything else must match the saved run).
@@ -129,10 +129,11 @@ def check_guidance_settings(config: TrainGeneratorConfig) -> None:
 
 def train_denoiser(config: TrainGeneratorConfig, out: Path, denoiser: MaskDenoiser, draw_batch: DrawBatch,
                    meta: dict, files: dict[str, Callable[[Path], None]] | None = None) -> Path:
-    """The shared loop of the mask-conditioned generators: `denoiser` learns to predict v from the noisy
-    sample and the condition `draw_batch` gives (the condition zeroed with probability `cond_dropout`).
-    `meta` is written as segsynth_generator.json (with the training statistics added); `files` are extra
-    entries of the model folder, name -> writer(path), swapped in with it. Returns `out`."""
+    """The mask-conditioned generators' training: `denoiser` learns to predict v from the noisy sample and
+    the condition `draw_batch` gives (the condition zeroed with probability `cond_dropout`), iterated by
+    generators/training_loop.py. `meta` is written as segsynth_generator.json (with the training statistics
+    added); `files` are extra entries of the model folder, name -> writer(path), swapped in with it. Returns
+    `out`."""
     device = resolve_device(config.device)
     denoiser.to(device)
 
@@ -151,76 +152,26 @@ def train_denoiser(config: TrainGeneratorConfig, out: Path, denoiser: MaskDenois
     if state_folder is not None:
         start, seconds_before = _resume(state_folder, config, denoiser, optimizer, ema, device)
     save_config(config, out / "train_generator.config.yaml")
-    log_path = out / "train_log.jsonl"
-    if start:  # lines logged after the save, before the kill, are logged again from here
-        rewind_jsonl(log_path, keep=lambda record: record.get("iteration", 0) <= start)
-    else:
-        log_path.unlink(missing_ok=True)
     saver = _Saver(out, denoiser, noise_schedule, optimizer, ema, meta, files or {})
-    if start >= config.iterations:
-        tqdm.write(f"{out}: already trained for {start} iterations (--iterations {config.iterations}); nothing to do")
-        return out
 
-    # 2. Iterate: batch -> dropped conditions -> noise at a random timestep -> v-prediction loss (min-SNR weighted).
-    started, loss_sum, loss_count, smoothed = time.time(), 0.0, 0, None
-    budget, timer_start = config.max_minutes * 60.0, None
-    bar = tqdm(total=config.iterations, initial=start, desc="train-generator", unit="it", dynamic_ncols=True,
-               mininterval=1.0)
-    completed, out_of_time = start, False
-    denoiser.train()
-    for iteration in range(start, config.iterations):
-        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
-        progress = iteration / config.iterations
-        if budget > 0:
-            progress = max(progress, (time.time() - started) / budget)
-            if progress >= 1.0:
-                out_of_time = True
-                break
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(config.lr, iteration, config.warmup, progress)
+    # 2. One iteration's loss: batch -> dropped conditions -> noise at a random timestep -> v-prediction loss
+    #    (min-SNR weighted), every draw from generators seeded by (seed, iteration).
+    def batch_loss(iteration: int) -> torch.Tensor:
         rng = np.random.default_rng([config.seed, iteration])
         torch_rng = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + iteration)
         clean, condition = draw_batch(rng, torch_rng)
         if config.cond_dropout:  # drawn after the batch: a run without dropout draws what it always drew
             condition[torch.from_numpy(rng.random(len(condition)) < config.cond_dropout)] = 0.0
-        loss = denoising_loss(denoiser, noise_schedule, alphas_cumprod, clean.to(device), condition.to(device),
+        return denoising_loss(denoiser, noise_schedule, alphas_cumprod, clean.to(device), condition.to(device),
                               torch_rng, config.min_snr_gamma)
-        check_finite(loss, iteration + 1, config.iterations, config.lr,
-                     saved=(f"the model saved earlier in {out} is intact" if (out / GENERATOR_FILE).is_file()
-                            else f"no model was saved in {out}"), before_raise=bar.close)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        ema.step(parameters)
 
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-        loss_sum, loss_count = loss_sum + value, loss_count + 1
-        completed = done = iteration + 1
-        timer_start = report_speed(done - start, config, start, timer_start)
-        if done % config.log_every == 0:
-            elapsed = time.time() - started
-            append_jsonl(log_path, {"iteration": done, "loss": round(loss_sum / loss_count, 5),
-                                    "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(seconds_before + elapsed, 1),
-                                    "images_per_s": round((done - start) * config.batch_size / elapsed, 2)})
-            loss_sum, loss_count = 0.0, 0
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-        bar.update(1)
-        if done % config.save_every == 0 and done < config.iterations:
-            saver.save(_stats(config, done, start, seconds_before, started, smoothed, finished=False))
-            if config.keep_every and done % config.keep_every == 0:
-                saver.keep(out / SNAPSHOTS / f"it{done}")
-    bar.close()
-
-    # 3. The final model (EMA weights) with its training state, swapped in whole. A run that spent its
-    #    --max-minutes is finished too (its schedule was shortened to end there); --resume continues it.
-    stats = _stats(config, completed, start, seconds_before, started, smoothed,
-                   finished=completed >= config.iterations or out_of_time)
-    stats["stopped_by"] = "max_minutes" if out_of_time else "iterations"
-    saver.save(stats)
-    if config.keep_every and completed % config.keep_every == 0:
-        saver.keep(out / SNAPSHOTS / f"it{completed}")
+    # 3. Iterate, saving the EMA model with its training state as it goes and at the end.
+    denoiser.train()
+    run_iterations(config, out, TrainingParts(
+        name="train-generator", parameters=parameters, optimizer=optimizer, ema=ema, batch_loss=batch_loss,
+        save=saver.save, keep=lambda iteration: saver.keep(out / SNAPSHOTS / f"it{iteration}"),
+        saved_note=lambda: (f"the model saved earlier in {out} is intact" if (out / GENERATOR_FILE).is_file()
+                            else f"no model was saved in {out}")), start, seconds_before)
     return out
 
 
@@ -235,23 +186,6 @@ def denoising_loss(denoiser: MaskDenoiser, noise_schedule, alphas_cumprod: torch
     predicted = denoiser(noisy, condition, timesteps)
     per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
     return (per_sample * _loss_weights(alphas_cumprod, timesteps, min_snr_gamma)).mean()
-
-
-def report_speed(done_here: int, config: TrainGeneratorConfig, start: int, timer_start: float | None) -> float | None:
-    """After the first few iterations (the first one, slow with one-off setup, is not counted), say how long
-    the whole run will take: the iterations left, or the --max-minutes budget if that ends it first."""
-    if done_here == 1:
-        return time.time()
-    if done_here == 4 and timer_start is not None:
-        per_iteration = (time.time() - timer_start) / 3
-        left = config.iterations - start - 4
-        seconds = per_iteration * left
-        line = f"train-generator: {per_iteration:.3g} s/iteration; about {duration_text(seconds)} for the {left} iterations left"
-        if config.max_minutes and seconds > config.max_minutes * 60:
-            line += (f"; --max-minutes {config.max_minutes:g} ends it after about "
-                     f"{int(config.max_minutes * 60 / per_iteration)} of them")
-        tqdm.write(line)
-    return timer_start
 
 
 def _training_batch(images, labels, size, config: TrainGeneratorConfig, rng: np.random.Generator):
@@ -304,15 +238,6 @@ def sampling_meta(config: TrainGeneratorConfig) -> dict:
     return {"sampling": {"steps": config.sample_steps, "scheduler": config.sample_scheduler,
                          "guidance": config.guidance},
             "cond_dropout": config.cond_dropout}
-
-
-def _stats(config: TrainGeneratorConfig, done: int, start: int, seconds_before: float, started: float,
-           smoothed_loss, finished: bool) -> dict:
-    seconds = seconds_before + time.time() - started
-    return {"iterations": done, "finished": finished, "resumed_at": start or None, "seconds": round(seconds, 1),
-            "minutes": round(seconds / 60, 2), "images_seen": done * config.batch_size,
-            "images_per_s": round((done - start) * config.batch_size / max(time.time() - started, 1e-9), 2),
-            "loss": None if smoothed_loss is None else round(smoothed_loss, 5)}
 
 
 # --- saving and resuming ---------------------------------------------------------------------------------

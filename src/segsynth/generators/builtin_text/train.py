@@ -35,16 +35,16 @@ noise and timesteps from generators seeded by (seed, iteration), the networks
 have no dropout, and the learning rate is a function of the iteration, so a
 run resumed from its last save (raw weights, EMA, AdamW state, iteration, in
 OUT/training_state/) ends with the weights of an uninterrupted run (unless
---max-minutes shortens the schedule by wall time).
+--max-minutes shortens the schedule by wall time; that budget counts the
+training time of every session of the run). The iterations themselves run in
+generators/training_loop.py, the loop the mask generators' trainer shares.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -59,10 +59,9 @@ from transformers import CLIPTextModel
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
-from segsynth.cpu import thread_governor
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
-from segsynth.generators.base import duration_text, resolve_device
+from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin_text.model import (
     PATCH,
     build_text_encoder,
@@ -75,9 +74,9 @@ from segsynth.generators.builtin_text.model import (
 )
 from segsynth.generators.builtin_text.tokenizer import WordTokenizer, normalise
 from segsynth.generators.schedulers import scheduler_name
+from segsynth.generators.training_loop import TrainingParts, run_iterations
 from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
-from segsynth.io import (SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl,
-                         staged_swap)
+from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
 from segsynth.methods.attn2mask.prompts import PromptAugmenter
 from segsynth.methods.seggen.captions import read_captions as read_caption_file
 from segsynth.methods.seggen.colour import MIN_COMPONENT, ColourCodingConfig, encode_mask, resolve_palette
@@ -216,36 +215,13 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
     if state_folder is not None:
         start, seconds_before = _resume(state_folder, config, tokenizer, unet, text_encoder, optimizer, ema, device)
     save_config(config, out / "train_text_generator.config.yaml")
-    log_path = out / "train_log.jsonl"
-    if start:  # lines logged after the save, before the kill, are logged again from here
-        rewind_jsonl(log_path, keep=lambda record: record.get("iteration", 0) <= start)
-    else:
-        log_path.unlink(missing_ok=True)
     meta = _meta(config, dataset, size, kind, tokenizer, unet, text_encoder, palette, class_token_ids)
     meta["prompt_augmentation"] = None if augmenter is None else augmenter.describe()
     models = (unet, text_encoder, tokenizer, noise_schedule)
-    if start >= config.iterations:
-        tqdm.write(f"{out}: already trained for {start} iterations (--iterations {config.iterations}); nothing to do")
-        return out
 
-    # 4. Iterate: batch -> prompt drops -> noise at a random timestep -> v-prediction loss (capped weights).
-    started, loss_sum, loss_count, smoothed = time.time(), 0.0, 0, None
-    budget, timer_start = config.max_minutes * 60.0, None
-    bar = tqdm(total=config.iterations, initial=start, desc="train-text-generator", unit="it", dynamic_ncols=True,
-               mininterval=1.0)
-    completed, out_of_time = start, False
-    unet.train()
-    text_encoder.train()
-    for iteration in range(start, config.iterations):
-        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
-        progress = iteration / config.iterations
-        if budget > 0:
-            progress = max(progress, (time.time() - started) / budget)
-            if progress >= 1.0:
-                out_of_time = True
-                break
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, iteration, progress)
+    # 4. One iteration's loss: batch -> flips -> prompt drops -> noise at a random timestep -> v-prediction loss
+    #    (capped weights), every draw from generators seeded by (seed, iteration).
+    def batch_loss(iteration: int) -> torch.Tensor:
         rng = np.random.default_rng([config.seed, iteration])
         torch_rng = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + iteration)
         indices = torch.from_numpy(rng.integers(0, len(targets), config.batch_size))
@@ -262,43 +238,18 @@ def _train_text_generator(config: TrainTextGeneratorConfig) -> Path:
         ids = ids.to(device)
         states = encode_text(text_encoder, ids)
         mask = key_mask(ids, config.keys, class_token_ids, tokenizer.bos_id)
-        loss = diffusion_loss(unet, clean, states, mask, noise_schedule, alphas_cumprod, config.min_snr_gamma, torch_rng)
-        if not torch.isfinite(loss):
-            bar.close()  # so the error starts on a line of its own
-            raise SegsynthError(f"non-finite loss at iteration {iteration + 1} of {config.iterations}: training "
-                                f"diverged; lower the learning rate (--lr {config.lr:g} now; try {config.lr / 10:g})"
-                                + (f"; the model saved earlier in {out} is intact" if (out / GENERATOR_FILE).is_file()
-                                   else f"; no model was saved in {out}"))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        ema.step(parameters)
+        return diffusion_loss(unet, clean, states, mask, noise_schedule, alphas_cumprod, config.min_snr_gamma,
+                              torch_rng)
 
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-        loss_sum, loss_count = loss_sum + value, loss_count + 1
-        completed = done = iteration + 1
-        timer_start = _report_speed(done - start, config.iterations - start, timer_start)
-        if done % config.log_every == 0:
-            elapsed = time.time() - started
-            append_jsonl(log_path, {"iteration": done, "loss": round(loss_sum / loss_count, 5),
-                                    "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(seconds_before + elapsed, 1),
-                                    "images_per_s": round((done - start) * config.batch_size / elapsed, 2)})
-            loss_sum, loss_count = 0.0, 0
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-        bar.update(1)
-        if done % config.save_every == 0 and done < config.iterations:
-            stats = _stats(config, done, start, seconds_before, started, smoothed, finished=False)
-            _save(out, models, optimizer, ema, {**meta, "training": stats})
-    bar.close()
-
-    # 5. The final model (EMA weights) with its training state, swapped in whole. A run that spent its
-    #    --max-minutes is finished too (its schedule was shortened to end there); --resume continues it.
-    stats = _stats(config, completed, start, seconds_before, started, smoothed,
-                   finished=completed >= config.iterations or out_of_time)
-    stats["stopped_by"] = "max_minutes" if out_of_time else "iterations"
-    _save(out, models, optimizer, ema, {**meta, "training": stats})
+    # 5. Iterate (generators/training_loop.py), saving the EMA networks with their training state as it goes
+    #    and at the end.
+    unet.train()
+    text_encoder.train()
+    run_iterations(config, out, TrainingParts(
+        name="train-text-generator", parameters=parameters, optimizer=optimizer, ema=ema, batch_loss=batch_loss,
+        save=lambda stats: _save(out, models, optimizer, ema, {**meta, "training": stats}),
+        saved_note=lambda: (f"the model saved earlier in {out} is intact" if (out / GENERATOR_FILE).is_file()
+                            else f"no model was saved in {out}")), start, seconds_before)
     return out
 
 
@@ -358,25 +309,6 @@ def class_tokens(tokenizer: WordTokenizer, classes: Sequence[str]) -> list[int]:
     return [tokenizer.ids[normalise(name)] for name in classes]
 
 
-def _report_speed(done_here: int, total_here: int, timer_start: float | None) -> float | None:
-    """After the first few iterations (the first one, slow with one-off setup, is not counted), say how long
-    the whole run will take."""
-    if done_here == 1:
-        return time.time()
-    if done_here == 4 and timer_start is not None and total_here > 4:
-        per_iteration = (time.time() - timer_start) / 3
-        remaining = per_iteration * (total_here - 4)
-        tqdm.write(f"train-text-generator: {per_iteration:.3g} s/iteration; about {duration_text(remaining)} "
-                   f"for the remaining {total_here - 4} iterations")
-    return timer_start
-
-
-def _learning_rate(config: TrainTextGeneratorConfig, iteration: int, progress: float) -> float:
-    if iteration < config.warmup:
-        return config.lr * (iteration + 1) / config.warmup
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def _loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-style weights on the v-loss: min(SNR + 1, gamma) / (SNR + 1).
 
@@ -415,15 +347,6 @@ def _meta(config: TrainTextGeneratorConfig, dataset, size, kind: str, tokenizer:
             "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
                            "text_encoder": sum(p.numel() for p in text_encoder.parameters())},
             "data": config.data, "split": config.split, "train_config": to_dict(config)}
-
-
-def _stats(config: TrainTextGeneratorConfig, done: int, start: int, seconds_before: float, started: float,
-           smoothed_loss, finished: bool) -> dict:
-    seconds = seconds_before + time.time() - started
-    return {"iterations": done, "finished": finished, "resumed_at": start or None, "seconds": round(seconds, 1),
-            "minutes": round(seconds / 60, 2), "images_seen": done * config.batch_size,
-            "images_per_s": round(done * config.batch_size / max(seconds, 1e-9), 2),
-            "loss": None if smoothed_loss is None else round(smoothed_loss, 5)}
 
 
 # --- saving and resuming ---------------------------------------------------------------------

@@ -177,7 +177,7 @@ def train_text2mask_sd(config: TrainGeneratorConfig) -> Path:
         for iteration in range(start, config.iterations):
             progress = iteration / config.iterations
             if config.max_minutes > 0:
-                elapsed = _agreed(time.time() - started, device)
+                elapsed = _agreed(seconds_before + time.time() - started, device)  # the budget spans resumes
                 progress = max(progress, elapsed / (config.max_minutes * 60.0))
                 if progress >= 1.0:
                     out_of_time = True
@@ -227,7 +227,8 @@ def train_text2mask_sd(config: TrainGeneratorConfig) -> Path:
         batches.shutdown(wait=True, cancel_futures=True)
 
     # 5. The model (EMA weights, LoRA merged) and its training state, swapped in whole. A run that spent its
-    #    --max-minutes is finished too (its schedule was shortened to end there); --resume continues it.
+    #    --max-minutes is finished too (its schedule was shortened to end there); --resume with a larger
+    #    --max-minutes continues it.
     seconds = seconds_before + time.time() - started
     if info.is_main:
         stats = {"iterations": completed, "finished": completed >= config.iterations or out_of_time,
