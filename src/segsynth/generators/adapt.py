@@ -38,7 +38,6 @@ the weights of an uninterrupted run. Only the adapter is saved (adapter.safetens
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,7 +50,6 @@ from tqdm import tqdm
 
 from segsynth import __version__
 from segsynth.config import save_config, to_dict
-from segsynth.cpu import thread_governor
 from segsynth.data.base import read_image
 from segsynth.data.datasets import IMAGE_SUFFIXES
 from segsynth.data.specs import DATASET_KINDS, open_dataset
@@ -62,10 +60,10 @@ from segsynth.formats.checkpoint import (check_resumed_settings, load_optimizer_
                                          training_state_folder)
 from segsynth.generators.base import GeneratorSettings, resolve_device
 from segsynth.generators.lora import adapter_state, add_lora, diffusers_identity
-from segsynth.io import SegsynthError, append_jsonl, atomic_write_json, loading, read_json, rewind_jsonl, staged_swap
+from segsynth.generators.training_loop import TrainingParts, run_iterations
+from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
 from segsynth.outputs import claim_folder
 from segsynth.stage_configs import AdaptConfig
-from segsynth.training.schedule import check_finite, warmup_cosine
 
 TRAINING_STATE = "training_state"
 # Settings a resumed run may change (everything else must match the saved run).
@@ -352,11 +350,6 @@ def _adapt(config: AdaptConfig) -> Path:
     for stale in out.glob(".adapter-*"):  # staging folders of a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     save_config(config, out / "adapt.config.yaml")
-    log_path = out / "train_log.jsonl"
-    if start:
-        rewind_jsonl(log_path, keep=lambda record: record.get("iteration", 0) <= start)
-    else:
-        log_path.unlink(missing_ok=True)
     base_parameters = sum(p.numel() for name, p in adaptee.unet.named_parameters() if ".lora_" not in name)
     meta = {"format": FORMAT, "segsynth_version": __version__, "base": adaptee.base,
             "lora": {"rank": config.rank, "alpha": alpha, "dropout": config.dropout,
@@ -364,73 +357,27 @@ def _adapt(config: AdaptConfig) -> Path:
                      "parameters": sum(p.numel() for p in trainable), "base_parameters": base_parameters},
             "prompt": config.prompt, "size": list(adaptee.size), "images": config.images, "image_count": len(images),
             "train_config": {**to_dict(config), "lr": lr, "alpha": alpha}}
-    if start >= config.iterations:
-        tqdm.write(f"{out}: already adapted for {start} iterations (--iterations {config.iterations}); nothing to do")
-        return out
 
-    # 4. Iterate: target images -> the generator's diffusion loss -> a step of the adapter only.
-    started, smoothed, loss_sum, loss_count = time.time(), None, 0.0, 0
-    bar = tqdm(total=config.iterations, initial=start, desc="adapt", unit="it", dynamic_ncols=True, mininterval=1.0)
-    completed, out_of_time = start, False
-    adaptee.unet.train()
-    for iteration in range(start, config.iterations):
-        thread_governor().tick()  # load-aware thread count (segsynth.cpu)
-        progress = iteration / config.iterations
-        if config.max_minutes > 0:
-            progress = max(progress, (seconds_before + time.time() - started) / (config.max_minutes * 60.0))
-            if progress >= 1.0:
-                out_of_time = True
-                break
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(lr, iteration, config.warmup, progress)
+    # 4. One iteration's loss: target images -> the generator's diffusion loss (the adapter alone trains), every
+    #    draw (images, crops, flips, noise, timesteps, LoRA dropout) from generators seeded by (seed, iteration).
+    def batch_loss(iteration: int) -> torch.Tensor:
         rng = np.random.default_rng([config.seed, iteration])
         noise = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + iteration)
         torch.manual_seed(config.seed * 1_000_003 + iteration)  # LoRA dropout, per iteration
         pictures = _batch(images, adaptee.size, config, rng)
         with torch.autocast(device.type, dtype=adaptee.autocast or torch.float32, enabled=adaptee.autocast is not None):
-            loss = adaptee.loss(pictures, noise)
-        check_finite(loss.detach(), iteration + 1, config.iterations, lr, before_raise=bar.close,
-                     saved=(f"the adapter saved earlier in {out} is intact (--resume continues from it)"
-                            if (out / INFO_FILE).is_file() else f"no adapter was saved in {out}"))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+            return adaptee.loss(pictures, noise)
 
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-        loss_sum, loss_count = loss_sum + value, loss_count + 1
-        completed = done = iteration + 1
-        if done % config.log_every == 0:
-            elapsed = time.time() - started
-            append_jsonl(log_path, {"iteration": done, "loss": round(loss_sum / loss_count, 5),
-                                    "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(seconds_before + elapsed, 1),
-                                    "it_per_s": round((done - start) / elapsed, 3)})
-            loss_sum, loss_count = 0.0, 0
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-        bar.update(1)
-        if done % config.save_every == 0 and done < config.iterations:
-            _save(out, adaptee, names, optimizer, config, meta,
-                  _stats(config, done, start, seconds_before, started, smoothed, False, "iterations"))
-    bar.close()
-
-    # 5. The adapter and its training state, swapped in whole. A run that spent its --max-minutes is finished
-    #    too (its schedule was shortened to end there); --resume with more minutes continues it.
-    _save(out, adaptee, names, optimizer, config, meta,
-          _stats(config, completed, start, seconds_before, started, smoothed,
-                 completed >= config.iterations or out_of_time, "max_minutes" if out_of_time else "iterations"))
+    # 5. Iterate (generators/training_loop.py); the adapter and its training state are swapped in whole at each
+    #    save and at the end.
+    adaptee.unet.train()
+    run_iterations(config, out, TrainingParts(
+        name="adapt", parameters=trainable, optimizer=optimizer, ema=None, batch_loss=batch_loss,
+        save=lambda stats: _save(out, adaptee, names, optimizer, config, meta, stats), peak_lr=lr, scaler=scaler,
+        saved_note=lambda: (f"the adapter saved earlier in {out} is intact (--resume continues from it)"
+                            if (out / INFO_FILE).is_file() else f"no adapter was saved in {out}")),
+        start, seconds_before)
     return out
-
-
-def _stats(config: AdaptConfig, done: int, start: int, seconds_before: float, started: float, smoothed,
-           finished: bool, stopped_by: str) -> dict:
-    seconds = seconds_before + time.time() - started
-    return {"iterations": done, "finished": finished, "stopped_by": stopped_by, "resumed_at": start or None,
-            "seconds": round(seconds, 1), "minutes": round(seconds / 60, 2), "images_seen": done * config.batch_size,
-            "it_per_s": round(done / max(seconds, 1e-9), 3),
-            "loss": None if smoothed is None else round(smoothed, 5)}
 
 
 def _save(out: Path, adaptee: Adaptee, names: list[str], optimizer, config: AdaptConfig, meta: dict,

@@ -1,11 +1,14 @@
-"""The iteration loop the built-in diffusion trainers share: the mask -> image generators (generators/builtin,
-and generators/latent through `train_denoiser`) and the builtin text generator (generators/builtin_text).
+"""The iteration loop the single-process diffusion trainers share: the mask -> image generators
+(generators/builtin, and generators/latent through `train_denoiser`), the builtin text generator
+(generators/builtin_text) and `segsynth adapt`'s LoRA (generators/adapt.py). The text2mask-sd trainer, whose
+processes agree on a shared clock and batch reader, keeps its own.
 
 Each trainer builds its networks, its batches and its saving; `run_iterations` runs the iterations:
 
   1. the learning rate, a function of the iteration and the progress (`warmup_cosine`);
   2. the trainer's loss on the iteration's batch, and the divergence check (nothing is written after a bad step);
-  3. an AdamW step with the gradients clipped at norm 1, then the EMA update;
+  3. an optimizer step with the gradients clipped at norm 1 (through a grad scaler under fp16), then the EMA
+     update (where the trainer keeps an EMA);
   4. a train_log.jsonl line every `log_every` iterations, a save every `save_every` (and a kept snapshot every
      `keep_every`), and the final save.
 
@@ -41,11 +44,13 @@ class TrainingParts:
     name: str  # the verb, for the progress bar and messages ("train-generator")
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    ema: EMAModel
+    ema: EMAModel | None
     batch_loss: Callable[[int], torch.Tensor]  # iteration -> the loss on that iteration's batch
     save: Callable[[dict], None]  # the training statistics -> the model and its training state, swapped in whole
     saved_note: Callable[[], str]  # what is intact on disk, for the divergence error
     keep: Callable[[int], None] | None = None  # iteration -> keep a copy of the model just saved (a snapshot)
+    peak_lr: float | None = None  # the schedule's peak learning rate; default: config.lr
+    scaler: torch.amp.GradScaler | None = None  # fp16 autocast's loss scaling
 
 
 def start_log(out: Path, start: int) -> Path:
@@ -66,7 +71,8 @@ def budget_spent(config, seconds_before: float) -> bool:
 
 def run_iterations(config, out: Path, parts: TrainingParts, start: int, seconds_before: float) -> None:
     """Iterations `start` .. config.iterations (or until the time budget is spent), then the final save.
-    `config` gives iterations, max_minutes, lr, warmup, batch_size, log_every, save_every (and keep_every)."""
+    `config` gives iterations, max_minutes, lr (unless `parts.peak_lr`), warmup, batch_size, log_every,
+    save_every (and keep_every)."""
     if start >= config.iterations:
         tqdm.write(f"{out}: already trained for {start} iterations (--iterations {config.iterations}); nothing to do")
         return
@@ -76,6 +82,7 @@ def run_iterations(config, out: Path, parts: TrainingParts, start: int, seconds_
         return
     log_path = start_log(out, start)
     keep_every = getattr(config, "keep_every", 0) if parts.keep is not None else 0
+    peak_lr = parts.peak_lr if parts.peak_lr is not None else config.lr
     budget = config.max_minutes * 60.0
     started, loss_sum, loss_count, smoothed, timer_start = time.time(), 0.0, 0, None, None
     bar = tqdm(total=config.iterations, initial=start, desc=parts.name, unit="it", dynamic_ncols=True, mininterval=1.0)
@@ -91,19 +98,15 @@ def run_iterations(config, out: Path, parts: TrainingParts, start: int, seconds_
                 out_of_time = True
                 break
         for group in parts.optimizer.param_groups:
-            group["lr"] = warmup_cosine(config.lr, iteration, config.warmup, progress)
+            group["lr"] = warmup_cosine(peak_lr, iteration, config.warmup, progress)
 
         # 2. The loss, checked before anything changes.
         loss = parts.batch_loss(iteration)
-        check_finite(loss.detach(), iteration + 1, config.iterations, config.lr, saved=parts.saved_note(),
+        check_finite(loss.detach(), iteration + 1, config.iterations, peak_lr, saved=parts.saved_note(),
                      before_raise=bar.close)
 
         # 3. The step.
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parts.parameters, 1.0)
-        parts.optimizer.step()
-        parts.ema.step(parts.parameters)
+        _step(parts, loss)
 
         # 4. Log, save, keep.
         value = loss.item()
@@ -134,6 +137,22 @@ def run_iterations(config, out: Path, parts: TrainingParts, start: int, seconds_
     parts.save(stats)
     if keep_every and completed % keep_every == 0:
         parts.keep(completed)
+
+
+def _step(parts: TrainingParts, loss: torch.Tensor) -> None:
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parts.parameters, 1.0)
+        parts.optimizer.step()
+    else:
+        parts.scaler.scale(loss).backward()
+        parts.scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.parameters, 1.0)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    if parts.ema is not None:
+        parts.ema.step(parts.parameters)
 
 
 def training_stats(config, done: int, start: int, seconds_before: float, started: float, smoothed_loss,
