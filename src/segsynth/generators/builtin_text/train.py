@@ -42,7 +42,6 @@ generators/training_loop.py, the loop the mask generators' trainer shares.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -53,7 +52,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
@@ -62,6 +60,7 @@ from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.generators.base import resolve_device
+from segsynth.generators.builtin.train import load_training_state, save_training_state
 from segsynth.generators.builtin_text.model import (
     PATCH,
     build_text_encoder,
@@ -361,7 +360,8 @@ def _save(out: Path, models, optimizer, ema: EMAModel, meta: dict) -> None:
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     names = [TRAINING_STATE, "unet", "text_encoder", "tokenizer", "scheduler", GENERATOR_FILE]
     with staged_swap(out, names, what="text-generator") as staging:
-        _save_training_state(staging / TRAINING_STATE, unet, text_encoder, tokenizer, optimizer, ema, meta)
+        save_training_state(staging / TRAINING_STATE, _networks(unet, text_encoder), optimizer, ema, meta)
+        tokenizer.save(staging / TRAINING_STATE)  # a resume checks that the prompts' vocabulary is the same
         ema.store(parameters)
         ema.copy_to(parameters)
         try:
@@ -374,24 +374,10 @@ def _save(out: Path, models, optimizer, ema: EMAModel, meta: dict) -> None:
         atomic_write_json(staging / GENERATOR_FILE, meta)
 
 
-def _save_training_state(folder: Path, unet, text_encoder, tokenizer: WordTokenizer, optimizer, ema: EMAModel,
-                         meta: dict) -> None:
-    folder.mkdir()
-    raw = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    raw.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
-    save_file({k: v.detach().contiguous().cpu() for k, v in raw.items()}, folder / "weights.safetensors")
-    ema_state = ema.state_dict()
-    save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema_state.pop("shadow_params"))},
-              folder / "ema.safetensors", metadata={"state": json.dumps(ema_state)})
-    state = optimizer.state_dict()
-    tensors = {f"state.{index}.{key}": value.detach().contiguous().cpu() for index, entry in state["state"].items()
-               for key, value in entry.items()}
-    save_file(tensors, folder / "optimizer.safetensors", metadata={"param_groups": json.dumps(state["param_groups"])})
-    tokenizer.save(folder)
-    atomic_write_json(folder / "state.json", {"iteration": meta["training"]["iterations"],
-                                              "seconds": meta["training"]["seconds"],
-                                              "train_config": meta["train_config"]})
-
+def _networks(unet, text_encoder) -> torch.nn.ModuleDict:
+    """Both networks as one module for the training state (generators/builtin/train.py writes and reads it):
+    its weights are named unet.* and text_encoder.*."""
+    return torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
 
 
 def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordTokenizer, unet, text_encoder,
@@ -404,14 +390,4 @@ def _resume(folder: Path, config: TrainTextGeneratorConfig, tokenizer: WordToken
                             "differs); resume on the same data and prompts or use a new --out")
     with loading(folder, "the training state is damaged: train again into a new --out (or without --resume)",
                  "the training state"):
-        return _load_state(folder, state, unet, text_encoder, ema, optimizer, device)
-
-
-def _load_state(folder: Path, state: dict, unet, text_encoder, ema, optimizer, device) -> tuple[int, float]:
-    from segsynth.generators.builtin.train import load_ema_and_optimizer
-
-    raw = load_file(str(folder / "weights.safetensors"))
-    unet.load_state_dict({k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")})
-    text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in raw.items() if k.startswith("text_encoder.")})
-    load_ema_and_optimizer(folder, ema, optimizer, device)
-    return int(state["iteration"]), float(state.get("seconds", 0.0))
+        return load_training_state(folder, state, _networks(unet, text_encoder), optimizer, ema, device)
