@@ -206,11 +206,15 @@ def main() -> int:
               for row in report["guidance_sweep"]], ""]),
         *([] if not curve else [
             f"Alignment against training iterations (snapshots of the same run{guided}; the last row is the final model):",
-            "", "| iterations | minutes | mIoU generated | alignment |", "|---|---|---|---|",
-            *[f"| {row['iterations']} | {row['minutes']} | {row['miou_generated']:.2f} | {_percent(row['alignment'])} |"
+            "", "| iterations | minutes | mIoU generated | alignment | " + " | ".join(dataset.classes) + " |",
+            "|---|---|---|---|" + "---|" * len(dataset.classes),
+            *[f"| {row['iterations']} | {row['minutes']} | {row['miou_generated']:.2f} | {_percent(row['alignment'])} | "
+              + " | ".join(_fmt(row["per_class"][name]) for name in dataset.classes) + " |"
               for row in report["curve"] if row["iterations"] != training.get("iterations")],
             f"| {training.get('iterations')} | {training.get('minutes')} | "
-            f"{report['guidance_sweep'][0]['miou_generated']:.2f} | {_percent(report['guidance_sweep'][0]['alignment'])} |", ""]),
+            f"{report['guidance_sweep'][0]['miou_generated']:.2f} | {_percent(report['guidance_sweep'][0]['alignment'])} | "
+            + " | ".join(_fmt(_round(sweep[0]["generated"]["per_class"][name])) for name in dataset.classes)
+            + " |", ""]),
         f"Grid (mask | generated | real{guided}): `{grid_path}`", "",
     ]
     out.with_suffix(".md").write_text("\n".join(lines))

@@ -99,4 +99,9 @@ def test_alignment_benchmark_sweeps_guidance_and_scores_at_the_segmenter_size(tm
     # --curve: the snapshots of iterations 1 and 2 (the final model), at the first guidance scale
     assert [row["iterations"] for row in report["curve"]] == [1, 2]
     assert report["curve"][1]["miou_generated"] == report["guidance_sweep"][0]["miou_generated"]
-    assert "| 1 |" in out.with_suffix(".md").read_text().split("against training iterations")[1]
+    curve_lines = out.with_suffix(".md").read_text().split("against training iterations")[1].splitlines()
+    header = next(line for line in curve_lines if line.startswith("| iterations"))
+    rows = [line for line in curve_lines if line.startswith(("| 1 |", "| 2 |"))]
+    # one IoU column per class beside the mean, so the curve says which classes longer training fixes
+    assert header.count("|") == 5 + len(report["per_class"]) and len(rows) == 2
+    assert all(row.count("|") == header.count("|") for row in rows)
