@@ -52,21 +52,26 @@ TIER_ONLY = [pytest.param(2, marks=pytest.mark.fault, id="2-kills"), pytest.para
 # --- the kill harness ------------------------------------------------------------------------------
 
 
-def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, pace: tuple[float, float],
+def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, pace: tuple[float, float, float],
                     seed: int = KILL_SEED) -> dict:
     """Start `command`, SIGKILL it at a seeded random moment, check the output, repeat `kills` times.
 
-    `pace` is (seconds to first progress, seconds in all) of an uninterrupted run. One kill in five
-    lands in start-up (0.3-1x the time to first progress); the others land mid-work: after this
-    run's own first progress, plus a uniform 0-1x of one kill's share of the remaining work, so
-    that together the kills walk through about half of the run (mid-write, between writes,
-    mid-checkpoint) however fast a resumed run starts. Returns counts.
+    `pace` is (seconds to first progress, seconds in all, progress made) of an uninterrupted run. One
+    kill in five lands in start-up (0.3-1x the time to first progress); the others land mid-work: after
+    this run's own first progress, plus a uniform 0-1x of one share of the work still left, the left
+    work split among the kills still to come plus one. The shares are measured against the progress
+    made, not the clock, so an early kill that lands late never leaves too little work for the next
+    ones (with fixed shares, a 2-kill run on a loaded machine finished before its second kill), and
+    together the kills walk through most of the run (mid-write, between writes, mid-checkpoint)
+    however fast a resumed run starts. Returns counts.
     """
     rng = np.random.default_rng(seed)
-    first, whole = pace
+    first, whole, units = pace
     landed = before_progress = 0
+    start = progress()
     for _ in range(kills):
-        share = max(whole - first, 0.1) / kills
+        left = min(max(1.0 - (progress() - start) / max(units, 1), 0.0), 1.0)
+        share = max(whole - first, 0.1) * left / (kills - landed + 1)
         in_startup = rng.random() < 0.2
         moment = float(rng.uniform(0.3 * first, first) if in_startup else rng.uniform(0, share))
         before = progress()
@@ -88,7 +93,7 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
 
 
 def run_timed(command: list[str], progress) -> tuple[float, float]:
-    """Run `command` uninterrupted; returns (seconds until progress() first rose, seconds in all)."""
+    """Run `command` uninterrupted; returns (seconds until progress() first rose, seconds in all, progress made)."""
     start = progress()
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     began, first = time.time(), None
@@ -99,7 +104,7 @@ def run_timed(command: list[str], progress) -> tuple[float, float]:
     whole = time.time() - began
     assert process.returncode == 0, process.stderr.read().decode()[-3000:]
     process.stderr.close()
-    return (first if first is not None else whole), whole
+    return (first if first is not None else whole), whole, progress() - start
 
 
 def _wait(process: subprocess.Popen, seconds: float, until=lambda: False) -> bool:
