@@ -155,6 +155,25 @@ def test_the_latent_cache_is_made_once_and_remade_when_its_inputs_change(tmp_pat
     assert tensors["latents"].shape == (12, 2, 2, 4, 4, 4) and tensors["masks"].shape == (12, 2, 32, 32)
 
 
+def test_kept_snapshots_sample_like_the_final_model_and_share_its_autoencoder_files(tmp_path, tiny_taesd):
+    """--keep-every snapshots of a latent model are generators of their own (the alignment curve samples them):
+    each holds the autoencoder too, hard-linked to the model's copy rather than copied again."""
+    out = tmp_path / "g"
+    train_latent_generator(TrainGeneratorConfig(
+        data=TOY, out=str(out), kind="latent", autoencoder=f"taesd:{tiny_taesd}", size=[32, 32], channels=[32, 32],
+        layers_per_block=1, attention=False, batch_size=2, iterations=2, save_every=1, keep_every=1, device="cpu"))
+    mask = open_dataset(TOY).split("train").label(0)
+    final = open_generator(f"latent:{out}", GeneratorSettings(steps=2)).render_masks([mask], [""], [3])[0]
+    for iteration in (1, 2):
+        snapshot = out / "snapshots" / f"it{iteration}"
+        encoder = snapshot / "autoencoder" / "tiny_encoder.pth"
+        assert encoder.stat().st_ino == (out / "autoencoder" / "tiny_encoder.pth").stat().st_ino
+        image = open_generator(f"latent:{snapshot}", GeneratorSettings(steps=2)).render_masks([mask], [""], [3])[0]
+        assert image.shape == (32, 32, 3)
+        if iteration == 2:  # the last snapshot is the final model
+            assert np.array_equal(image, final)
+
+
 def test_a_diffusers_autoencoder_trains_and_samples_through_the_cli(tmp_path):
     folder = save_tiny_diffusers_autoencoder(tmp_path / "vae", "tiny")
     out = tmp_path / "generator"

@@ -18,6 +18,7 @@ length.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -128,12 +129,14 @@ def check_guidance_settings(config: TrainGeneratorConfig) -> None:
 
 
 def train_denoiser(config: TrainGeneratorConfig, out: Path, denoiser: MaskDenoiser, draw_batch: DrawBatch,
-                   meta: dict, files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+                   meta: dict, files: dict[str, Callable[[Path], None]] | None = None,
+                   fixed: tuple[str, ...] = ()) -> Path:
     """The mask-conditioned generators' training: `denoiser` learns to predict v from the noisy sample and
     the condition `draw_batch` gives (the condition zeroed with probability `cond_dropout`), iterated by
     generators/training_loop.py. `meta` is written as segsynth_generator.json (with the training statistics
-    added); `files` are extra entries of the model folder, name -> writer(path), swapped in with it. Returns
-    `out`."""
+    added); `files` are extra entries of the model folder, name -> writer(path), swapped in with it; `fixed`
+    are entries written once before training (the latent generator's frozen autoencoder), which every kept
+    snapshot holds too, so a snapshot samples like the final model. Returns `out`."""
     device = resolve_device(config.device)
     denoiser.to(device)
 
@@ -152,7 +155,7 @@ def train_denoiser(config: TrainGeneratorConfig, out: Path, denoiser: MaskDenois
     if state_folder is not None:
         start, seconds_before = _resume(state_folder, config, denoiser, optimizer, ema, device)
     save_config(config, out / "train_generator.config.yaml")
-    saver = _Saver(out, denoiser, noise_schedule, optimizer, ema, meta, files or {})
+    saver = _Saver(out, denoiser, noise_schedule, optimizer, ema, meta, files or {}, fixed)
 
     # 2. One iteration's loss: batch -> dropped conditions -> noise at a random timestep -> v-prediction loss
     #    (min-SNR weighted), every draw from generators seeded by (seed, iteration).
@@ -246,19 +249,22 @@ def sampling_meta(config: TrainGeneratorConfig) -> dict:
 class _Saver:
     """Writes the EMA model, its noise schedule, the metadata, the extra `files` and the training state into a
     staging folder, then swaps each in (segsynth.io.staged_swap). The training state goes first, so a resume
-    always finds a whole one (or its `.old` copy when a kill fell between two renames)."""
+    always finds a whole one (or its `.old` copy when a kill fell between two renames). `fixed` entries are
+    not rewritten by a save, but a snapshot holds them too."""
 
     def __init__(self, out: Path, denoiser: MaskDenoiser, noise_schedule, optimizer, ema: EMAModel, meta: dict,
-                 files: dict[str, Callable[[Path], None]]):
+                 files: dict[str, Callable[[Path], None]], fixed: tuple[str, ...] = ()):
         self.out, self.denoiser, self.noise_schedule = out, denoiser, noise_schedule
-        self.optimizer, self.ema, self.meta, self.files = optimizer, ema, meta, files
+        self.optimizer, self.ema, self.meta, self.files, self.fixed = optimizer, ema, meta, files, fixed
 
     def model_files(self) -> list[str]:
-        """What a generator folder holds besides its training state."""
+        """What a generator folder holds besides its training state and its fixed entries."""
         return [*self.denoiser.parts(), "scheduler", *self.files, GENERATOR_FILE]
 
     def keep(self, folder: Path) -> None:
-        """A copy of the model just saved (no training state), whole or not at all: a snapshot."""
+        """A copy of the model just saved (no training state), whole or not at all: a snapshot. The fixed
+        entries are hard-linked where the file system allows (a snapshot of the latent generator would
+        otherwise copy the autoencoder each time)."""
         if folder.exists():  # a resumed run passing an iteration it had kept already
             return
         staging = folder.with_name(f".{folder.name}.tmp")
@@ -267,6 +273,12 @@ class _Saver:
         for name in self.model_files():
             source = self.out / name
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, staging / name)
+        for name in self.fixed:
+            source = self.out / name
+            if source.is_dir():
+                shutil.copytree(source, staging / name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(source, staging / name)
         staging.rename(folder)
 
     def save(self, stats: dict) -> None:
@@ -286,6 +298,13 @@ class _Saver:
             for name, write in self.files.items():
                 write(staging / name)
             atomic_write_json(staging / GENERATOR_FILE, meta)
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, destination)
 
 
 def save_training_state(folder: Path, model: torch.nn.Module, optimizer, ema: EMAModel, meta: dict) -> None:

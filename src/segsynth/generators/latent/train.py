@@ -8,7 +8,7 @@ resume) on their standardised latents.
      rerun or a resume whose data, size, crops and autoencoder weights are the same
   3. the per-channel mean and std of the cached latents: the model works on standardised latents
   4. the model (mask encoder + UNet), trained by `train_denoiser`; its folder holds a copy of the
-     autoencoder, so it samples anywhere
+     autoencoder, so it samples anywhere (and so does every --keep-every snapshot, by hard links)
 
 Flips: a flipped image's latents are encoded, not the flipped latents (the encoder is not exactly
 flip-equivariant); the mask is flipped exactly.
@@ -100,7 +100,7 @@ def _train_latent_generator(config: TrainGeneratorConfig) -> Path:
             "conditioning": "one-hot mask + ignore channel -> patch embedding to the latent grid, concatenated "
                             "to the noisy latents",
             **sampling_meta(config), "data": config.data, "split": config.split, "train_config": to_dict(config)}
-    return train_denoiser(config, out, denoiser, draw_batch, meta)
+    return train_denoiser(config, out, denoiser, draw_batch, meta, fixed=(AUTOENCODER_FOLDER,))
 
 
 def _absolute(spec: str) -> str:
