@@ -188,7 +188,8 @@ def main() -> int:
         f"Generator `{folder}`: {meta.get('parameters', 0) / 1e6:.2f} M parameters, working size "
         f"{size[0]}x{size[1]} (H x W), trained {training.get('iterations')} iterations in {training.get('minutes')} min "
         f"on {os.cpu_count()} CPU cores; sampling {report['sampling']['steps']} steps {report['sampling']['scheduler']}, "
-        f"{report['seconds_per_image']} s/image ({report['model_seconds_per_image']} s/image in the model).", "",
+        f"{report['seconds_per_image'] or 'n/a (the set was made by an earlier call)'} s/image "
+        f"({report['model_seconds_per_image']} s/image in the model).", "",
         f"Segmenter `{args.segmenter}` (trained on real {args.data}), every image seen at {inference[0]}x{inference[1]}, "
         f"mIoU on the {len(synthetic_records)} {args.split} masks:", "",
         "| images | mIoU |", "|---|---|",
