@@ -57,27 +57,28 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
     """Start `command`, SIGKILL it at a seeded random moment, check the output, repeat `kills` times.
 
     `pace` is (seconds to first progress, seconds in all, progress made) of an uninterrupted run. One
-    kill in five lands in start-up (0.3-1x the time to first progress); the others land mid-work: after
-    this run's own first progress, plus a uniform 0-1x of one share of the work still left, the left
-    work split among the kills still to come plus one. The shares are measured against the progress
-    made, not the clock, so an early kill that lands late never leaves too little work for the next
-    ones (with fixed shares, a 2-kill run on a loaded machine finished before its second kill), and
-    together the kills walk through most of the run (mid-write, between writes, mid-checkpoint)
-    however fast a resumed run starts. Returns counts.
+    kill in five lands in start-up (0.3-1x the time to first progress). The others land mid-work, placed
+    by progress rather than by the clock: once this run has made a seeded random 1..share of progress
+    (share: the progress still left, split among the kills still to come plus one), plus a uniform 0-1x
+    of the time one unit of progress takes, so a kill lands mid-write or between writes. Clock-placed
+    kills missed on a loaded machine: the resumed run finished its remaining work inside the window and
+    the second of two kills never landed. Together the kills walk through most of the run however fast
+    a resumed run starts. Returns counts.
     """
     rng = np.random.default_rng(seed)
     first, whole, units = pace
+    unit_seconds = max(whole - first, 0.01) / max(units, 1)
     landed = before_progress = 0
     start = progress()
     for _ in range(kills):
-        left = min(max(1.0 - (progress() - start) / max(units, 1), 0.0), 1.0)
-        share = max(whole - first, 0.1) * left / (kills - landed + 1)
+        left = max(units - (progress() - start), 0)
+        steps = 1 + int(rng.integers(0, max(left // (kills - landed + 1), 1)))
         in_startup = rng.random() < 0.2
-        moment = float(rng.uniform(0.3 * first, first) if in_startup else rng.uniform(0, share))
+        moment = float(rng.uniform(0.3 * first, first) if in_startup else rng.uniform(0, unit_seconds))
         before = progress()
         process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if not in_startup and _wait(process, 10 * whole, until=lambda: progress() > before):
-            moment = 0.0  # it finished before making progress we could see
+        if not in_startup and _wait(process, 10 * whole, until=lambda: progress() >= before + steps):
+            moment = 0.0  # it finished before making the progress the kill waits for
         if _wait(process, moment):
             assert process.returncode == 0, process.stderr.read().decode()[-3000:]
             process.stderr.close()
@@ -92,7 +93,7 @@ def kill_repeatedly(command: list[str], kills: int, progress, check_after_kill, 
             "uninterrupted_s": round(whole, 2)}
 
 
-def run_timed(command: list[str], progress) -> tuple[float, float]:
+def run_timed(command: list[str], progress) -> tuple[float, float, float]:
     """Run `command` uninterrupted; returns (seconds until progress() first rose, seconds in all, progress made)."""
     start = progress()
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
