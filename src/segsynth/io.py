@@ -197,6 +197,19 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise SegsynthError(f"{path}: JSON nested too deeply to read; fix or regenerate the file") from None
 
 
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """`target` becomes a hard link to `source` (replacing what was there), or a copy where the file system
+    has no hard links or `target` is on another one: derived sets and kept snapshots share unchanged files."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or no hard links
+        shutil.copyfile(source, target)
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and fsync it, so a finished record survives a kill."""
     append_text(path, json.dumps(record, default=_json_default) + "\n")

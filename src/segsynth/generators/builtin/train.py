@@ -18,7 +18,6 @@ length.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -40,7 +39,7 @@ from segsynth.generators.base import resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, MaskDenoiser, build_unet, encode_images,
                                                encode_masks, training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
-from segsynth.io import SegsynthError, atomic_write_json, loading, read_json, staged_swap
+from segsynth.io import SegsynthError, atomic_write_json, link_or_copy, loading, read_json, staged_swap
 from segsynth.outputs import claim_folder
 from segsynth.stage_configs import TrainGeneratorConfig, preset_keys, resolve_generator_kind
 from segsynth.generators.training_loop import TrainingParts, run_iterations
@@ -270,15 +269,13 @@ class _Saver:
         staging = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for name in self.model_files():
-            source = self.out / name
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, staging / name)
-        for name in self.fixed:
+        copies = [(name, shutil.copy2) for name in self.model_files()] + [(name, link_or_copy) for name in self.fixed]
+        for name, copy in copies:
             source = self.out / name
             if source.is_dir():
-                shutil.copytree(source, staging / name, copy_function=_link_or_copy)
+                shutil.copytree(source, staging / name, copy_function=copy)
             else:
-                _link_or_copy(source, staging / name)
+                copy(source, staging / name)
         staging.rename(folder)
 
     def save(self, stats: dict) -> None:
@@ -298,13 +295,6 @@ class _Saver:
             for name, write in self.files.items():
                 write(staging / name)
             atomic_write_json(staging / GENERATOR_FILE, meta)
-
-
-def _link_or_copy(source, destination) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:  # another file system, or one without hard links
-        shutil.copy2(source, destination)
 
 
 def save_training_state(folder: Path, model: torch.nn.Module, optimizer, ema: EMAModel, meta: dict) -> None:

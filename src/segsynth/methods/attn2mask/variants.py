@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 
 from segsynth.data.base import read_raw_mask
 from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info, sample_record, write_set_info
-from segsynth.io import (SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, read_json,
-                         safe_relative_path)
+from segsynth.io import (SegsynthError, atomic_write_json, atomic_write_png, atomic_write_text, link_or_copy,
+                         read_json, safe_relative_path)
 
 # Record keys that describe the source's own files and are not carried over.
 _FILE_KEYS = ("id", "image", "mask", "weight", "extras", "filtered_mask")
@@ -42,7 +41,7 @@ def derive_label_set(source: str | os.PathLike, out: str | os.PathLike, extra: s
     for record in records:
         name = Path(record["image"]).name
         files = {"image": f"images/{name}", "mask": f"masks/{name}"}
-        _link(source / record["image"], out / files["image"])
+        link_or_copy(source / record["image"], out / files["image"])
         label = read_raw_mask(safe_relative_path(source, record["extras"][extra], f"manifest {extra} of {record['id']}"))
         atomic_write_png(out / files["mask"], label, info.get("palette"))
         fields = {key: value for key, value in record.items() if key not in _FILE_KEYS}
@@ -55,16 +54,6 @@ def derive_label_set(source: str | os.PathLike, out: str | os.PathLike, extra: s
                                                 else {}), **summary})
     atomic_write_text(out / MANIFEST, "".join(lines))  # last: its presence means the set is complete
     return summary
-
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or no hard links
-        shutil.copyfile(source, target)
 
 
 __all__ = ["derive_label_set"]

@@ -27,13 +27,13 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from segsynth.formats.manifest import MANIFEST, read_manifest, read_set_info, sample_record, write_set_info
 from segsynth.formats.plan import read_plan
-from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text, read_json, safe_relative_path
+from segsynth.io import (SegsynthError, atomic_write_json, atomic_write_text, link_or_copy, read_json,
+                         safe_relative_path)
 from segsynth.methods.base import Arm
 from segsynth.stage_configs import FilterConfig, TrainConfig
 
@@ -200,15 +200,15 @@ def derive_set(source: str | os.PathLike, out: str | os.PathLike, ids: list[str]
         for key in ("image", "mask", "weight"):
             if record.get(key):
                 files[key] = record[key]
-                _link(safe_relative_path(source, record[key], f"{MANIFEST} {key} of {sample_id}"), out / record[key])
+                link_or_copy(safe_relative_path(source, record[key], f"{MANIFEST} {key} of {sample_id}"), out / record[key])
         if record.get("extras"):
             files["extras"] = record["extras"]
             for name, path in record["extras"].items():
-                _link(safe_relative_path(source, path, f"{MANIFEST} extra {name} of {sample_id}"), out / path)
+                link_or_copy(safe_relative_path(source, path, f"{MANIFEST} extra {name} of {sample_id}"), out / path)
         fields = {key: value for key, value in record.items() if key not in _FILE_KEYS + _FILTER_KEYS}
         if carry_filter:
             path = record["filtered_mask"]
-            _link(safe_relative_path(source, path, f"{MANIFEST} filtered_mask of {sample_id}"), out / path)
+            link_or_copy(safe_relative_path(source, path, f"{MANIFEST} filtered_mask of {sample_id}"), out / path)
             fields.update({key: record[key] for key in _FILTER_KEYS if key in record})
         lines.append(json.dumps(sample_record(sample_id, files, **fields)) + "\n")
     summary = {"derived_from": str(source), "samples": len(lines), "filter": "carried" if carry_filter else "none"}
@@ -237,13 +237,3 @@ def filtered_done(folder: Path, alpha: float) -> bool:
         return False
     return read_json(folder / "filter.json").get("alpha") == alpha and all(
         record.get("filtered_mask") for record in read_manifest(folder))
-
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() or target.is_symlink():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or no hard links
-        shutil.copyfile(source, target)
