@@ -13,6 +13,7 @@ from segsynth.data import open_dataset
 from segsynth.data.toy import BUILDING, ROAD
 from segsynth.methods.freemask.filter import (FilterConfig, _record, class_thresholds, filter_batch, filter_labels, filter_synthetic,
                              ignored_by_class, probe_lanes, scoring_lanes)
+from segsynth.methods.freemask.variants import filtered_done
 from segsynth.io import SegsynthError
 from segsynth.training.loop import TrainConfig, train
 from synthetic_sets import write_synthetic_set
@@ -34,6 +35,14 @@ def test_class_without_statistics_is_kept():
     label = np.array([[0, 1]], np.uint8)
     filtered = filter_labels(label, np.array([[50.0, 50.0]]), np.array([1.0, np.nan]), alpha=1.25)
     assert filtered.tolist() == [[255, 1]]
+
+
+def test_dropped_class_loses_every_pixel_and_others_keep_the_rule():
+    label = np.array([[0, 0, 1, 1, 2, 255]], np.uint8)
+    loss = np.array([[1.0, 1.3, 0.0, 2.6, 0.1, 9.0]])
+    filtered = filter_labels(label, loss, np.array([1.0, 2.0, np.nan]), alpha=1.25, dropped=[1])
+    # class 1 dropped even at loss 0; class 0 by the rule; class 2 has no statistics, kept
+    assert filtered.tolist() == [[0, 255, 255, 255, 2, 255]]
 
 
 def test_batched_filter_matches_the_per_sample_rule():
@@ -123,6 +132,34 @@ def test_filter_resumes_and_refuses_other_settings(tmp_path, toy_segmenter):
     assert (root / "masks" / next(iter(masks))).is_file()  # originals kept
     with pytest.raises(SegsynthError, match="other settings"):
         filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), alpha=2.0, device="cpu"))
+
+
+def test_filter_drops_named_classes_and_records_them(tmp_path, toy_segmenter):
+    dataset = open_dataset(TOY)
+    root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
+    classes = json.loads((root / "classes.json").read_text())["classes"]
+    name = classes[ROAD]
+    with pytest.raises(SegsynthError, match=r"not classes of .*classes.json \(its classes: "):
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), drop_classes=["bike"],
+                                      device="cpu"))
+    assert not (root / "filter.json").exists()  # refused before anything was written
+    summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), drop_classes=[name],
+                                            device="cpu"))
+    assert summary["mean_ignored_by_class"][name] == 1.0
+    assert summary["mean_ignored_by_class"][classes[BUILDING]] < 1.0
+    building = building_kept = 0
+    for line in (root / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        mask = np.array(Image.open(root / record["mask"]))
+        filtered = np.array(Image.open(root / record["filtered_mask"]))
+        assert not (filtered == ROAD).any()
+        building, building_kept = building + (mask == BUILDING).sum(), building_kept + (filtered == BUILDING).sum()
+    assert building > 0 and building_kept > 0.5 * building  # the other classes still follow the loss rule
+    assert json.loads((root / "filter.json").read_text())["drop_classes"] == [name]
+    # A run's stage is done only for the settings it asks for.
+    assert filtered_done(root, 1.25, [name]) and not filtered_done(root, 1.25) and not filtered_done(root, 2.0, [name])
+    with pytest.raises(SegsynthError, match="other settings"):
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
 
 
 def test_filter_refuses_manifest_path_leaving_the_set(tmp_path, toy_segmenter):

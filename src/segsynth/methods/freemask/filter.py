@@ -5,6 +5,9 @@ cross-entropy against the synthetic (conditioning) mask. With L̄_c the mean
 loss of class c over real training pixels (see `segsynth.stats`), a pixel of
 class c whose loss exceeds α·L̄_c is set to ignore (255): the generator did
 not render that class there convincingly, so it would teach the wrong thing.
+`drop_classes` (not in the paper) ignores every synthetic pixel of the named
+classes: for a class the judge reads on synthetic images yet whose synthetic
+pixels, trained on, hurt the real class.
 
 Outputs, inside the synthetic set: masks_filtered/<id>.png (originals kept),
 filter.rank<R>.jsonl (one line per filtered sample, appended after its file is
@@ -48,12 +51,23 @@ from segsynth.stage_configs import FilterConfig, StatsConfig
 
 
 
-def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None) -> torch.Tensor:
+def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None, dropped=()) -> torch.Tensor:
     """alpha * L̄_c per label value 0..255: classes without L̄_c (no real pixels), values past the
-    classes and ignore (255) get inf, so they are never ignored and one gather serves every pixel."""
+    classes and ignore (255) get inf, so they are never ignored and one gather serves every pixel.
+    Class ids in `dropped` get -inf: every one of their pixels is ignored."""
     table = np.full(256, np.inf)
     table[: len(mean_loss)] = np.where(np.isfinite(mean_loss), alpha * mean_loss, np.inf)
+    table[list(dropped)] = -np.inf
     return torch.as_tensor(table, dtype=torch.float32, device=device)
+
+
+def dropped_class_ids(names: list[str], classes: list[str], where: Path) -> list[int]:
+    """The ids of `drop_classes`, by name; an unknown name is an error that lists the set's classes."""
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise SegsynthError(f"filter drop_classes {unknown}: not classes of {where} (its classes: {', '.join(classes)}); "
+                            "give class names from that list")
+    return sorted(classes.index(name) for name in set(names))
 
 
 def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: torch.Tensor, num_classes: int):
@@ -71,10 +85,10 @@ def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: to
     return filtered, counts.sum(-1), counts[..., 1]
 
 
-def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float) -> np.ndarray:
-    """`filter_batch` for one H x W label map: pixel of class c -> ignore when loss > alpha * L̄_c."""
+def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float, dropped=()) -> np.ndarray:
+    """`filter_batch` for one H x W label map: pixel of class c -> ignore when loss > alpha * L̄_c (or c dropped)."""
     filtered, _, _ = filter_batch(torch.from_numpy(label)[None], torch.from_numpy(loss)[None],
-                                  class_thresholds(mean_loss, alpha), len(mean_loss))
+                                  class_thresholds(mean_loss, alpha, dropped=dropped), len(mean_loss))
     return filtered[0].numpy()
 
 
@@ -178,6 +192,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
     if not records:
         raise SegsynthError(f"{root}: no finished samples in {MANIFEST}; run `segsynth synthesize` first")
     classes = read_set_info(root)["classes"]
+    dropped = dropped_class_ids(config.drop_classes, classes, root / "classes.json")
     check_no_escaping_links(root)  # before anything is computed or written (class statistics included)
     for record in records:  # every path stays inside the set: checked before anything is loaded or written
         safe_relative_path(root, record["image"], f"{root / MANIFEST} image of {record['id']}")
@@ -206,6 +221,8 @@ def filter_synthetic(config: FilterConfig) -> dict:
         # 2. Refuse to mix runs with other settings; pick up where an earlier run stopped.
         settings = {"alpha": config.alpha, "segmenter": str(checkpoint), "stats": str(stats_path),
                     "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
+        if dropped:  # only when set, so the filter.json of sets filtered before the option stays valid
+            settings["drop_classes"] = [classes[c] for c in dropped]
         settings_path = root / "filter.json"
         if settings_path.is_file() and read_json(settings_path) != settings:
             raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
@@ -245,7 +262,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
                    "threads_per_lane": threads_per_lane, "lane_probe": probed,
                    "lane_probe_seconds": round(time.time() - started, 3)}
         with torch_threads(threads_per_lane):  # the lanes started inside pick it up
-            _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path)
+            _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path, dropped)
         summary["seconds"] = round(time.time() - started, 2)
         barrier()
 
@@ -256,7 +273,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
 
 
 def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: FilterConfig, info, lanes: int,
-            log_path: Path) -> None:
+            log_path: Path, dropped: list[int]) -> None:
     """Filter `pending` with `lanes` threads (decode -> forward -> loss -> rule) and one writer thread
     (segsynth.pipeline).
 
@@ -264,7 +281,7 @@ def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: 
     The writer saves a batch's masks first (temp + rename), then its log lines in one fsync'd
     append: a line in the log always means its file is in place."""
     batches = [pending[start:start + config.batch_size] for start in range(0, len(pending), config.batch_size)]
-    class_threshold = class_thresholds(mean_loss, config.alpha, info.device)
+    class_threshold = class_thresholds(mean_loss, config.alpha, info.device, dropped)
     bar = tqdm(total=len(pending), desc="filter", unit="img", disable=not info.is_main, dynamic_ncols=True)
 
     @torch.inference_mode()  # grad mode is per thread: set in the lane that scores

@@ -45,7 +45,8 @@ from segsynth.io import SegsynthError, read_json
 from segsynth.methods.base import Stage
 from segsynth.methods.freemask.filter import filter_synthetic
 from segsynth.methods.freemask.stats import compute_class_stats
-from segsynth.methods.freemask.variants import HARDNESS_FIRST_SEED, LOOP_SET, ROUND_SEEDS, filtered_done, run_alpha
+from segsynth.methods.freemask.variants import (HARDNESS_FIRST_SEED, LOOP_SET, ROUND_SEEDS, filtered_done, run_alpha,
+                                                run_drop_classes)
 from segsynth.plan import make_plan
 from segsynth.stage_configs import FilterConfig, PlanConfig, StatsConfig, SynthesizeConfig
 from segsynth.synthesize import synthesize
@@ -93,7 +94,7 @@ def round_stages(context, r: int) -> list[Stage]:
         stages.append(Stage(f"round {r}: filter", lambda: filter_synthetic(context.stage_config(
             FilterConfig, "filter", synthetic=str(folder), segmenter=str(context.reference_segmenter),
             stats=str(reference_stats), device=config.device)),
-            lambda: filtered_done(folder, run_alpha(config))))
+            lambda: filtered_done(folder, run_alpha(config), run_drop_classes(config))))
     return stages
 
 

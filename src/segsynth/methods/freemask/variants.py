@@ -231,9 +231,16 @@ def derived_set_done(source: Path, out: Path, ids: list[str] | None, carry_filte
     return not carry_filter or all(record.get("filtered_mask") for record in records)
 
 
-def filtered_done(folder: Path, alpha: float) -> bool:
-    """Every sample of the set has its filtered mask from a filter at `alpha` (filter.json)."""
+def run_drop_classes(config) -> list[str]:
+    """The run's filter `drop_classes`, sorted by name as filter.json records them (by class id)."""
+    return list(config.filter.get("drop_classes", []))
+
+
+def filtered_done(folder: Path, alpha: float, drop_classes: list[str] = ()) -> bool:
+    """Every sample of the set has its filtered mask from a filter at `alpha` that dropped exactly
+    `drop_classes` (filter.json)."""
     if not (folder / "filter.json").is_file() or not (folder / MANIFEST).is_file():
         return False
-    return read_json(folder / "filter.json").get("alpha") == alpha and all(
-        record.get("filtered_mask") for record in read_manifest(folder))
+    settings = read_json(folder / "filter.json")
+    return (settings.get("alpha") == alpha and sorted(settings.get("drop_classes", [])) == sorted(drop_classes)
+            and all(record.get("filtered_mask") for record in read_manifest(folder)))
