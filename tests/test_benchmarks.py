@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 
+import numpy as np
 import pytest
 
 from fakes import PYTHON, REPO, TOY_SPEC, subprocess_env
@@ -105,3 +106,43 @@ def test_alignment_benchmark_sweeps_guidance_and_scores_at_the_segmenter_size(tm
     # one IoU column per class beside the mean, so the curve says which classes longer training fixes
     assert header.count("|") == 5 + len(report["per_class"]) and len(rows) == 2
     assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def _class_confusion():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("class_confusion", REPO / "benchmarks" / "class_confusion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_class_confusion_row_and_table():
+    module = _class_confusion()
+    # rows = true class, columns = predicted (segsynth.training.evaluate.confusion_matrix)
+    confusion = np.array([[8, 1, 1], [2, 6, 2], [0, 3, 7]])
+    row = module.confusion_row(confusion, 1)
+    assert row["pixels"] == 10 and row["predicted_as"] == [0.2, 0.6, 0.2]
+    assert row["precision"] == pytest.approx(6 / 10)  # column 1: 1 + 6 + 3 predicted as class 1
+    other = {"pixels": 10, "predicted_as": [0.5, 0.4, 0.1], "precision": 0.8}
+    table = module.markdown({"a": row, "b": other}, ["x", "y", "z"], 1, top=1)
+    # the column shown is the class that takes most of y's pixels over both rows: x (0.7) before z (0.3)
+    assert table.splitlines()[0] == "| segmenter | y kept (recall) | precision | to x |"
+    assert table.splitlines()[2] == "| a | 60.0 % | 60.0 % | 20.0 % |"
+    assert table.splitlines()[3] == "| b | 40.0 % | 80.0 % | 50.0 % |"
+
+
+def test_class_confusion_script_on_a_trained_toy_segmenter(tmp_path, trained):
+    out = tmp_path / "confusion"
+    command = [PYTHON, "benchmarks/class_confusion.py", "--data", TOY_SPEC, "--size", "32,32",
+               "--checkpoint", f"a={trained[0]}", "--checkpoint", f"b={trained[0]}"]
+    done = subprocess.run(command + ["--class", "road", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    a, b = report["rows"]["a"], report["rows"]["b"]
+    assert a == b and a["pixels"] > 0 and sum(a["predicted_as"]) == pytest.approx(1.0)
+    assert "road kept (recall)" in out.with_suffix(".md").read_text()
+    bad = subprocess.run(command + ["--class", "bike"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "--class bike: not a class of" in bad.stderr and "its classes:" in bad.stderr

@@ -1,0 +1,111 @@
+"""Where one class's real pixels go: the confusion row of a class, for several segmenters side by side.
+
+For each checkpoint, on the real images of one split: the share of the class's labelled pixels predicted as
+each class (recall is the diagonal entry), and the class's precision (the share of pixels predicted as the
+class that are it). It answers "which class took the pixels this arm lost" (issue 15: synthetic-pretrained
+Mask2Formers lose CamVid bicyclist pixels to pedestrian and car).
+
+    python benchmarks/class_confusion.py --data camvid:../shared/datasets/camvid --class bicyclist \
+        --size 96,128 --checkpoint real=runs/camvid_latent_m2f/arms/real/seed0 \
+        --checkpoint pf=runs/camvid_latent_m2f/arms/pretrain-finetune-filtered-hardness/seed0 \
+        --out results/camvid_bicyclist_confusion
+
+Prints a Markdown table and writes OUT.json and OUT.md (each written to a temp name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="dataset spec, e.g. camvid:../shared/datasets/camvid")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--class", dest="class_name", required=True, help="class name whose row is shown")
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="NAME=DIR of a segmenter checkpoint (repeatable)")
+    parser.add_argument("--size", default="", help="inference size H,W (default: each image's own)")
+    parser.add_argument("--top", type=int, default=4, help="classes shown besides the class itself")
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def confusion_row(confusion: np.ndarray, index: int) -> dict:
+    """Shares of class `index`'s labelled pixels per predicted class, and its precision.
+    `confusion[t, p]` counts pixels of true class t predicted as p (segsynth.training.evaluate)."""
+    labelled, predicted = confusion[index].sum(), confusion[:, index].sum()
+    return {"pixels": int(labelled),
+            "predicted_as": (confusion[index] / labelled).tolist() if labelled else [],
+            "precision": float(confusion[index, index] / predicted) if predicted else float("nan")}
+
+
+def markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
+    """One row per checkpoint: recall, precision, and the classes that take most of the class's pixels
+    (chosen over all checkpoints together, so the columns are the same for every row)."""
+    taken = np.sum([np.asarray(row["predicted_as"]) for row in rows.values()], axis=0)
+    taken[index] = -1
+    others = [int(c) for c in np.argsort(-taken)[:top]]
+    head = ["segmenter", f"{classes[index]} kept (recall)", "precision"] + [f"to {classes[c]}" for c in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        shares = row["predicted_as"]
+        cells = [name, f"{100 * shares[index]:.1f} %", f"{100 * row['precision']:.1f} %"]
+        lines.append("| " + " | ".join(cells + [f"{100 * shares[c]:.1f} %" for c in others]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import torch
+
+    from segsynth.data import open_dataset
+    from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
+    from segsynth.segmenters import load_checkpoint_for
+    from segsynth.training.evaluate import confusion_over_split
+
+    # 1. The data and the class, checked before any model is loaded.
+    dataset = open_dataset(args.data)
+    classes = list(dataset.classes)
+    if args.class_name not in classes:
+        raise SegsynthError(f"--class {args.class_name}: not a class of {args.data} (its classes: {', '.join(classes)})")
+    index = classes.index(args.class_name)
+    named = []
+    for spec in args.checkpoint:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise SegsynthError(f"--checkpoint {spec}: give NAME=DIR, e.g. real=runs/camvid_real")
+        named.append((name, folder))
+    size = [int(v) for v in args.size.split(",")] if args.size else None
+
+    # 2. One confusion matrix per checkpoint on the split's real images.
+    rows = {}
+    for name, folder in named:
+        model, _, checkpoint = load_checkpoint_for(folder, classes, f"dataset {args.data}",
+                                                   "give a checkpoint trained on this dataset")
+        with torch.inference_mode():
+            confusion = confusion_over_split(model.to(args.device), dataset.split(args.split), len(classes),
+                                             torch.device(args.device), size=size)
+        rows[name] = {"checkpoint": str(checkpoint), **confusion_row(confusion, index)}
+
+    # 3. Report.
+    table = markdown(rows, classes, index, args.top)
+    print(table)
+    if args.out:
+        report = {"data": args.data, "split": args.split, "class": args.class_name, "classes": classes,
+                  "size": size, "rows": rows}
+        atomic_write_json(Path(args.out + ".json"), report)
+        atomic_write_text(Path(args.out + ".md"), f"# Where real `{args.class_name}` pixels go ({args.split}, "
+                                                  f"size {args.size or 'native'})\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
