@@ -16,7 +16,6 @@ Prints a Markdown table and writes OUT.json and OUT.md (each written to a temp n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
