@@ -735,9 +735,8 @@ class FilterConfig:
     alpha: float = field(1.25, range=Range(0.0, 100.0, low_open=True),
                          help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
     drop_classes: list[str] = field([], help="class names whose synthetic pixels all become ignore, whatever their "
-                                             "loss: a class the generator renders so that training on it hurts the "
-                                             "real class although the judge reads it (CamVid: bicyclist, "
-                                             "results/camvid_latent_mask2former.md)")
+                                             "loss: learn those classes from real pixels only (tried on CamVid "
+                                             "bicyclist, where it did not help: results/camvid_latent_mask2former.md)")
     batch_size: int = field(8, range=BATCH, help="images per forward pass")
     lanes: int = field(0, range=Range(0, 64),
                        help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "

@@ -6,8 +6,7 @@ loss of class c over real training pixels (see `segsynth.stats`), a pixel of
 class c whose loss exceeds α·L̄_c is set to ignore (255): the generator did
 not render that class there convincingly, so it would teach the wrong thing.
 `drop_classes` (not in the paper) ignores every synthetic pixel of the named
-classes: for a class the judge reads on synthetic images yet whose synthetic
-pixels, trained on, hurt the real class.
+classes, so they are learnt from real pixels only.
 
 Outputs, inside the synthetic set: masks_filtered/<id>.png (originals kept),
 filter.rank<R>.jsonl (one line per filtered sample, appended after its file is

@@ -232,7 +232,7 @@ def derived_set_done(source: Path, out: Path, ids: list[str] | None, carry_filte
 
 
 def run_drop_classes(config) -> list[str]:
-    """The run's filter `drop_classes`, sorted by name as filter.json records them (by class id)."""
+    """The run's filter `drop_classes` (filtered_done compares them as a set: filter.json lists them by class id)."""
     return list(config.filter.get("drop_classes", []))
 
 
