@@ -1,9 +1,11 @@
 """Where one class's real pixels go: the confusion row of a class, for several segmenters side by side.
 
 For each checkpoint, on the real images of one split: the share of the class's labelled pixels predicted as
-each class (recall is the diagonal entry), and the class's precision (the share of pixels predicted as the
-class that are it). It answers "which class took the pixels this arm lost" (issue 15: synthetic-pretrained
-Mask2Formers lose CamVid bicyclist pixels to pedestrian and car).
+each class (recall is the diagonal entry), the class's precision (the share of pixels predicted as the
+class that are it), and where the pixels wrongly predicted as the class come from (the share of its
+predictions per true class). It answers "which class took the pixels this arm lost" (issue 15:
+synthetic-pretrained Mask2Formers lose CamVid bicyclist pixels to pedestrian and car) and, when precision
+falls instead, "which class does the arm mistake for this one" (the joint arm's car).
 
     python benchmarks/class_confusion.py --data camvid:../shared/datasets/camvid --class bicyclist \
         --size 96,128 --checkpoint real=runs/camvid_latent_m2f/arms/real/seed0 \
@@ -37,12 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def confusion_row(confusion: np.ndarray, index: int) -> dict:
-    """Shares of class `index`'s labelled pixels per predicted class, and its precision.
+    """Shares of class `index`'s labelled pixels per predicted class, its precision, and the shares of the
+    pixels predicted as it per true class (`predicted_from`; its diagonal entry is the precision).
     `confusion[t, p]` counts pixels of true class t predicted as p (segsynth.training.evaluate)."""
     labelled, predicted = confusion[index].sum(), confusion[:, index].sum()
     return {"pixels": int(labelled),
             "predicted_as": (confusion[index] / labelled).tolist() if labelled else [],
-            "precision": float(confusion[index, index] / predicted) if predicted else float("nan")}
+            "precision": float(confusion[index, index] / predicted) if predicted else float("nan"),
+            "predicted_from": (confusion[:, index] / predicted).tolist() if predicted else []}
 
 
 def markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
@@ -57,6 +61,27 @@ def markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
         shares = row["predicted_as"]
         cells = [name, f"{100 * shares[index]:.1f} %", f"{100 * row['precision']:.1f} %"]
         lines.append("| " + " | ".join(cells + [f"{100 * shares[c]:.1f} %" for c in others]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def false_positive_markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
+    """One row per checkpoint: of the pixels predicted as the class, the share that are it (precision) and the
+    shares of the true classes it is most often mistaken for (columns chosen over all checkpoints together)."""
+    usable = [row for row in rows.values() if row["predicted_from"]]
+    if not usable:
+        return ""
+    taken = np.sum([np.asarray(row["predicted_from"]) for row in usable], axis=0)
+    taken[index] = -1
+    others = [int(c) for c in np.argsort(-taken)[:top]]
+    head = ["segmenter", f"predicted {classes[index]}: is it (precision)"] + [f"is {classes[c]}" for c in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        shares = row["predicted_from"]
+        if not shares:
+            lines.append("| " + " | ".join([name, "nothing predicted"] + [""] * len(others)) + " |")
+            continue
+        cells = [name, f"{100 * shares[index]:.1f} %"] + [f"{100 * shares[c]:.1f} %" for c in others]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,6 +121,9 @@ def main(argv=None) -> int:
 
     # 3. Report.
     table = markdown(rows, classes, index, args.top)
+    false_positives = false_positive_markdown(rows, classes, index, args.top)
+    if false_positives:
+        table += f"\nWhere the pixels predicted as `{args.class_name}` come from (true class):\n\n" + false_positives
     print(table)
     if args.out:
         report = {"data": args.data, "split": args.split, "class": args.class_name, "classes": classes,

@@ -124,12 +124,20 @@ def test_class_confusion_row_and_table():
     row = module.confusion_row(confusion, 1)
     assert row["pixels"] == 10 and row["predicted_as"] == [0.2, 0.6, 0.2]
     assert row["precision"] == pytest.approx(6 / 10)  # column 1: 1 + 6 + 3 predicted as class 1
-    other = {"pixels": 10, "predicted_as": [0.5, 0.4, 0.1], "precision": 0.8}
+    assert row["predicted_from"] == pytest.approx([0.1, 0.6, 0.3])  # of those 10: 1 x, 6 y, 3 z
+    other = {"pixels": 10, "predicted_as": [0.5, 0.4, 0.1], "precision": 0.8, "predicted_from": [0.05, 0.8, 0.15]}
     table = module.markdown({"a": row, "b": other}, ["x", "y", "z"], 1, top=1)
     # the column shown is the class that takes most of y's pixels over both rows: x (0.7) before z (0.3)
     assert table.splitlines()[0] == "| segmenter | y kept (recall) | precision | to x |"
     assert table.splitlines()[2] == "| a | 60.0 % | 60.0 % | 20.0 % |"
     assert table.splitlines()[3] == "| b | 40.0 % | 80.0 % | 50.0 % |"
+    # false positives: the true class most often predicted as y over both rows is z (0.45) before x (0.15)
+    false_positives = module.false_positive_markdown({"a": row, "b": other}, ["x", "y", "z"], 1, top=1)
+    assert false_positives.splitlines()[0] == "| segmenter | predicted y: is it (precision) | is z |"
+    assert false_positives.splitlines()[2] == "| a | 60.0 % | 30.0 % |"
+    assert false_positives.splitlines()[3] == "| b | 80.0 % | 15.0 % |"
+    empty = {"pixels": 10, "predicted_as": [0.5, 0.0, 0.5], "precision": float("nan"), "predicted_from": []}
+    assert "| c | nothing predicted |" in module.false_positive_markdown({"a": row, "c": empty}, ["x", "y", "z"], 1, 1)
 
 
 def test_class_confusion_script_on_a_trained_toy_segmenter(tmp_path, trained):
@@ -142,7 +150,9 @@ def test_class_confusion_script_on_a_trained_toy_segmenter(tmp_path, trained):
     report = json.loads(out.with_suffix(".json").read_text())
     a, b = report["rows"]["a"], report["rows"]["b"]
     assert a == b and a["pixels"] > 0 and sum(a["predicted_as"]) == pytest.approx(1.0)
+    assert sum(a["predicted_from"]) == pytest.approx(1.0)
     assert "road kept (recall)" in out.with_suffix(".md").read_text()
+    assert "Where the pixels predicted as `road` come from" in out.with_suffix(".md").read_text()
     bad = subprocess.run(command + ["--class", "bike"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode != 0 and "--class bike: not a class of" in bad.stderr and "its classes:" in bad.stderr
