@@ -49,40 +49,40 @@ def confusion_row(confusion: np.ndarray, index: int) -> dict:
             "predicted_from": (confusion[:, index] / predicted).tolist() if predicted else []}
 
 
-def markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
-    """One row per checkpoint: recall, precision, and the classes that take most of the class's pixels
-    (chosen over all checkpoints together, so the columns are the same for every row)."""
-    taken = np.sum([np.asarray(row["predicted_as"]) for row in rows.values()], axis=0)
+def most_taken(shares: list, index: int, top: int) -> list[int]:
+    """The `top` classes other than `index` with the largest shares summed over all checkpoints, so every row
+    of a table shows the same columns."""
+    taken = np.sum([np.asarray(row) for row in shares], axis=0)
     taken[index] = -1
-    others = [int(c) for c in np.argsort(-taken)[:top]]
-    head = ["segmenter", f"{classes[index]} kept (recall)", "precision"] + [f"to {classes[c]}" for c in others]
+    return [int(c) for c in np.argsort(-taken)[:top]]
+
+
+def table_text(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in rows.items():
-        shares = row["predicted_as"]
-        cells = [name, f"{100 * shares[index]:.1f} %", f"{100 * row['precision']:.1f} %"]
-        lines.append("| " + " | ".join(cells + [f"{100 * shares[c]:.1f} %" for c in others]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+
+
+def markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
+    """One row per checkpoint: recall, precision, and the classes that take most of the class's pixels."""
+    others = most_taken([row["predicted_as"] for row in rows.values()], index, top)
+    head = ["segmenter", f"{classes[index]} kept (recall)", "precision"] + [f"to {classes[c]}" for c in others]
+    body = [[name, f"{100 * row['predicted_as'][index]:.1f} %", f"{100 * row['precision']:.1f} %"]
+            + [f"{100 * row['predicted_as'][c]:.1f} %" for c in others] for name, row in rows.items()]
+    return table_text(head, body)
 
 
 def false_positive_markdown(rows: dict, classes: list[str], index: int, top: int) -> str:
     """One row per checkpoint: of the pixels predicted as the class, the share that are it (precision) and the
-    shares of the true classes it is most often mistaken for (columns chosen over all checkpoints together)."""
-    usable = [row for row in rows.values() if row["predicted_from"]]
+    shares of the true classes it is most often mistaken for ("" when no checkpoint predicts the class)."""
+    usable = [row["predicted_from"] for row in rows.values() if row["predicted_from"]]
     if not usable:
         return ""
-    taken = np.sum([np.asarray(row["predicted_from"]) for row in usable], axis=0)
-    taken[index] = -1
-    others = [int(c) for c in np.argsort(-taken)[:top]]
+    others = most_taken(usable, index, top)
     head = ["segmenter", f"predicted {classes[index]}: is it (precision)"] + [f"is {classes[c]}" for c in others]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in rows.items():
-        shares = row["predicted_from"]
-        if not shares:
-            lines.append("| " + " | ".join([name, "nothing predicted"] + [""] * len(others)) + " |")
-            continue
-        cells = [name, f"{100 * shares[index]:.1f} %"] + [f"{100 * shares[c]:.1f} %" for c in others]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[name, "nothing predicted"] + [""] * len(others) if not row["predicted_from"] else
+            [name] + [f"{100 * row['predicted_from'][c]:.1f} %" for c in [index, *others]]
+            for name, row in rows.items()]
+    return table_text(head, body)
 
 
 def main(argv=None) -> int:
