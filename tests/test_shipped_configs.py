@@ -20,7 +20,8 @@ CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_s
 VERBS = {
     "camvid_dusk.yaml": "run", "camvid_latent_mask2former_run.yaml": "run",
     "camvid_latent_mask2former_full_finetune.yaml": "run", "camvid_latent_mask2former_nobike_run.yaml": "run",
-    "camvid_latent_mask2former_3000_run.yaml": "run",
+    "camvid_latent_mask2former_3000_run.yaml": "run", "camvid_latent_mask2former_loop_run.yaml": "run",
+    "camvid_latent_mask2former_k4_run.yaml": "run",
     "camvid_mask2former_run.yaml": "run",
     "camvid_run.yaml": "run", "camvid_seggen.yaml": "run",
     "camvid_generator.yaml": "train-generator", "camvid_latent_generator.yaml": "train-generator",
