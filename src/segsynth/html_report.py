@@ -444,8 +444,10 @@ def sweeps_section(run: RunFolder, table: dict[str, dict], sets: dict[str, list[
         parts.append(f"<h3>Closed loop of {esc(origin)}</h3><p>signal {esc(last.get('signal'))}, planner "
                      f"{esc(last.get('planner', 'hardness'))}, init "
                      f"{esc(last.get('init'))}, sets {esc(last.get('sets'))}.</p>" + chart + table_html(
-                         ["round", "arm", "synthetic images", "mIoU mean", "spread", *run.classes],
-                         [[variant["round"], name, arms[name]["synthetic_images"], arms[name]["mean"],
+                         ["round", "arm", "synthetic images", "re-planned images", "mIoU mean", "spread",
+                          *run.classes],
+                         [[variant["round"], name, arms[name]["synthetic_images"],
+                           (arms[name].get("plan_change") or {}).get("moved"), arms[name]["mean"],
                            arms[name]["spread"], *[arms[name]["per_class"].get(c) for c in run.classes]]
                           for name, variant in rows], numeric_from=2))
     return "".join(parts)

@@ -7,6 +7,7 @@ summary.json and manifest, seconds.json; writes results.json and results.md.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from segsynth.config import to_dict
 from segsynth.data.base import read_image, read_raw_mask
 from segsynth.formats.manifest import MANIFEST, read_manifest
+from segsynth.formats.plan import read_plan
 from segsynth.io import atomic_write_json, atomic_write_png, atomic_write_text, read_json, safe_relative_path
 
 
@@ -32,6 +34,25 @@ def summarize_seeds(metrics_by_seed: dict, classes) -> dict:
         "per_class": {c: (round(float(np.nanmean(col)), 2) if np.isfinite(col).any() else None)
                       for c, col in zip(classes, np.array(per_class, dtype=float).T)} if per_class else {},
     }
+
+
+def plan_change(plan: Path, previous: Path) -> dict | None:
+    """How far a re-plan moved from the plan before it: `moved` counts the images it gives a mask (or a crop
+    of one) beyond what the previous plan gave that mask, out of its `planned` images. A closed-loop round whose
+    signal ranks the masks as the previous model did moves few, and is then a second rendering of the same plan
+    more than a steered one. None when either plan file is missing."""
+    if not (plan.is_file() and previous.is_file()):
+        return None
+
+    def images_per_mask(path: Path) -> Counter:
+        counts = Counter()
+        for entry in read_plan(path):
+            counts[(entry.source or entry.id, tuple(entry.crop or ()))] += len(entry.seeds)
+        return counts
+
+    now, before = images_per_mask(plan), images_per_mask(previous)
+    return {"moved": sum(max(0, n - before.get(key, 0)) for key, n in now.items()), "planned": sum(now.values())}
+
 
 PARALLEL_MARK = " (parallel)"  # a stage that ran beside others: its group's wall time is counted, not its own
 
@@ -51,7 +72,8 @@ def collect_results(context, method) -> dict:
         records = [record for name in arm.synthetic if context.synthetic_set(name).is_dir()
                    for record in read_manifest(context.synthetic_set(name))]
         ignored = [record["ignored_fraction"] for record in records if "ignored_fraction" in record]
-        signal = dict(arm.tags).get("signal_file")
+        tags = dict(arm.tags)
+        signal = tags.get("signal_file")
         arms[arm_name] = {
             "method": arm.method or method.name,
             **summarize_seeds(metrics, classes),
@@ -61,6 +83,8 @@ def collect_results(context, method) -> dict:
             "ignored_fraction": round(float(np.mean(ignored)), 4) if arm.masks == "filtered" and ignored else None,
             # a closed-loop round: the class weights that planned its data (the planner's class-stats file)
             "signal": read_json(out / signal)["mean_loss"] if signal and (out / signal).is_file() else None,
+            "plan_change": plan_change(out / tags["plan_file"], out / tags["previous_plan_file"])
+            if "plan_file" in tags else None,
             # A training that ran beside others (`parallel`) is recorded under its name + PARALLEL_MARK: its
             # own seconds, not its group's wall time.
             "train_seconds": round(sum(context.seconds.get(f"train {arm_name} seed {seed}{mark}", 0.0)
@@ -176,14 +200,16 @@ def format_sweeps(results: dict) -> str:
         lines = [f"Closed loop of {origin} (signal {first.get('signal')}, planner {first.get('planner', 'hardness')}, "
                  f"init {first.get('init')}, sets "
                  f"{first.get('sets')}): mIoU and per-class IoU per round", "",
-                 "| round | arm | synthetic images | mIoU | spread | vs round 0 | " + " | ".join(classes) + " |",
-                 "|---|---|---|---|---|---|" + "---|" * len(classes)]
+                 "| round | arm | synthetic images | re-planned images | mIoU | spread | vs round 0 | " +
+                 " | ".join(classes) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(classes)]
         start = arms[rows[0][0]]["mean"]
         for name, variant in rows:
             arm = arms[name]
             delta = "" if variant["round"] == 0 or arm["mean"] is None or start is None else \
                 f"{arm['mean'] - start:+.2f}"
-            lines.append(f"| {variant['round']} | {name} | {arm.get('synthetic_images', 0)} | {_value(arm)} | "
+            change = arm.get("plan_change")
+            moved = f"{change['moved']} of {change['planned']}" if change else ""
+            lines.append(f"| {variant['round']} | {name} | {arm.get('synthetic_images', 0)} | {moved} | {_value(arm)} | "
                          f"{_value(arm, 'spread')} | {delta} | " + " | ".join(
                              "-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}"
                              for c in classes) + " |")
@@ -195,6 +221,10 @@ def format_sweeps(results: dict) -> str:
                       "|---|" + "---|" * len(classes)]
             lines += [f"| {r} | " + " | ".join("-" if w is None else f"{w:.3f}" for w in weights) + " |"
                       for r, weights in signals]
+        if any(arms[name].get("plan_change") for name, _ in rows):
+            lines += ["", "Re-planned images: those a round's plan gives a mask beyond what the plan before it gave "
+                      "that mask (round 1: the first set's plan). Few means the signal ranked the masks as before, "
+                      "so the round rendered the same plan again."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

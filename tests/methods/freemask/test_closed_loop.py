@@ -40,7 +40,9 @@ def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
     assert all("targeted" in entry.extra and entry.crop[2:] == [16, 20] for entry in entries)
     assert all(record["meta"]["crop"] for record in read_manifest(round_set))
     assert results["arms"]["joint-filtered-hardness-round1"]["synthetic_images"] == 12 + 24
-    assert "| 1 | joint-filtered-hardness-round1 | 36 |" in (out / "results.md").read_text()
+    # Every image of the round is a class-centred crop, none of which the first plan rendered.
+    assert results["arms"]["joint-filtered-hardness-round1"]["plan_change"] == {"moved": 12, "planned": 12}
+    assert "| 1 | joint-filtered-hardness-round1 | 36 | 12 of 12 |" in (out / "results.md").read_text()
     assert "(signal loss, planner targeted-crops 0.5, init scratch" in (out / "results.md").read_text()
 
     capsys.readouterr()
@@ -75,6 +77,8 @@ def test_closed_loop_with_filter_and_volume_sweeps_end_to_end_and_resume(tmp_pat
         ["hardness", "hardness-round1", "hardness-round2"]  # loop_sets: accumulate
     assert results["arms"]["joint-filtered-hardness-round2"]["synthetic_images"] == 72
     assert len(results["arms"]["joint-filtered-hardness-round1"]["signal"]) == 9
+    change = results["arms"]["joint-filtered-hardness-round2"]["plan_change"]
+    assert change["planned"] == 24 and 0 <= change["moved"] <= 24
 
     # The filter sweep: the copy is filtered at its own alpha, the original keeps the run's.
     assert read_json(synthetic / "hardness" / "filter.json")["alpha"] == 1.25

@@ -16,7 +16,7 @@ from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png
 from segsynth.methods.freemask.loop import write_iou_signal
 from segsynth.methods.freemask.method import ARMS, FREEMASK
 from segsynth.methods.freemask.variants import derive_set, derived_set_done, nested_ids
-from segsynth.report import format_sweeps
+from segsynth.report import format_sweeps, plan_change
 from segsynth.run import resolve_run_config
 from synthetic_sets import write_synthetic_set
 
@@ -104,6 +104,10 @@ def test_derived_arm_names_sets_and_settings():
     second = table["joint-filtered-hardness-round2"]
     assert second.synthetic == ("hardness-round2",) and second.init_from == "joint-filtered-hardness-round1"
     assert second.round == 2 and dict(second.tags)["signal"] == "loss"
+    # Each round's plan is compared with the one before it: round 1's with the loop arm's first set's plan.
+    first = dict(table["joint-filtered-hardness-round1"].tags)
+    assert (first["plan_file"], first["previous_plan_file"]) == ("plans/hardness-round1.jsonl", "plans/hardness.jsonl")
+    assert dict(second.tags)["previous_plan_file"] == "plans/hardness-round1.jsonl"
     # A resolved config resolves to itself (run.config.yaml lists the derived arms).
     again = resolve_run_config({key: getattr(config, key) for key in ("preset", "arms", "filter_alphas",
                                                                       "filter_judges", "volumes", "volume_iterations",
@@ -150,6 +154,20 @@ def test_iou_signal_weights_classes_by_what_the_model_still_gets_wrong(tmp_path)
         write_iou_signal(signal, [tmp_path / "missing.json"], reference, "val")
 
 
+def test_plan_change_counts_the_images_a_re_plan_gives_a_mask_beyond_the_plan_before(tmp_path):
+    before = _plan(tmp_path / "before.jsonl", [3, 1, 2])  # masks m0..m2
+    assert plan_change(before, before) == {"moved": 0, "planned": 6}
+    after = write_plan(tmp_path / "after.jsonl", [PlanEntry("m0", [1]), PlanEntry("m1", [2]),
+                                                  PlanEntry("m2", [3, 4]), PlanEntry("m3", [5, 6])])
+    # two of m0's images went to m3, a mask the plan before did not render
+    assert plan_change(after, before) == {"moved": 2, "planned": 6}
+    # A crop of a mask is a different thing to render than the whole mask; several entries of a mask add up.
+    crops = write_plan(tmp_path / "crops.jsonl", [PlanEntry("m0@car", [1], source="m0", crop=[0, 0, 8, 8]),
+                                                  PlanEntry("m1-a", [2], source="m1"), PlanEntry("m1-b", [3], source="m1")])
+    assert plan_change(crops, before) == {"moved": 2, "planned": 3}
+    assert plan_change(tmp_path / "missing.jsonl", before) is None
+
+
 def test_sweep_tables_in_the_results():
     classes = ["sky", "car"]
 
@@ -165,15 +183,16 @@ def test_sweep_tables_in_the_results():
         "joint-k1": arm(39.0, {"sweep": "volume", "of": "joint", "k": 1, "base_k": 2, "iterations": 100,
                                "base_iterations": 100, "iterations_rule": "same"}),
         "joint-round1": arm(43.5, {"sweep": "loop", "of": "joint", "round": 1, "signal": "loss", "init": "scratch",
-                                   "sets": "accumulate"}, signal=[0.5, 2.0]),
+                                   "sets": "accumulate"}, signal=[0.5, 2.0], plan_change={"moved": 3, "planned": 10}),
     }}
     text = format_sweeps(results)
     assert "| joint | 1.25 | reference | 20.0 % | 41.00 | 0.00 |  |" in text
     assert "| joint-alpha2 | 2.0 | reference | 5.0 % | 42.00 | 0.00 | +1.00 |" in text
     assert "iterations the same for every K" in text
     assert text.index("| joint-k1 | 1 |") < text.index("| joint | 2 |")
-    assert "| 0 | joint | 10 | 41.00 | 0.00 |  | 41.0 | 20.5 |" in text
-    assert "| 1 | joint-round1 | 10 | 43.50 | 0.00 | +2.50 | 43.5 | 21.8 |" in text
+    assert "| 0 | joint | 10 |  | 41.00 | 0.00 |  | 41.0 | 20.5 |" in text
+    assert "| 1 | joint-round1 | 10 | 3 of 10 | 43.50 | 0.00 | +2.50 | 43.5 | 21.8 |" in text
+    assert "Re-planned images: those a round's plan gives a mask beyond" in text
     assert "| 1 | 0.500 | 2.000 |" in text
     assert format_sweeps({"classes": classes, "arms": {"real": arm(40.0)}}) == ""
 

@@ -146,7 +146,10 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
                 tags=(("sweep", "loop"), ("of", config.loop_arm), ("round", r), ("signal", config.loop_signal),
                       ("planner", config.loop_planner if config.loop_planner != "targeted-crops" else
                                   f"targeted-crops {config.loop_class_crop:g}"), ("init", config.loop_init), ("sets", config.loop_sets),
-                      ("signal_file", f"loop/round{r}/class_stats.json")))
+                      ("signal_file", f"loop/round{r}/class_stats.json"),
+                      # the round's plan and the one before it, so the table can show how far the signal moved it
+                      ("plan_file", f"plans/{LOOP_SET.format(r)}.jsonl"),
+                      ("previous_plan_file", f"plans/{origin.synthetic[0] if r == 1 else LOOP_SET.format(r - 1)}.jsonl")))
     return arms, sets
 
 
