@@ -737,6 +737,9 @@ class FilterConfig:
     drop_classes: list[str] = field([], help="class names whose synthetic pixels all become ignore, whatever their "
                                              "loss: learn those classes from real pixels only (tried on CamVid "
                                              "bicyclist, where it did not help: results/camvid_latent_mask2former.md)")
+    class_alphas: dict = field({}, help="alpha per class name over `alpha`, e.g. bicyclist=0.6: stricter for a class "
+                                        "whose L̄_c is high, where alpha * L̄_c keeps pixels the judge gives little "
+                                        "probability (CamVid bicyclist at 1.25: any above 9 percent)")
     batch_size: int = field(8, range=BATCH, help="images per forward pass")
     lanes: int = field(0, range=Range(0, 64),
                        help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "

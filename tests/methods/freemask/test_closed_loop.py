@@ -29,8 +29,11 @@ def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
     class-targeted planner and class-centred crops (the slow test below takes the default hardness planner)."""
     out = tmp_path / "run"
     values = {**TINY, "out": str(out), "rounds": 1, "loop_images_per_mask": 1, "loop_planner": "targeted-crops",
-              "loop_class_crop": 0.5}
+              "loop_class_crop": 0.5, "filter": {"alpha": 1.25, "class_alphas": {"person": 0.5}}}
     results = run(resolve_run_config(values))
+    # The filter section's per-class alpha reaches every set the run filters, the round's included.
+    for name in ("hardness", "hardness-round1"):
+        assert read_json(out / "synthetic" / name / "filter.json")["class_alphas"] == {"person": 0.5}
     assert list(results["arms"]) == ["real", "joint-filtered-hardness", "joint-filtered-hardness-round1"]
     signal = read_json(out / "loop" / "round1" / "class_stats.json")
     assert signal["segmenter"].startswith(str(out / "arms" / "joint-filtered-hardness" / "seed0"))
@@ -49,6 +52,7 @@ def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
     assert run(resolve_run_config(values))["arms"] == results["arms"]
     printed = capsys.readouterr()
     assert "[skip] round 1: synthesize" in printed.out and "[skip] train joint-filtered-hardness-round1" in printed.out
+    assert "[skip] filter hardness" in printed.out and "[skip] round 1: filter" in printed.out
 
 
 @pytest.mark.slow  # eleven tiny trainings (about 80 s on a busy 2-core machine)

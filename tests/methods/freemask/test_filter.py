@@ -37,6 +37,17 @@ def test_class_without_statistics_is_kept():
     assert filtered.tolist() == [[255, 1]]
 
 
+def test_a_class_alpha_overrides_alpha_for_that_class_only():
+    label = np.array([[0, 0, 1, 1]], np.uint8)
+    loss = np.array([[1.0, 1.3, 1.4, 2.4]])
+    mean_loss = np.array([1.0, 2.0])
+    # class 1 at alpha 0.6: threshold 1.2 -> 1.4 and 2.4 ignored; class 0 keeps alpha 1.25 (1.3 ignored)
+    assert filter_labels(label, loss, mean_loss, 1.25, class_alphas={1: 0.6}).tolist() == [[0, 255, 255, 255]]
+    assert filter_labels(label, loss, mean_loss, 1.25).tolist() == [[0, 255, 1, 1]]
+    thresholds = class_thresholds(mean_loss, 1.25, class_alphas={1: 0.6}, dropped=[0])
+    assert thresholds[0] == -np.inf and thresholds[1].item() == pytest.approx(1.2) and thresholds[2] == np.inf
+
+
 def test_dropped_class_loses_every_pixel_and_others_keep_the_rule():
     label = np.array([[0, 0, 1, 1, 2, 255]], np.uint8)
     loss = np.array([[1.0, 1.3, 0.0, 2.6, 0.1, 9.0]])
@@ -157,9 +168,37 @@ def test_filter_drops_named_classes_and_records_them(tmp_path, toy_segmenter):
     assert building > 0 and building_kept > 0.5 * building  # the other classes still follow the loss rule
     assert json.loads((root / "filter.json").read_text())["drop_classes"] == [name]
     # A run's stage is done only for the settings it asks for.
-    assert filtered_done(root, 1.25, [name]) and not filtered_done(root, 1.25) and not filtered_done(root, 2.0, [name])
+    rules = {"drop_classes": [name], "class_alphas": {}}
+    assert filtered_done(root, 1.25, rules) and not filtered_done(root, 1.25) and not filtered_done(root, 2.0, rules)
+    assert not filtered_done(root, 1.25, {**rules, "class_alphas": {name: 0.5}})
     with pytest.raises(SegsynthError, match="other settings"):
         filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
+
+
+def test_filter_takes_class_alphas_by_name_and_records_them(tmp_path, toy_segmenter):
+    dataset = open_dataset(TOY)
+    root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
+    classes = json.loads((root / "classes.json").read_text())["classes"]
+    name = classes[BUILDING]
+    for bad, message in (({"bike": 0.5}, r"class_alphas \['bike'\]: not classes of .*its classes: "),
+                         ({name: 0}, rf"class_alphas {name}=0: give a number in \(0, 100\]"),
+                         ({name: "strict"}, "give a number")):
+        with pytest.raises(SegsynthError, match=message):
+            filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), class_alphas=bad,
+                                          device="cpu"))
+    assert not (root / "filter.json").exists()  # refused before anything was written
+    plain = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), device="cpu"))
+    for path in [root / "filter.json", *root.glob("filter.rank*.jsonl"), *(root / "masks_filtered").iterdir()]:
+        path.unlink()
+    strict = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter),
+                                           class_alphas={name: 0.25}, device="cpu"))
+    # a fifth of the threshold ignores more building pixels; the other classes are filtered as before
+    assert strict["mean_ignored_by_class"][name] > plain["mean_ignored_by_class"][name]
+    for other in classes:
+        if other != name and np.isfinite(plain["mean_ignored_by_class"][other]):
+            assert strict["mean_ignored_by_class"][other] == plain["mean_ignored_by_class"][other]
+    assert json.loads((root / "filter.json").read_text())["class_alphas"] == {name: 0.25}
+    assert filtered_done(root, 1.25, {"class_alphas": {name: 0.25}}) and not filtered_done(root, 1.25)
 
 
 def test_filter_refuses_manifest_path_leaving_the_set(tmp_path, toy_segmenter):

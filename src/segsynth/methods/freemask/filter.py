@@ -6,7 +6,11 @@ loss of class c over real training pixels (see `segsynth.stats`), a pixel of
 class c whose loss exceeds α·L̄_c is set to ignore (255): the generator did
 not render that class there convincingly, so it would teach the wrong thing.
 `drop_classes` (not in the paper) ignores every synthetic pixel of the named
-classes, so they are learnt from real pixels only.
+classes, so they are learnt from real pixels only. `class_alphas` (not in the
+paper either) sets α per class: the rule is relative to L̄_c, so for a class
+the real-data segmenter itself finds hard (high L̄_c) it keeps pixels the judge
+gives little probability (CamVid bicyclist, L̄ = 1.95 at α 1.25: any above
+exp(-2.43) = 9 %), and a smaller α there asks for more.
 
 Outputs, inside the synthetic set: masks_filtered/<id>.png (originals kept),
 filter.rank<R>.jsonl (one line per filtered sample, appended after its file is
@@ -50,12 +54,17 @@ from segsynth.stage_configs import FilterConfig, StatsConfig
 
 
 
-def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None, dropped=()) -> torch.Tensor:
-    """alpha * L̄_c per label value 0..255: classes without L̄_c (no real pixels), values past the
-    classes and ignore (255) get inf, so they are never ignored and one gather serves every pixel.
-    Class ids in `dropped` get -inf: every one of their pixels is ignored."""
+def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None, dropped=(),
+                     class_alphas: dict[int, float] | None = None) -> torch.Tensor:
+    """alpha * L̄_c per label value 0..255 (class id c's own alpha where `class_alphas` has one): classes
+    without L̄_c (no real pixels), values past the classes and ignore (255) get inf, so they are never
+    ignored and one gather serves every pixel. Class ids in `dropped` get -inf: every one of their pixels
+    is ignored."""
+    alphas = np.full(len(mean_loss), float(alpha))
+    for class_id, class_alpha in (class_alphas or {}).items():
+        alphas[class_id] = class_alpha
     table = np.full(256, np.inf)
-    table[: len(mean_loss)] = np.where(np.isfinite(mean_loss), alpha * mean_loss, np.inf)
+    table[: len(mean_loss)] = np.where(np.isfinite(mean_loss), alphas * mean_loss, np.inf)
     table[list(dropped)] = -np.inf
     return torch.as_tensor(table, dtype=torch.float32, device=device)
 
@@ -67,6 +76,21 @@ def dropped_class_ids(names: list[str], classes: list[str], where: Path) -> list
         raise SegsynthError(f"filter drop_classes {unknown}: not classes of {where} (its classes: {', '.join(classes)}); "
                             "give class names from that list")
     return sorted(classes.index(name) for name in set(names))
+
+
+def class_alpha_ids(class_alphas: dict, classes: list[str], where: Path) -> dict[int, float]:
+    """`class_alphas` by class id; an unknown name or a value that is not a positive number is an error that
+    says what to give."""
+    unknown = [name for name in class_alphas if name not in classes]
+    if unknown:
+        raise SegsynthError(f"filter class_alphas {unknown}: not classes of {where} (its classes: "
+                            f"{', '.join(classes)}); give class names from that list")
+    resolved = {}
+    for name, value in class_alphas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+            raise SegsynthError(f"filter class_alphas {name}={value!r}: give a number in (0, 100], e.g. {name}=0.6")
+        resolved[classes.index(name)] = float(value)
+    return dict(sorted(resolved.items()))
 
 
 def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: torch.Tensor, num_classes: int):
@@ -84,10 +108,12 @@ def filter_batch(labels: torch.Tensor, losses: torch.Tensor, class_threshold: to
     return filtered, counts.sum(-1), counts[..., 1]
 
 
-def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float, dropped=()) -> np.ndarray:
-    """`filter_batch` for one H x W label map: pixel of class c -> ignore when loss > alpha * L̄_c (or c dropped)."""
+def filter_labels(label: np.ndarray, loss: np.ndarray, mean_loss: np.ndarray, alpha: float, dropped=(),
+                  class_alphas: dict[int, float] | None = None) -> np.ndarray:
+    """`filter_batch` for one H x W label map: pixel of class c -> ignore when loss > alpha_c * L̄_c (or c dropped)."""
     filtered, _, _ = filter_batch(torch.from_numpy(label)[None], torch.from_numpy(loss)[None],
-                                  class_thresholds(mean_loss, alpha, dropped=dropped), len(mean_loss))
+                                  class_thresholds(mean_loss, alpha, dropped=dropped, class_alphas=class_alphas),
+                                  len(mean_loss))
     return filtered[0].numpy()
 
 
@@ -192,6 +218,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
         raise SegsynthError(f"{root}: no finished samples in {MANIFEST}; run `segsynth synthesize` first")
     classes = read_set_info(root)["classes"]
     dropped = dropped_class_ids(config.drop_classes, classes, root / "classes.json")
+    class_alphas = class_alpha_ids(config.class_alphas, classes, root / "classes.json")
     check_no_escaping_links(root)  # before anything is computed or written (class statistics included)
     for record in records:  # every path stays inside the set: checked before anything is loaded or written
         safe_relative_path(root, record["image"], f"{root / MANIFEST} image of {record['id']}")
@@ -222,6 +249,8 @@ def filter_synthetic(config: FilterConfig) -> dict:
                     "stats_sha1": hashlib.sha1(stats_path.read_bytes()).hexdigest()}
         if dropped:  # only when set, so the filter.json of sets filtered before the option stays valid
             settings["drop_classes"] = [classes[c] for c in dropped]
+        if class_alphas:
+            settings["class_alphas"] = {classes[c]: value for c, value in class_alphas.items()}
         settings_path = root / "filter.json"
         if settings_path.is_file() and read_json(settings_path) != settings:
             raise SegsynthError(f"{settings_path}: this set was filtered with other settings ({read_json(settings_path)}); "
@@ -261,7 +290,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
                    "threads_per_lane": threads_per_lane, "lane_probe": probed,
                    "lane_probe_seconds": round(time.time() - started, 3)}
         with torch_threads(threads_per_lane):  # the lanes started inside pick it up
-            _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path, dropped)
+            _stream(root, pending, classes, model, mean_loss, config, info, lanes, log_path, dropped, class_alphas)
         summary["seconds"] = round(time.time() - started, 2)
         barrier()
 
@@ -272,7 +301,7 @@ def filter_synthetic(config: FilterConfig) -> dict:
 
 
 def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: FilterConfig, info, lanes: int,
-            log_path: Path, dropped: list[int]) -> None:
+            log_path: Path, dropped: list[int], class_alphas: dict[int, float]) -> None:
     """Filter `pending` with `lanes` threads (decode -> forward -> loss -> rule) and one writer thread
     (segsynth.pipeline).
 
@@ -280,7 +309,7 @@ def _stream(root: Path, pending: list[dict], classes, model, mean_loss, config: 
     The writer saves a batch's masks first (temp + rename), then its log lines in one fsync'd
     append: a line in the log always means its file is in place."""
     batches = [pending[start:start + config.batch_size] for start in range(0, len(pending), config.batch_size)]
-    class_threshold = class_thresholds(mean_loss, config.alpha, info.device, dropped)
+    class_threshold = class_thresholds(mean_loss, config.alpha, info.device, dropped, class_alphas)
     bar = tqdm(total=len(pending), desc="filter", unit="img", disable=not info.is_main, dynamic_ncols=True)
 
     @torch.inference_mode()  # grad mode is per thread: set in the lane that scores

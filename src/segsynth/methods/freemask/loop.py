@@ -46,7 +46,7 @@ from segsynth.methods.base import Stage
 from segsynth.methods.freemask.filter import filter_synthetic
 from segsynth.methods.freemask.stats import compute_class_stats
 from segsynth.methods.freemask.variants import (HARDNESS_FIRST_SEED, LOOP_SET, ROUND_SEEDS, filtered_done, run_alpha,
-                                                run_drop_classes)
+                                                run_filter_rules)
 from segsynth.plan import make_plan
 from segsynth.stage_configs import FilterConfig, PlanConfig, StatsConfig, SynthesizeConfig
 from segsynth.synthesize import synthesize
@@ -94,7 +94,7 @@ def round_stages(context, r: int) -> list[Stage]:
         stages.append(Stage(f"round {r}: filter", lambda: filter_synthetic(context.stage_config(
             FilterConfig, "filter", synthetic=str(folder), segmenter=str(context.reference_segmenter),
             stats=str(reference_stats), device=config.device)),
-            lambda: filtered_done(folder, run_alpha(config), run_drop_classes(config))))
+            lambda: filtered_done(folder, run_alpha(config), run_filter_rules(config))))
     return stages
 
 

@@ -24,7 +24,7 @@ from segsynth.methods.freemask.loop import round_stages
 from segsynth.methods.freemask.stats import compute_class_stats
 from segsynth.methods.freemask.variants import (HARDNESS_FIRST_SEED, REFERENCE, derive_set, derived_set_done,
                                                 filtered_done, nested_ids, plan_variants, run_alpha,
-                                                run_drop_classes)
+                                                run_filter_rules)
 from segsynth.plan import make_plan
 from segsynth.report import write_set_grids
 from segsynth.stage_configs import FilterConfig, PlanConfig, StatsConfig, SynthesizeConfig
@@ -88,7 +88,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                 spec.kind == "subset" and _filtered_users(first, spec.name) for spec in subsets):
             result.append(Stage(f"filter {name}", lambda f=folder: filter_synthetic(context.stage_config(
                 FilterConfig, "filter", synthetic=str(f), segmenter=str(segmenter), stats=str(stats_path),
-                device=config.device)), lambda f=folder: filtered_done(f, run_alpha(config), run_drop_classes(config))))
+                device=config.device)), lambda f=folder: filtered_done(f, run_alpha(config), run_filter_rules(config))))
 
     # 6. Derived sets: copies judged again at another alpha or by another segmenter; nested shares (volume).
     judges = {REFERENCE: (segmenter, stats_path)}
@@ -113,7 +113,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                             filter_synthetic(context.stage_config(
                                 FilterConfig, "filter", synthetic=str(f), segmenter=str(j), stats=str(js),
                                 alpha=s.alpha, device=config.device)),
-                            lambda f=folder, s=spec: filtered_done(f, s.alpha, run_drop_classes(config))))
+                            lambda f=folder, s=spec: filtered_done(f, s.alpha, run_filter_rules(config))))
     return result
 
 

@@ -234,16 +234,21 @@ def derived_set_done(source: Path, out: Path, ids: list[str] | None, carry_filte
     return not carry_filter or all(record.get("filtered_mask") for record in records)
 
 
-def run_drop_classes(config) -> list[str]:
-    """The run's filter `drop_classes` (filtered_done compares them as a set: filter.json lists them by class id)."""
-    return list(config.filter.get("drop_classes", []))
+def run_filter_rules(config) -> dict:
+    """The run's filter rules besides alpha that make a filtered set what it is: `drop_classes` (compared as a
+    set) and `class_alphas` (filter.json lists them by class name)."""
+    return {"drop_classes": sorted(config.filter.get("drop_classes", [])),
+            "class_alphas": {str(name): float(value) for name, value in config.filter.get("class_alphas", {}).items()}}
 
 
-def filtered_done(folder: Path, alpha: float, drop_classes: list[str] = ()) -> bool:
-    """Every sample of the set has its filtered mask from a filter at `alpha` that dropped exactly
-    `drop_classes` (filter.json)."""
+def filtered_done(folder: Path, alpha: float, rules: dict | None = None) -> bool:
+    """Every sample of the set has its filtered mask from a filter at `alpha` with exactly the run's other
+    `rules` (run_filter_rules; none: the plain rule), as filter.json records them."""
     if not (folder / "filter.json").is_file() or not (folder / MANIFEST).is_file():
         return False
     settings = read_json(folder / "filter.json")
-    return (settings.get("alpha") == alpha and sorted(settings.get("drop_classes", [])) == sorted(drop_classes)
+    rules = rules or {}
+    return (settings.get("alpha") == alpha
+            and sorted(settings.get("drop_classes", [])) == sorted(rules.get("drop_classes", []))
+            and settings.get("class_alphas", {}) == rules.get("class_alphas", {})
             and all(record.get("filtered_mask") for record in read_manifest(folder)))
