@@ -238,7 +238,7 @@ def run_filter_rules(config) -> dict:
     """The run's filter rules besides alpha that make a filtered set what it is: `drop_classes` (compared as a
     set) and `class_alphas` (filter.json lists them by class name)."""
     return {"drop_classes": sorted(config.filter.get("drop_classes", [])),
-            "class_alphas": {str(name): float(value) for name, value in config.filter.get("class_alphas", {}).items()}}
+            "class_alphas": dict(config.filter.get("class_alphas", {}))}  # values checked by the filter itself
 
 
 def filtered_done(folder: Path, alpha: float, rules: dict | None = None) -> bool:
