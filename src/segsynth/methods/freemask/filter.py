@@ -69,22 +69,23 @@ def class_thresholds(mean_loss: np.ndarray, alpha: float, device=None, dropped=(
     return torch.as_tensor(table, dtype=torch.float32, device=device)
 
 
-def dropped_class_ids(names: list[str], classes: list[str], where: Path) -> list[int]:
-    """The ids of `drop_classes`, by name; an unknown name is an error that lists the set's classes."""
+def check_class_names(option: str, names, classes: list[str], where: Path) -> None:
+    """A filter option naming classes: an unknown name is an error that lists the set's classes."""
     unknown = [name for name in names if name not in classes]
     if unknown:
-        raise SegsynthError(f"filter drop_classes {unknown}: not classes of {where} (its classes: {', '.join(classes)}); "
+        raise SegsynthError(f"filter {option} {unknown}: not classes of {where} (its classes: {', '.join(classes)}); "
                             "give class names from that list")
+
+
+def dropped_class_ids(names: list[str], classes: list[str], where: Path) -> list[int]:
+    """The ids of `drop_classes`, by name."""
+    check_class_names("drop_classes", names, classes, where)
     return sorted(classes.index(name) for name in set(names))
 
 
 def class_alpha_ids(class_alphas: dict, classes: list[str], where: Path) -> dict[int, float]:
-    """`class_alphas` by class id; an unknown name or a value that is not a positive number is an error that
-    says what to give."""
-    unknown = [name for name in class_alphas if name not in classes]
-    if unknown:
-        raise SegsynthError(f"filter class_alphas {unknown}: not classes of {where} (its classes: "
-                            f"{', '.join(classes)}); give class names from that list")
+    """`class_alphas` by class id; a value that is not a positive number is an error that says what to give."""
+    check_class_names("class_alphas", class_alphas, classes, where)
     resolved = {}
     for name, value in class_alphas.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
