@@ -181,3 +181,34 @@ def test_a_run_trains_the_generator_kind_its_section_names(tmp_path):
                                  "train_generator": {"kind": "text2mask-sd", "base": "some/model"}})
     with pytest.raises(SegsynthError, match="kind 'text2mask-sd' does not render masks; options: builtin, latent"):
         RunContext(config, tmp_path / "other", open_dataset(config.data)).generator_stages()
+
+
+def test_real_arm_trains_beside_the_others_when_no_stage_left_reads_it(tmp_path, capsys):
+    """The real arm trains before the method's stages when one of them scores with it (statistics, filter),
+    and with the other arms when a run starts from another run's statistics, plans and filtered sets."""
+    import shutil
+
+    values = {**TINY_RUN, "arms": ["real", "joint-filtered-hardness"]}
+    first = run(resolve_run_config({**values, "out": str(tmp_path / "first")}))
+    printed = capsys.readouterr().out
+    assert printed.index("[stage] train real seed 0") < printed.index("[stage] class statistics")
+
+    def derived(name):
+        shutil.copytree(tmp_path / "first", tmp_path / name, ignore=lambda folder, names: ["arms"])
+        return tmp_path / name
+
+    # Everything the stages make is there: the real arm waits for the stages, then trains with the joint arm.
+    again = run(resolve_run_config({**values, "out": str(derived("same"))}))
+    printed = capsys.readouterr().out
+    assert printed.index("[skip] filter hardness") < printed.index("[stage] train real seed 0")
+    assert {name: arm["miou"] for name, arm in again["arms"].items()} == {
+        name: arm["miou"] for name, arm in first["arms"].items()}
+
+    # Another alpha: the filter runs again and needs the real model, so the real arm trains first.
+    hardness = derived("alpha") / "synthetic" / "hardness"
+    shutil.rmtree(hardness / "masks_filtered")  # what the filter's own error asks for before a refilter
+    for path in [hardness / "filter.json", *hardness.glob("filter.rank*.jsonl")]:
+        path.unlink()
+    run(resolve_run_config({**values, "out": str(tmp_path / "alpha"), "filter": {"alpha": 1.5}}))
+    printed = capsys.readouterr().out
+    assert printed.index("[stage] train real seed 0") < printed.index("[stage] filter hardness")

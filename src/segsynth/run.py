@@ -2,7 +2,8 @@
 
   1. check the data once
   2. train the real-only reference segmenters (the "real" arm; its first seed also
-     scores pixels for the methods that need a real-data segmenter)
+     scores pixels for the methods that need a real-data segmenter); when no stage still
+     to run scores with it, the real arm trains in step 4 beside the others instead
   3. the method's stages (FreeMask: class statistics, plans, generator, synthesis, filter;
      SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
      each a (name, action, done) triple from `Method.stages`
@@ -319,16 +320,21 @@ def _run(config: RunConfig) -> dict:
         f"{len(dataset.split(config.eval_split))} {config.eval_split}), arms: {', '.join(config.arms)}, "
         f"seeds {config.seeds}")
     try:
-        # 2. Real-only reference segmenters.
-        train_arms(context, [(method.arms["real"], seed) for seed in config.seeds], "real arm")
+        # 2. Real-only reference segmenters, first when a stage still to run scores with them. When none does
+        #    (a run derived from another one's statistics and filtered sets), they train beside the other arms.
+        real_jobs = [(method.arms["real"], seed) for seed in config.seeds]
+        real_first = any(stage.reads_reference and not stage.done() for stage in stages)
+        if real_first:
+            train_arms(context, real_jobs, "real arm")
 
         # 3. The method's own stages (statistics, plans, generators, synthesis, filters ...).
         for stage in stages:
             _run_stage(context, stage)
 
         # 4. Every other arm of the first round, every seed.
-        train_arms(context, [(arm, seed) for arm in arms if arm.name != "real" and arm.round == 0
-                             for seed in config.seeds], "other arms")
+        train_arms(context, ([] if real_first else real_jobs) + [
+            (arm, seed) for arm in arms if arm.name != "real" and arm.round == 0 for seed in config.seeds],
+            "other arms" if real_first else "all arms")
 
         # 5. The closed loop: round r's data from round r-1's models, then round r's arms.
         for r in range(1, config.rounds + 1):

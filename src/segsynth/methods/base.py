@@ -34,6 +34,7 @@ class Stage:
     name: str
     action: Callable[[], object]
     done: Callable[[], bool] = lambda: False
+    reads_reference: bool = False  # scores with the run's real-only segmenter, which must then be trained first
 
 
 @dataclass(frozen=True)

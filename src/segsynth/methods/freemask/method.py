@@ -57,7 +57,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     result = [
         Stage("class statistics", lambda: compute_class_stats(context.stage_config(
             StatsConfig, "stats", defaults={"size": eval_size}, segmenter=str(segmenter), out=str(stats_path),
-            data=config.data, device=config.device)), stats_path.is_file),
+            data=config.data, device=config.device)), stats_path.is_file, reads_reference=True),
         Stage("plans", lambda: (
             make_plan(context.stage_config(PlanConfig, "plan", data=config.data, out=str(plans["uniform"]),
                                            uniform=config.images_per_mask)),
@@ -88,7 +88,8 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                 spec.kind == "subset" and _filtered_users(first, spec.name) for spec in subsets):
             result.append(Stage(f"filter {name}", lambda f=folder: filter_synthetic(context.stage_config(
                 FilterConfig, "filter", synthetic=str(f), segmenter=str(segmenter), stats=str(stats_path),
-                device=config.device)), lambda f=folder: filtered_done(f, run_alpha(config), run_filter_rules(config))))
+                device=config.device)), lambda f=folder: filtered_done(f, run_alpha(config), run_filter_rules(config)),
+                reads_reference=True))
 
     # 6. Derived sets: copies judged again at another alpha or by another segmenter; nested shares (volume).
     judges = {REFERENCE: (segmenter, stats_path)}
@@ -113,7 +114,8 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                             filter_synthetic(context.stage_config(
                                 FilterConfig, "filter", synthetic=str(f), segmenter=str(j), stats=str(js),
                                 alpha=s.alpha, device=config.device)),
-                            lambda f=folder, s=spec: filtered_done(f, s.alpha, run_filter_rules(config))))
+                            lambda f=folder, s=spec: filtered_done(f, s.alpha, run_filter_rules(config)),
+                            reads_reference=spec.judge == REFERENCE))
     return result
 
 

@@ -107,7 +107,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
             rendered=[str(context.synthetic_set(name)) for name in ("masksyn-a", "masksyn-b") if name in sets],
             segmenter=str(context.reference_segmenter), eval_split=config.eval_split,
             size=context.train_settings.eval_size, grid_rows=config.grids, device=config.device)),
-            lambda: (quality / "mask_quality.json").is_file()))
+            lambda: (quality / "mask_quality.json").is_file(), reads_reference=True))
     return result
 
 
