@@ -323,7 +323,8 @@ def _run(config: RunConfig) -> dict:
         # 2. Real-only reference segmenters, first when a stage still to run scores with them. When none does
         #    (a run derived from another one's statistics and filtered sets), they train beside the other arms.
         real_jobs = [(method.arms["real"], seed) for seed in config.seeds]
-        real_first = any(stage.reads_reference and not stage.done() for stage in stages)
+        other_jobs = [(arm, seed) for arm in arms if arm.name != "real" and arm.round == 0 for seed in config.seeds]
+        real_first = not other_jobs or any(stage.reads_reference and not stage.done() for stage in stages)
         if real_first:
             train_arms(context, real_jobs, "real arm")
 
@@ -332,9 +333,8 @@ def _run(config: RunConfig) -> dict:
             _run_stage(context, stage)
 
         # 4. Every other arm of the first round, every seed.
-        train_arms(context, ([] if real_first else real_jobs) + [
-            (arm, seed) for arm in arms if arm.name != "real" and arm.round == 0 for seed in config.seeds],
-            "other arms" if real_first else "all arms")
+        train_arms(context, other_jobs if real_first else real_jobs + other_jobs,
+                   "other arms" if real_first else "all arms")
 
         # 5. The closed loop: round r's data from round r-1's models, then round r's arms.
         for r in range(1, config.rounds + 1):
