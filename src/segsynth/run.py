@@ -6,7 +6,7 @@
      to run scores with it, the real arm trains in step 4 beside the others instead
   3. the method's stages (FreeMask: class statistics, plans, generator, synthesis, filter;
      SegGen: captions, text -> mask generator, mask set, MaskSyn and ImgSyn images, mask quality),
-     each a (name, action, done) triple from `Method.stages`
+     each a `Stage` (name, action, done, reads_reference) from `Method.stages`
   4. every other arm with every seed, each evaluated on the held-out split (`parallel`: N trainings at
      once, in worker processes sharing the cores); arms a method derives from the run's settings
      (`Method.variants`: FreeMask's filter and volume sweeps) are arms like the others
