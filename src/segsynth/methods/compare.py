@@ -126,7 +126,7 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     result = []
     for name, member, member_context, own in _members(context, arms):
         if any(arm.synthetic for arm in own):
-            result += [Stage(f"{name}: {stage.name}", stage.action, stage.done, stage.reads_reference)
+            result += [dataclasses.replace(stage, name=f"{name}: {stage.name}")
                        for stage in member.stages(member_context, own)]
     return result
 
