@@ -13,7 +13,7 @@ Sections:
   1. the comparison table: mIoU mean, spread and seeds per arm, the difference to
      real, the synthetic samples each arm trained on, its training seconds
   2. per-class IoU: a table and grouped bars per arm
-  2b. sweeps (FreeMask's derived arms): filter settings (alpha, judge), synthetic volume K, and the
+  2b. sweeps (FreeMask's derived arms): filter settings (alpha, judge), synthetic volume K and share P, and the
      closed loop's per-class IoU per round (a table and grouped bars per round)
   3. FreeMask: the hardness histogram and images per mask of the hardness plan,
      per-class ignored fractions of the filter, a gallery real mask | synthetic
@@ -404,7 +404,7 @@ def per_class_section(run: RunFolder, table: dict[str, dict]) -> str:
 
 
 def sweeps_section(run: RunFolder, table: dict[str, dict], sets: dict[str, list[str]]) -> str:
-    """FreeMask's sweeps: filter settings, synthetic volume, and the closed loop's per-class IoU per round
+    """FreeMask's sweeps: filter settings, synthetic volume and share, and the closed loop's per-class IoU per round
     (the tables of results.md, with a chart of the rounds)."""
     from segsynth.report import sweep_rows
 
@@ -435,6 +435,13 @@ def sweeps_section(run: RunFolder, table: dict[str, dict], sets: dict[str, list[
               arms[name]["spread"]] for name, variant in rows], numeric_from=1) +
             "<p class='hint'>Each K trains on a nested subset of one synthetic set rendered at the largest K; "
             f"iterations {'scaled with K' if any(v.get('iterations_rule') == 'scaled' for _, v in rows) else 'the same for every K'}.</p>")
+    for origin, rows in sweep_rows(results, "share").items():
+        parts.append(f"<h3>Synthetic share of {esc(origin)}</h3>" + table_html(
+            ["arm", "synthetic share", "mIoU mean", "spread", *run.classes],
+            [[name, variant.get("share"), arms[name]["mean"], arms[name]["spread"],
+              *[arms[name]["per_class"].get(c) for c in run.classes]] for name, variant in rows], numeric_from=1) +
+            "<p class='hint'>The share of training draws taken from the synthetic sets: half in the joint arm, "
+            "P in its replace-recipe variants (a real draw becomes a pooled synthetic one with probability P).</p>")
     for origin, rows in sweep_rows(results, "loop").items():
         last = rows[-1][1]
         series = {f"round {variant['round']}": [arms[name]["per_class"].get(c) for c in run.classes]

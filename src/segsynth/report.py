@@ -142,7 +142,7 @@ def format_seconds(results: dict) -> str:
 
 
 def sweep_rows(results: dict, sweep: str) -> dict[str, list[tuple[str, dict]]]:
-    """Arms of one sweep ("filter", "volume", "loop") grouped by the arm they vary, that arm first:
+    """Arms of one sweep ("filter", "volume", "share", "loop") grouped by the arm they vary, that arm first:
     {varied arm: [(arm name, its variant fields), ...]}; the varied arm's own fields are filled in from its
     variants' (base_alpha, base_k, round 0)."""
     groups: dict[str, list[tuple[str, dict]]] = {}
@@ -154,6 +154,7 @@ def sweep_rows(results: dict, sweep: str) -> dict[str, list[tuple[str, dict]]]:
         first = rows[0][1]
         own = {"filter": {"alpha": first.get("base_alpha"), "judge": "reference"},
                "volume": {"k": first.get("base_k"), "iterations": first.get("base_iterations")},
+               "share": {"share": first.get("base_share")},
                "loop": {"round": 0, "signal": "-"}}[sweep]
         if origin in results["arms"]:
             rows.insert(0, (origin, {"sweep": sweep, "of": origin, **own}))
@@ -161,6 +162,8 @@ def sweep_rows(results: dict, sweep: str) -> dict[str, list[tuple[str, dict]]]:
             rows.sort(key=lambda row: row[1]["round"])
         elif sweep == "volume":
             rows.sort(key=lambda row: row[1]["k"] or 0)
+        elif sweep == "share":
+            rows.sort(key=lambda row: row[1]["share"] or 0)
     return groups
 
 
@@ -169,7 +172,7 @@ def _value(arm: dict, key: str = "mean") -> str:
 
 
 def format_sweeps(results: dict) -> str:
-    """The sweeps' own tables (empty when the run has none): filter settings, synthetic volume, and the
+    """The sweeps' own tables (empty when the run has none): filter settings, synthetic volume and share, and the
     closed loop with the per-class IoU of every round."""
     arms, classes, parts = results["arms"], results.get("classes") or [], []
     for origin, rows in sweep_rows(results, "filter").items():
@@ -194,6 +197,19 @@ def format_sweeps(results: dict) -> str:
             arm = arms[name]
             lines.append(f"| {name} | {variant.get('k')} | {arm.get('synthetic_images', 0)} | "
                          f"{arm.get('iterations', '-')} | {_value(arm)} | {_value(arm, 'spread')} |")
+        parts.append("\n".join(lines))
+    for origin, rows in sweep_rows(results, "share").items():
+        real = arms.get("real", {}).get("mean")
+        lines = [f"Synthetic share of {origin} (the share of training draws from its synthetic sets; "
+                 f"{origin} itself: joint, half; the others: the replace recipe from the pool of its sets):", "",
+                 "| arm | synthetic share | mIoU | spread | vs real | " + " | ".join(classes) + " |",
+                 "|---|---|---|---|---|" + "---|" * len(classes)]
+        for name, variant in rows:
+            arm = arms[name]
+            delta = "" if real is None or arm["mean"] is None else f"{arm['mean'] - real:+.2f}"
+            lines.append(f"| {name} | {variant.get('share'):g} | {_value(arm)} | {_value(arm, 'spread')} | {delta} | " +
+                         " | ".join("-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}"
+                                    for c in classes) + " |")
         parts.append("\n".join(lines))
     for origin, rows in sweep_rows(results, "loop").items():
         first = rows[-1][1]

@@ -143,10 +143,11 @@ def with_derived_arms(config: RunConfig, method: Method) -> RunConfig:
     """The run's arms: the named ones of the method's table (default: its main arms, or all), then the arms the
     method derives from the run's settings (sweeps, closed-loop rounds). Derived names may be listed too (a saved
     run.config.yaml lists them); they are derived again, so resolving a resolved config changes nothing."""
-    sweeps = [key for key in ("filter_alphas", "filter_judges", "volumes", "rounds") if getattr(config, key)]
+    sweeps = [key for key in ("filter_alphas", "filter_judges", "volumes", "synthetic_shares", "rounds")
+              if getattr(config, key)]
     if sweeps and method.variants is None:
         raise SegsynthError(f"run config key(s) {', '.join(sweeps)}: method {config.method} derives no arms; the "
-                            "filter and volume sweeps and the closed loop are freemask's (--method freemask)")
+                            "filter, volume and share sweeps and the closed loop are freemask's (--method freemask)")
     # An arm that needs a run key (e.g. target_images) runs by default only when the key is set, and is refused
     # when named without it.
     unmet = [arm for arm in config.arms if arm in method.arms and method.arms[arm].needs

@@ -867,6 +867,12 @@ class RunConfig:
                                    help="volume arms' training length: same (train.iterations for every K) or "
                                         "scaled (train.iterations x K / images_per_mask: as many passes over the "
                                         "data as the full-volume arm)")
+    synthetic_shares: list[float] = field([], range=Range(0.0, 1.0, low_open=True, lengths=SWEEP_LENGTHS,
+                                                          shape="shares of training draws from synthetic data"),
+                                          help="freemask: synthetic shares to compare: each joint arm (half its "
+                                               "draws synthetic) gets <arm>-share<P>, trained with the replace "
+                                               "recipe from a pool of its sets (a real draw becomes a synthetic "
+                                               "one, drawn as the joint arm draws them, with probability P)")
     rounds: int = field(0, range=Range(0, 100),
                         help="freemask closed loop: rounds after the first training (0: off). Round r measures "
                              "what loop_arm's model of round r-1 still fails (loop_signal), re-plans a hardness-aware "
@@ -900,7 +906,8 @@ class RunConfig:
                                            "images_per_mask)")
 
     __cross_checks__ = (_distinct_seeds, _text_mask_generator_spec, _distinct("filter_alphas", "an arm"),
-                        _distinct("volumes", "an arm"), _judge_names)
+                        _distinct("volumes", "an arm"),
+                        _distinct("synthetic_shares", "an arm"), _judge_names)
 
 
 # Settings sections inside a stage config (a dict field) -> the config whose keys they hold.

@@ -1,4 +1,4 @@
-"""`segsynth run --method freemask` with the closed loop, a filter sweep and a volume sweep, on tiny settings."""
+"""`segsynth run --method freemask` with the closed loop and the filter, volume and share sweeps, on tiny settings."""
 
 from __future__ import annotations
 
@@ -55,16 +55,18 @@ def test_one_round_of_the_closed_loop_and_its_resume(tmp_path, capsys):
     assert "[skip] filter hardness" in printed.out and "[skip] round 1: filter" in printed.out
 
 
-@pytest.mark.slow  # eleven tiny trainings (about 80 s on a busy 2-core machine)
-def test_closed_loop_with_filter_and_volume_sweeps_end_to_end_and_resume(tmp_path, capsys):
+@pytest.mark.slow  # twelve tiny trainings (about 80 s on a busy 2-core machine)
+def test_closed_loop_with_filter_volume_and_share_sweeps_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    values = {**TINY, "out": str(out), "filter_alphas": [1.0, 0], "volumes": [1, 2], "rounds": 2}
+    values = {**TINY, "out": str(out), "filter_alphas": [1.0, 0], "volumes": [1, 2], "synthetic_shares": [0.25],
+              "rounds": 2}
     results = run(resolve_run_config(values))
 
     # Every arm, the derived ones included, was trained and evaluated.
     assert list(results["arms"]) == ["real", "joint-filtered-hardness", "joint-filtered-hardness-alpha1",
                                      "joint-filtered-hardness-unfiltered", "joint-filtered-hardness-k1",
-                                     "joint-filtered-hardness-round1", "joint-filtered-hardness-round2"]
+                                     "joint-filtered-hardness-share0.25", "joint-filtered-hardness-round1",
+                                     "joint-filtered-hardness-round2"]
     assert all(arm["mean"] is not None for arm in results["arms"].values())
     synthetic = out / "synthetic"
 
@@ -97,13 +99,20 @@ def test_closed_loop_with_filter_and_volume_sweeps_end_to_end_and_resume(tmp_pat
     assert len(subset) == 12 and set(subset) < {r["id"] for r in read_manifest(synthetic / "hardness")}
     assert all(r["filtered_mask"] for r in subset.values())
 
+    # The share sweep: the joint arm's set, drawn by the replace recipe from its pool.
+    config = (out / "arms" / "joint-filtered-hardness-share0.25" / "seed0" / "config.yaml").read_text()
+    assert "recipe: replace" in config and "replace_probability: 0.25" in config and "replace_from: pool" in config
+    assert f"- {synthetic / 'hardness'}" in config and "synthetic_masks: filtered" in config
+
     # The tables: per-class IoU per round, the sweeps, and the same in the HTML report.
     text = (out / "results.md").read_text()
     assert "Closed loop of joint-filtered-hardness (signal loss, planner hardness, init scratch, sets accumulate)" in text
     assert "| 2 | joint-filtered-hardness-round2 | 72 |" in text and "Filter settings of" in text
     assert "Synthetic volume of joint-filtered-hardness" in text and "iterations the same for every K" in text
+    assert "Synthetic share of joint-filtered-hardness" in text and "| joint-filtered-hardness-share0.25 | 0.25 |" in text
     page = (out / "report.html").read_text()
     assert "Closed loop of joint-filtered-hardness" in page and "Filter settings of" in page
+    assert "Synthetic share of joint-filtered-hardness" in page
 
     # A second run finds every round done and trains nothing.
     capsys.readouterr()

@@ -118,8 +118,28 @@ def test_derived_arm_names_sets_and_settings():
     assert resolve_run_config({}).arms == list(ARMS)
 
 
+def test_share_arms_replace_from_the_pool_of_the_joint_arms_sets():
+    config = resolve_run_config({"preset": "quick", "arms": ["real", "joint-filtered-hardness", "synthetic-filtered-hardness",
+                                                            "pretrain-finetune-filtered-hardness"],
+                                 "synthetic_shares": [0.2, 0.5, 1.0]})
+    table = FREEMASK.arm_table(config)
+    # Only the joint arm has a share to vary; 0.5 is the joint arm itself.
+    assert config.arms[4:] == ["joint-filtered-hardness-share0.2", "joint-filtered-hardness-share1"]
+    arm = table["joint-filtered-hardness-share0.2"]
+    assert (arm.recipe, arm.synthetic, arm.masks) == ("replace", ("hardness",), "filtered")
+    assert dict(arm.train) == {"replace_probability": 0.2, "replace_from": "pool"}
+    assert dict(arm.tags) == {"sweep": "share", "of": "joint-filtered-hardness", "share": 0.2, "base_share": 0.5}
+    assert resolve_run_config({"preset": "quick", "arms": config.arms, "synthetic_shares": [0.2, 0.5, 1.0]}).arms \
+        == config.arms
+
+
 @pytest.mark.parametrize("values, message", [
     ({"method": "seggen", "rounds": 1}, "rounds: method seggen derives no arms"),
+    ({"method": "seggen", "synthetic_shares": [0.2]}, "synthetic_shares: method seggen derives no arms"),
+    ({"arms": ["real", "synthetic-filtered-hardness"], "synthetic_shares": [0.2]}, "none of the run's arms .* is one"),
+    ({"synthetic_shares": [0]}, "synthetic_shares"),
+    ({"synthetic_shares": [1.5]}, "synthetic_shares"),
+    ({"synthetic_shares": [0.2, 0.2]}, "give distinct values"),
     ({"arms": ["real"], "rounds": 1}, "loop_arm 'joint-filtered-hardness', which is not among the run's arms"),
     ({"volumes": [4], "images_per_mask": 2}, r"\[4\] exceed images_per_mask 2"),
     ({"arms": ["real", "joint-raw-uniform"], "filter_alphas": [1.0]}, "none of the run's arms .* uses them"),
@@ -182,6 +202,7 @@ def test_sweep_tables_in_the_results():
                                    "base_alpha": 1.25}, ignored_fraction=0.05),
         "joint-k1": arm(39.0, {"sweep": "volume", "of": "joint", "k": 1, "base_k": 2, "iterations": 100,
                                "base_iterations": 100, "iterations_rule": "same"}),
+        "joint-share0.2": arm(40.5, {"sweep": "share", "of": "joint", "share": 0.2, "base_share": 0.5}),
         "joint-round1": arm(43.5, {"sweep": "loop", "of": "joint", "round": 1, "signal": "loss", "init": "scratch",
                                    "sets": "accumulate"}, signal=[0.5, 2.0], plan_change={"moved": 3, "planned": 10}),
     }}
@@ -194,6 +215,9 @@ def test_sweep_tables_in_the_results():
     assert "| 1 | joint-round1 | 10 | 3 of 10 | 43.50 | 0.00 | +2.50 | 43.5 | 21.8 |" in text
     assert "Re-planned images: those a round's plan gives a mask beyond" in text
     assert "| 1 | 0.500 | 2.000 |" in text
+    # The share table: smallest share first, each against real, with its per-class IoU.
+    assert text.index("| joint-share0.2 | 0.2 | 40.50 | 0.00 | +0.50 | 40.5 | 20.2 |") < \
+        text.index("| joint | 0.5 | 41.00 | 0.00 | +1.00 | 41.0 | 20.5 |")
     assert format_sweeps({"classes": classes, "arms": {"real": arm(40.0)}}) == ""
 
 

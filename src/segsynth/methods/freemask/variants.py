@@ -18,6 +18,9 @@ Each variant is one more row of the results, next to the arm it varies
                    set of a smaller K is a subset of every larger one; rendered once, at
                    images_per_mask. Iterations: the run's for every K (`volume_iterations:
                    same`) or scaled with K (`scaled`).
+  synthetic share  (`synthetic_shares`): <arm>-share<P> for each joint arm (whose draws are half
+                   synthetic): the replace recipe from the pool of the arm's sets, a real draw
+                   becoming a synthetic one with probability P; same sets, same iterations.
   closed loop      (`rounds`, loop.py): <loop_arm>-round<r>, trained after round r's stages.
 """
 
@@ -41,6 +44,9 @@ HARDNESS_FIRST_SEED = 10_000_000  # the hardness plan's seeds never meet the uni
 ROUND_SEEDS = 10_000_000  # closed-loop round r's seeds start at HARDNESS_FIRST_SEED + r * ROUND_SEEDS
 REFERENCE = "reference"  # the judge that is the run's own real-data segmenter (its first real seed)
 LOOP_SET = "hardness-round{}"  # the set closed-loop round r renders
+# The joint recipe repeats real data to the synthetic count, and every plan renders at least one image per real
+# mask on average (images_per_mask >= 1), so half of a joint arm's draws are synthetic.
+JOINT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,26 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
                 tags=(("sweep", "volume"), ("of", arm.name), ("k", k), ("base_k", top), ("iterations", iterations),
                       ("base_iterations", run_iterations(config)), ("iterations_rule", config.volume_iterations)))
 
-    # 3. The closed loop: one arm per round, continuing loop_arm.
+    # 3. Synthetic share: each joint arm again, with a share P of its draws synthetic instead of half.
+    joint = [arm for arm in base if arm.recipe == "joint"]
+    if config.synthetic_shares and not joint:
+        raise SegsynthError(f"synthetic_shares compare the synthetic share of the joint arms, and none of the run's "
+                            f"arms ({', '.join(config.arms)}) is one; add one, e.g. joint-filtered-hardness")
+    for arm in joint:
+        for share in config.synthetic_shares:
+            if share == JOINT_SHARE:
+                continue  # the arm itself
+            name = f"{arm.name}-share{share:g}"
+            # The replace recipe drawing from the pool of the arm's sets: a real draw (uniform over the real
+            # split, as in the joint stream) becomes a synthetic one (uniform over the pooled samples, as in the
+            # joint stream, so a hardness plan's extra samples of hard masks keep their weight) with probability
+            # P. At P = 0.5 that is the joint arm's stream in distribution.
+            arms[name] = dataclasses.replace(
+                arm, name=name, recipe="replace",
+                train=arm.train + (("replace_probability", share), ("replace_from", "pool")),
+                tags=(("sweep", "share"), ("of", arm.name), ("share", share), ("base_share", JOINT_SHARE)))
+
+    # 4. The closed loop: one arm per round, continuing loop_arm.
     if config.rounds:
         if config.loop_arm not in [arm.name for arm in base]:
             raise SegsynthError(f"rounds {config.rounds}: the closed loop continues loop_arm {config.loop_arm!r}, "
