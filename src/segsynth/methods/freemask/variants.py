@@ -83,11 +83,9 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
     # 1. Filter settings: every (judge, alpha) but the arm's own, for each arm on filtered masks.
     judges = [REFERENCE, *config.filter_judges]
     alphas = list(config.filter_alphas) or ([run_alpha(config)] if config.filter_judges else [])
-    filtered = [arm for arm in base if arm.masks == "filtered" and arm.synthetic]
-    if alphas and not filtered:
-        raise SegsynthError(f"filter_alphas / filter_judges compare filter settings of the arms on filtered masks, "
-                            f"and none of the run's arms ({', '.join(config.arms)}) uses them; add one, e.g. "
-                            "joint-filtered-hardness")
+    filtered = _varied(config, alphas, [arm for arm in base if arm.masks == "filtered" and arm.synthetic],
+                       "filter_alphas / filter_judges compare filter settings of the arms on filtered masks",
+                       "uses them", "joint-filtered-hardness")
     for arm in filtered:
         for judge in judges:
             for alpha in alphas:
@@ -114,11 +112,9 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
         raise SegsynthError(f"volumes {config.volumes}: {too_many} exceed images_per_mask {top}, the volume the sets "
                             f"are rendered at; set images_per_mask: {max(config.volumes)} (or leave it out: with "
                             "volumes it defaults to the largest)")
-    synthetic = [arm for arm in base if arm.synthetic]
-    if config.volumes and not synthetic:
-        raise SegsynthError(f"volumes compare synthetic volumes of the arms on synthetic data, and none of the run's "
-                            f"arms ({', '.join(config.arms)}) uses any; add one, e.g. joint-filtered-uniform")
-    for arm in synthetic:
+    for arm in _varied(config, config.volumes, [arm for arm in base if arm.synthetic],
+                       "volumes compare synthetic volumes of the arms on synthetic data", "uses any",
+                       "joint-filtered-uniform"):
         for k in config.volumes:
             if k == top:
                 continue  # the arm itself
@@ -136,11 +132,9 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
                       ("base_iterations", run_iterations(config)), ("iterations_rule", config.volume_iterations)))
 
     # 3. Synthetic share: each joint arm again, with a share P of its draws synthetic instead of half.
-    joint = [arm for arm in base if arm.recipe == "joint"]
-    if config.synthetic_shares and not joint:
-        raise SegsynthError(f"synthetic_shares compare the synthetic share of the joint arms, and none of the run's "
-                            f"arms ({', '.join(config.arms)}) is one; add one, e.g. joint-filtered-hardness")
-    for arm in joint:
+    for arm in _varied(config, config.synthetic_shares, [arm for arm in base if arm.recipe == "joint"],
+                       "synthetic_shares compare the synthetic share of the joint arms", "is one",
+                       "joint-filtered-hardness"):
         for share in config.synthetic_shares:
             if share == JOINT_SHARE:
                 continue  # the arm itself
@@ -176,6 +170,14 @@ def plan_variants(config, table: dict[str, Arm]) -> tuple[dict[str, Arm], dict[s
                       ("plan_file", f"plans/{LOOP_SET.format(r)}.jsonl"),
                       ("previous_plan_file", f"plans/{origin.synthetic[0] if r == 1 else LOOP_SET.format(r - 1)}.jsonl")))
     return arms, sets
+
+
+def _varied(config, values: list, arms: list[Arm], what: str, lack: str, example: str) -> list[Arm]:
+    """The arms a sweep varies; a sweep that has values but no arm to vary is refused."""
+    if values and not arms:
+        raise SegsynthError(f"{what}, and none of the run's arms ({', '.join(config.arms)}) {lack}; add one, e.g. "
+                            f"{example}")
+    return arms
 
 
 def nested_ids(plan_path: Path, share: tuple[int, int]) -> list[str]:
