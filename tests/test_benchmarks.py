@@ -156,3 +156,57 @@ def test_class_confusion_script_on_a_trained_toy_segmenter(tmp_path, trained):
     bad = subprocess.run(command + ["--class", "bike"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode != 0 and "--class bike: not a class of" in bad.stderr and "its classes:" in bad.stderr
+
+
+def _filter_by_height():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("filter_by_height", REPO / "benchmarks" / "filter_by_height.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_filter_by_height_splits_each_object_at_its_own_middle_row():
+    module = _filter_by_height()
+    raw = np.zeros((10, 10), np.uint8)
+    raw[0:4, 0:2] = 1  # object A, rows 0-3: upper half rows 0-1, lower half rows 2-3
+    raw[6:10, 6:8] = 1  # object B, rows 6-9: its own middle, not the image's
+    filtered = raw.copy()
+    filtered[0:2, 0:2] = 255  # A's upper half ignored
+    filtered[9, 6:8] = 255  # one row of B's lower half ignored
+    counts = module.ignored_by_half(raw, filtered, 1)
+    assert counts.tolist() == [[4, 8], [2, 8]]
+    assert module.ignored_by_half(raw, filtered, 2).tolist() == [[0, 0], [0, 0]]
+
+
+def test_filter_by_height_script_on_a_tiny_filtered_set(tmp_path):
+    from segsynth.io import atomic_write_json, atomic_write_png
+
+    root = tmp_path / "set"
+    atomic_write_json(root / "classes.json", {"classes": ["road", "rider"], "palette": [[0, 0, 0], [255, 0, 0]]})
+    raw = np.zeros((8, 8), np.uint8)
+    raw[2:6, 2:4] = 1
+    filtered = raw.copy()
+    filtered[2:4, 2:4] = 255
+    lines = []
+    for name in ("a", "b"):
+        atomic_write_png(root / "images" / f"{name}.png", np.full((16, 16, 3), 90, np.uint8))
+        atomic_write_png(root / "masks" / f"{name}.png", raw)
+        atomic_write_png(root / "masks_filtered" / f"{name}.png", filtered)
+        lines.append(json.dumps({"id": name, "image": f"images/{name}.png", "mask": f"masks/{name}.png",
+                                 "filtered_mask": f"masks_filtered/{name}.png"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "height"
+    command = [PYTHON, "benchmarks/filter_by_height.py", "--synthetic", str(root), "--grid-rows", "2"]
+    done = subprocess.run(command + ["--grid", "rider", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["classes"]["rider"] == {"pixels": 16, "upper": 1.0, "lower": 0.0}
+    assert "| rider | 16 | 100.0 % | 0.0 % |" in (tmp_path / "height.md").read_text()
+    from PIL import Image
+    assert Image.open(tmp_path / "height_grid.png").size == (48, 32)  # 2 samples x (image, overlay, verdict)
+    bad = subprocess.run(command + ["--grid", "bike"], cwd=REPO, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "--grid bike: not a class of" in bad.stderr
