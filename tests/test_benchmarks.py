@@ -108,17 +108,18 @@ def test_alignment_benchmark_sweeps_guidance_and_scores_at_the_segmenter_size(tm
     assert all(row.count("|") == header.count("|") for row in rows)
 
 
-def _class_confusion():
+def _benchmark_module(name: str):
+    """A benchmark script imported as a module (benchmarks/ is not a package), to test its functions."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("class_confusion", REPO / "benchmarks" / "class_confusion.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_class_confusion_row_and_table():
-    module = _class_confusion()
+    module = _benchmark_module("class_confusion")
     # rows = true class, columns = predicted (segsynth.training.evaluate.confusion_matrix)
     confusion = np.array([[8, 1, 1], [2, 6, 2], [0, 3, 7]])
     row = module.confusion_row(confusion, 1)
@@ -158,17 +159,8 @@ def test_class_confusion_script_on_a_trained_toy_segmenter(tmp_path, trained):
     assert bad.returncode != 0 and "--class bike: not a class of" in bad.stderr and "its classes:" in bad.stderr
 
 
-def _filter_by_height():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("filter_by_height", REPO / "benchmarks" / "filter_by_height.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_filter_by_height_splits_each_object_at_its_own_middle_row():
-    module = _filter_by_height()
+    module = _benchmark_module("filter_by_height")
     raw = np.zeros((10, 10), np.uint8)
     raw[0:4, 0:2] = 1  # object A, rows 0-3: upper half rows 0-1, lower half rows 2-3
     raw[6:10, 6:8] = 1  # object B, rows 6-9: its own middle, not the image's
