@@ -37,18 +37,13 @@ def ignored_by_half(raw: np.ndarray, filtered: np.ndarray, class_index: int) -> 
     connected region (8-connected) is split at the middle row of its own extent, the middle row going down."""
     from scipy import ndimage
 
-    counts = np.zeros((2, 2), dtype=np.int64)
-    regions, count = ndimage.label(raw == class_index, structure=np.ones((3, 3)))
-    if not count:
-        return counts
+    regions, _ = ndimage.label(raw == class_index, structure=np.ones((3, 3)))
+    # each pixel's own region's middle row (index 0, the background, is never read)
+    middles = np.array([0.0] + [(box[0].start + box[0].stop - 1) / 2 for box in ndimage.find_objects(regions)])
+    inside = regions > 0
+    upper = inside & (np.arange(raw.shape[0])[:, None] < middles[regions])
     ignored = filtered != class_index
-    rows = np.arange(raw.shape[0])[:, None]
-    for region, box in enumerate(ndimage.find_objects(regions), start=1):
-        middle = (box[0].start + box[0].stop - 1) / 2
-        inside = regions == region
-        for half, part in enumerate((inside & (rows < middle), inside & (rows >= middle))):
-            counts[half] += [(part & ignored).sum(), part.sum()]
-    return counts
+    return np.array([[(part & ignored).sum(), part.sum()] for part in (upper, inside & ~upper)], dtype=np.int64)
 
 
 def markdown(report: dict) -> str:

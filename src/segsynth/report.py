@@ -129,9 +129,13 @@ def format_per_class(results: dict) -> str:
     classes = results.get("classes") or list(next(iter(results["arms"].values()), {}).get("per_class", {}))
     lines = ["| arm | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
     for name, arm in results["arms"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            "-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}" for c in classes) + " |")
+        lines.append(f"| {name} | {_per_class_cells(arm, classes)} |")
     return "\n".join(lines)
+
+
+def _per_class_cells(arm: dict, classes: list[str]) -> str:
+    """An arm's per-class IoU as table cells, "-" for a class no seed scored."""
+    return " | ".join("-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}" for c in classes)
 
 
 def format_seconds(results: dict) -> str:
@@ -207,9 +211,8 @@ def format_sweeps(results: dict) -> str:
         for name, variant in rows:
             arm = arms[name]
             delta = "" if real is None or arm["mean"] is None else f"{arm['mean'] - real:+.2f}"
-            lines.append(f"| {name} | {variant.get('share'):g} | {_value(arm)} | {_value(arm, 'spread')} | {delta} | " +
-                         " | ".join("-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}"
-                                    for c in classes) + " |")
+            lines.append(f"| {name} | {variant.get('share'):g} | {_value(arm)} | {_value(arm, 'spread')} | {delta} | "
+                         f"{_per_class_cells(arm, classes)} |")
         parts.append("\n".join(lines))
     for origin, rows in sweep_rows(results, "loop").items():
         first = rows[-1][1]
@@ -226,9 +229,7 @@ def format_sweeps(results: dict) -> str:
             change = arm.get("plan_change")
             moved = f"{change['moved']} of {change['planned']}" if change else ""
             lines.append(f"| {variant['round']} | {name} | {arm.get('synthetic_images', 0)} | {moved} | {_value(arm)} | "
-                         f"{_value(arm, 'spread')} | {delta} | " + " | ".join(
-                             "-" if arm["per_class"].get(c) is None else f"{arm['per_class'][c]:.1f}"
-                             for c in classes) + " |")
+                         f"{_value(arm, 'spread')} | {delta} | {_per_class_cells(arm, classes)} |")
         signals = [(variant["round"], arm_signal) for name, variant in rows
                    if (arm_signal := arms[name].get("signal"))]
         if signals:
