@@ -7,7 +7,8 @@ import json
 import pytest
 
 from segsynth.io import SegsynthError
-from segsynth.methods.freemask.method import ARMS
+from segsynth.formats.plan import read_plan
+from segsynth.methods.freemask.method import MAIN_ARMS, TARGETED_FIRST_SEED
 from segsynth.run import resolve_run_config, run
 
 TINY_RUN = dict(data="toy:n=24,n_val=8,size=32x40", seeds=[0], generator="train", images_per_mask=1, grids=3, device="cpu",
@@ -20,8 +21,8 @@ def test_run_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     results = run(resolve_run_config({**TINY_RUN, "out": str(out)}))
 
-    # Every arm trained, evaluated and kept its checkpoint.
-    assert list(results["arms"]) == list(ARMS)
+    # Every arm trained, evaluated and kept its checkpoint (the paper's seven: the targeted arm runs when named).
+    assert list(results["arms"]) == list(MAIN_ARMS)
     for name, arm in results["arms"].items():
         assert 0.0 <= arm["mean"] <= 100.0, name
         assert (out / "arms" / name / "seed0" / "checkpoint" / "model.safetensors").is_file()
@@ -55,7 +56,7 @@ def test_presets_and_unknown_arm():
     # the user's keys beat presets, key by key inside a section
     tuned = resolve_run_config({"preset": "quick", "train": {"iterations": 7}})
     assert tuned.train["iterations"] == 7 and tuned.train["model"] == "segformer-tiny"
-    assert resolve_run_config({}).arms == list(ARMS)  # every arm of the default method, FreeMask
+    assert resolve_run_config({}).arms == list(MAIN_ARMS)  # the default method's (FreeMask's) main arms
     with pytest.raises(SegsynthError, match="unknown arm"):
         resolve_run_config({"arms": ["real", "magic"]})
     with pytest.raises(SegsynthError, match="preset = 'huge' is unknown: preset must be one of: quick, default"):
@@ -66,6 +67,24 @@ def test_presets_and_unknown_arm():
         resolve_run_config({"train": {"seed": 3}})  # the run sets seeds itself
     with pytest.raises(SegsynthError, match=r"section 'synthesize': unknown key\(s\) stepz"):
         resolve_run_config({"synthesize": {"stepz": 3}})
+
+
+def test_the_targeted_arm_renders_a_class_targeted_plan_of_the_same_budget(tmp_path):
+    """joint-filtered-targeted: its own plan (the budget split over classes by L̄_c, class-centred crops from the
+    plan section's class_crop), rendered, filtered and trained on; the hardness plan keeps no crops."""
+    out = tmp_path / "run"
+    results = run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "joint-filtered-targeted"],
+                                      "plan": {"class_crop": 0.5}}))
+    assert list(results["arms"]) == ["real", "joint-filtered-targeted"]
+    assert 0.0 <= results["arms"]["joint-filtered-targeted"]["mean"] <= 100.0
+    targeted = read_plan(out / "plans" / "targeted.jsonl")
+    assert sum(len(entry.seeds) for entry in targeted) == 24  # one image per real mask, as the hardness plan
+    assert min(seed for entry in targeted for seed in entry.seeds) >= TARGETED_FIRST_SEED
+    assert all("@" in entry.id and entry.crop for entry in targeted)  # class-centred crops
+    assert not any(entry.crop for entry in read_plan(out / "plans" / "hardness.jsonl"))
+    manifest = [json.loads(line) for line in (out / "synthetic" / "targeted" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 24 and all("filtered_mask" in record for record in manifest)
+    assert not (out / "synthetic" / "hardness").exists()  # no arm of this run renders the hardness plan
 
 
 def test_run_flags_fill_sections(tmp_path):

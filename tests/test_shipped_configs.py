@@ -24,7 +24,7 @@ VERBS = {
     "camvid_latent_mask2former_k4_run.yaml": "run", "camvid_latent_mask2former_alphas_run.yaml": "run",
     "camvid_latent_mask2former_5000_run.yaml": "run",
     "camvid_latent_mask2former_long_generator_run.yaml": "run",
-    "camvid_latent_mask2former_share_run.yaml": "run",
+    "camvid_latent_mask2former_share_run.yaml": "run", "camvid_latent_mask2former_targeted_run.yaml": "run",
     "camvid_mask2former_run.yaml": "run",
     "camvid_run.yaml": "run", "camvid_seggen.yaml": "run",
     "camvid_generator.yaml": "train-generator", "camvid_latent_generator.yaml": "train-generator",

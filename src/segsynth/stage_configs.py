@@ -54,7 +54,8 @@ PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn
 METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
 # methods.freemask.method.ARMS but "real": the arms a closed loop can continue
 FREEMASK_SYNTHETIC_ARMS = ("synthetic-raw-uniform", "synthetic-filtered-hardness", "joint-raw-uniform",
-                           "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness")
+                           "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness",
+                           "joint-filtered-targeted")
 SWEEP_LENGTHS = tuple(range(0, 17))  # at most 16 values per sweep
 GENERATOR_KIND_NAMES = ("builtin", "latent", "text2mask-sd")  # GENERATOR_KINDS below, generators.TRAINERS
 

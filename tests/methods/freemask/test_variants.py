@@ -14,7 +14,7 @@ from segsynth.formats.plan import PlanEntry, write_plan
 from segsynth.formats.stats import load_class_stats
 from segsynth.io import SegsynthError, atomic_write_json, atomic_write_png
 from segsynth.methods.freemask.loop import write_iou_signal
-from segsynth.methods.freemask.method import ARMS, FREEMASK
+from segsynth.methods.freemask.method import ARMS, FREEMASK, MAIN_ARMS
 from segsynth.methods.freemask.variants import derive_set, derived_set_done, nested_ids
 from segsynth.report import format_sweeps, plan_change
 from segsynth.run import resolve_run_config
@@ -115,7 +115,7 @@ def test_derived_arm_names_sets_and_settings():
                                                                       "images_per_mask")})
     assert again.arms == config.arms
     # Off by default: the arms of a run without these keys are unchanged.
-    assert resolve_run_config({}).arms == list(ARMS)
+    assert resolve_run_config({}).arms == list(MAIN_ARMS)
 
 
 def test_share_arms_replace_from_the_pool_of_the_joint_arms_sets():

@@ -2,12 +2,16 @@
 
 Stages, after the real-only reference segmenter:
   1. class statistics L̄_c from that segmenter
-  2. plans: uniform K per mask, and hardness-aware with the same total
+  2. plans: uniform K per mask, and hardness-aware with the same total (and,
+     for the targeted arm only, the class-targeted plan with the same total:
+     targeted.py)
   3. the mask-to-image generator (given, shipped for toy data, or trained)
   4. synthesize both plans
   5. filter both synthetic sets (loss > α·L̄_c -> ignore)
 Arms: real; synthetic-only raw / filtered + hardness; joint raw / filtered /
 filtered + hardness; pre-train on filtered + hardness, then fine-tune on real.
+One more arm runs only when named: joint on the filtered class-targeted set
+(the budget split over classes by L̄_c rather than over masks by hardness).
 Derived arms (variants.py) vary one setting of these: the filter's alpha and
 judge, the synthetic volume K, and the closed loop's rounds (loop.py); their
 sets are made here from the sets above (a copy filtered again, a nested
@@ -40,8 +44,12 @@ ARMS = {
     "joint-filtered-hardness": Arm("joint-filtered-hardness", "joint", ("hardness",), "filtered"),
     "pretrain-finetune-filtered-hardness": Arm("pretrain-finetune-filtered-hardness", "pretrain-finetune",
                                                ("hardness",), "filtered"),
+    "joint-filtered-targeted": Arm("joint-filtered-targeted", "joint", ("targeted",), "filtered"),
 }
-SETS = ("uniform", "hardness")
+# The arms a run trains when none are named: the paper's seven (the targeted arm is ours; it runs when named).
+MAIN_ARMS = tuple(name for name in ARMS if name != "joint-filtered-targeted")
+SETS = ("uniform", "hardness", "targeted")
+TARGETED_FIRST_SEED = 5_000_000  # the targeted plan's seeds meet neither the uniform plan's nor the hardness plan's
 
 
 def stages(context, arms: list[Arm]) -> list[Stage]:
@@ -60,11 +68,21 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
             data=config.data, device=config.device)), stats_path.is_file, reads_reference=True),
         Stage("plans", lambda: (
             make_plan(context.stage_config(PlanConfig, "plan", data=config.data, out=str(plans["uniform"]),
-                                           uniform=config.images_per_mask)),
+                                           uniform=config.images_per_mask, class_crop=0.0)),
             make_plan(context.stage_config(PlanConfig, "plan", data=config.data, out=str(plans["hardness"]),
-                                           stats=str(stats_path), budget=total, seed=HARDNESS_FIRST_SEED))),
-              lambda: all(path.is_file() for path in plans.values())),
+                                           stats=str(stats_path), budget=total, seed=HARDNESS_FIRST_SEED,
+                                           class_crop=0.0))),
+              lambda: all(plans[name].is_file() for name in ("uniform", "hardness"))),
     ]
+    # The targeted plan only when an arm (or a set derived from it) renders it, so runs without it keep their
+    # stages. The `plan` section's nmax caps it as it caps the hardness plan; its class_crop (class-centred
+    # crops) is the targeted plan's alone.
+    derived = {name: spec for name, spec in plan_variants(config, ARMS)[1].items()
+               if any(name in arm.synthetic for arm in arms if arm.round == 0)}
+    if any("targeted" in arm.synthetic for arm in arms) or any(s.source == "targeted" for s in derived.values()):
+        result.append(Stage("plan targeted", lambda: make_plan(context.stage_config(
+            PlanConfig, "plan", data=config.data, out=str(plans["targeted"]), stats=str(stats_path),
+            targeted=True, budget=total, seed=TARGETED_FIRST_SEED)), plans["targeted"].is_file))
 
     # 3. The generator.
     generator_stages, generator = context.generator_stages()
@@ -73,8 +91,6 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     # 4-5. Synthesize and filter each set an arm uses, directly or through a set derived from it (each resumes
     #      on its own). The closed loop's sets are made by `round_stages`, after the arms of the round before.
     first = [arm for arm in arms if arm.round == 0]
-    derived = {name: spec for name, spec in plan_variants(config, ARMS)[1].items()
-               if any(name in arm.synthetic for arm in first)}
     for name in SETS:
         users = [arm for arm in first if name in arm.synthetic]
         subsets = [spec for spec in derived.values() if spec.source == name]
@@ -142,4 +158,4 @@ def grids(context) -> list:
 
 
 FREEMASK = Method("freemask", "FreeMask: images for real masks, pixel filter, hardness-aware re-sampling",
-                  ARMS, stages, grids, variants=variants, round_stages=round_stages)
+                  ARMS, stages, grids, main_arms=MAIN_ARMS, variants=variants, round_stages=round_stages)
