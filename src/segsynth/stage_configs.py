@@ -741,6 +741,11 @@ class FilterConfig:
     class_alphas: dict = field({}, help="alpha per class name over `alpha`, e.g. bicyclist=0.6: stricter for a class "
                                         "whose L̄_c is high, where alpha * L̄_c keeps pixels the judge gives little "
                                         "probability (CamVid bicyclist at 1.25: any above 9 percent)")
+    region_classes: list[str] = field([], help="class names judged per object instead of per pixel: each connected "
+                                               "region of such a class in a synthetic mask is ignored whole when its "
+                                               "mean pixel loss exceeds alpha_c * L̄_c and kept whole otherwise (a "
+                                               "rider on a bicycle, whose body the pixel rule drops and whose "
+                                               "wheels it keeps)")
     batch_size: int = field(8, range=BATCH, help="images per forward pass")
     lanes: int = field(0, range=Range(0, 64),
                        help="parallel decode+score threads (0: auto: on a CPU, timed on the first batch: one "

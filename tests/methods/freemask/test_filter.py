@@ -12,7 +12,7 @@ from PIL import Image
 from segsynth.data import open_dataset
 from segsynth.data.toy import BUILDING, ROAD
 from segsynth.methods.freemask.filter import (FilterConfig, _record, class_thresholds, filter_batch, filter_labels, filter_synthetic,
-                             ignored_by_class, probe_lanes, scoring_lanes)
+                             ignored_by_class, judge_regions, probe_lanes, scoring_lanes)
 from segsynth.methods.freemask.variants import filtered_done
 from segsynth.io import SegsynthError
 from segsynth.training.loop import TrainConfig, train
@@ -54,6 +54,61 @@ def test_dropped_class_loses_every_pixel_and_others_keep_the_rule():
     filtered = filter_labels(label, loss, np.array([1.0, 2.0, np.nan]), alpha=1.25, dropped=[1])
     # class 1 dropped even at loss 0; class 0 by the rule; class 2 has no statistics, kept
     assert filtered.tolist() == [[0, 255, 255, 255, 2, 255]]
+
+
+def test_a_region_class_is_kept_or_ignored_whole_by_its_mean_loss():
+    # class 1: two regions (8-neighbour: the diagonal pair is one region), threshold 2.0; class 0 keeps the
+    # pixel rule's decisions
+    label = np.array([[1, 1, 0, 0, 1],
+                      [0, 0, 1, 0, 1],
+                      [0, 0, 0, 0, 255]], np.uint8)
+    loss = np.array([[0.5, 3.0, 9.0, 0.1, 3.0],   # region A = (0,0),(0,1),(1,2): mean 1.5 -> kept whole
+                     [0.1, 0.1, 1.0, 0.1, 2.0],   # region B = (0,4),(1,4): mean 2.5 -> ignored whole
+                     [0.1, 0.1, 0.1, 0.1, 9.0]])
+    pixel_rule = filter_labels(label, loss, np.array([1.0, 1.6]), alpha=1.25)
+    assert pixel_rule[0, 1] == 255 and pixel_rule[0, 2] == 255  # the pixel rule split region A
+    judged = judge_regions(label, loss, pixel_rule, [1], np.array([1.25, 2.0]))
+    assert judged.tolist() == [[1, 1, 255, 0, 255],
+                               [0, 0, 1, 0, 255],
+                               [0, 0, 0, 0, 255]]
+    # no region of the class: nothing changes
+    assert (judge_regions(label, loss, pixel_rule, [2], np.array([1.25, 2.0, 1.0])) == pixel_rule).all()
+
+
+def test_filter_judges_region_classes_per_object_and_records_them(tmp_path, toy_segmenter):
+    from scipy import ndimage
+
+    dataset = open_dataset(TOY)
+    root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
+    classes = json.loads((root / "classes.json").read_text())["classes"]
+    name = classes[BUILDING]
+    with pytest.raises(SegsynthError, match=r"region_classes and drop_classes both name \['" + name):
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), region_classes=[name],
+                                      drop_classes=[name], device="cpu"))
+    with pytest.raises(SegsynthError, match=r"region_classes \['bike'\]: not classes of"):
+        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), region_classes=["bike"],
+                                      device="cpu"))
+    assert not (root / "filter.json").exists()  # refused before anything was written
+    summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), region_classes=[name],
+                                            device="cpu"))
+    regions = whole = 0
+    for line in (root / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        mask = np.array(Image.open(root / record["mask"]))
+        filtered = np.array(Image.open(root / record["filtered_mask"]))
+        labelled, count = ndimage.label(mask == BUILDING, structure=np.ones((3, 3), bool))
+        for region in range(1, count + 1):
+            kept = np.unique(filtered[labelled == region])
+            regions += 1
+            whole += len(kept) == 1  # all building or all ignore, never split
+        # the manifest counts what the file holds
+        if (mask == BUILDING).any():
+            share = ((mask == BUILDING) & (filtered == 255)).sum() / (mask == BUILDING).sum()
+            assert record["ignored"][name] == pytest.approx(share, abs=1e-4)
+    assert regions > 0 and whole == regions
+    assert json.loads((root / "filter.json").read_text())["region_classes"] == [name]
+    assert 0.0 <= summary["mean_ignored_by_class"][name] <= 1.0
+    assert filtered_done(root, 1.25, {"region_classes": [name]}) and not filtered_done(root, 1.25)
 
 
 def test_batched_filter_matches_the_per_sample_rule():

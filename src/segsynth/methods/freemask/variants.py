@@ -262,10 +262,11 @@ def derived_set_done(source: Path, out: Path, ids: list[str] | None, carry_filte
 
 
 def run_filter_rules(config) -> dict:
-    """The run's filter rules besides alpha that make a filtered set what it is: `drop_classes` (compared as a
-    set) and `class_alphas` (filter.json lists them by class name)."""
+    """The run's filter rules besides alpha that make a filtered set what it is: `drop_classes` and
+    `region_classes` (compared as sets) and `class_alphas` (filter.json lists them by class name)."""
     return {"drop_classes": sorted(config.filter.get("drop_classes", [])),
-            "class_alphas": dict(config.filter.get("class_alphas", {}))}  # values checked by the filter itself
+            "class_alphas": dict(config.filter.get("class_alphas", {})),  # values checked by the filter itself
+            "region_classes": sorted(set(config.filter.get("region_classes", [])))}
 
 
 def filtered_done(folder: Path, alpha: float, rules: dict | None = None) -> bool:
@@ -278,4 +279,5 @@ def filtered_done(folder: Path, alpha: float, rules: dict | None = None) -> bool
     return (settings.get("alpha") == alpha
             and sorted(settings.get("drop_classes", [])) == sorted(rules.get("drop_classes", []))
             and settings.get("class_alphas", {}) == rules.get("class_alphas", {})
+            and sorted(settings.get("region_classes", [])) == sorted(rules.get("region_classes", []))
             and all(record.get("filtered_mask") for record in read_manifest(folder)))
