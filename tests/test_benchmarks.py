@@ -202,3 +202,37 @@ def test_filter_by_height_script_on_a_tiny_filtered_set(tmp_path):
     bad = subprocess.run(command + ["--grid", "bike"], cwd=REPO, env=subprocess_env(), capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "--grid bike: not a class of" in bad.stderr
+
+
+def test_set_class_mix_compares_real_raw_and_kept_shares(tmp_path):
+    from synthetic_sets import write_synthetic_set
+
+    from segsynth.data import open_dataset
+    from segsynth.io import atomic_write_png
+
+    dataset = open_dataset(TOY_SPEC)
+    root = write_synthetic_set(tmp_path / "set", dataset, split="train")
+    # a copy of the real masks: the raw mix is the real one; the filter kept nothing of class 0
+    lines = []
+    for line in (root / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        from PIL import Image
+        mask = np.array(Image.open(root / record["mask"]))
+        atomic_write_png(root / "masks_filtered" / f"{record['id']}.png", np.where(mask == 0, 255, mask).astype(np.uint8))
+        lines.append(json.dumps({**record, "filtered_mask": f"masks_filtered/{record['id']}.png"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "mix"
+    command = [PYTHON, "benchmarks/set_class_mix.py", "--data", TOY_SPEC]
+    done = subprocess.run(command + ["--set", f"copy={root}", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    entry = report["sets"]["copy"]
+    assert entry["raw"] == pytest.approx(report["real"]) and entry["samples"] == 8
+    assert entry["kept"][0] == 0.0 and entry["kept_of_raw"][0] == 0.0 and sum(entry["kept"]) == pytest.approx(1.0)
+    present = [i for i, share in enumerate(report["real"]) if share > 0 and i != 0]
+    assert present and all(entry["kept_of_raw"][i] == 1.0 for i in present)
+    assert "| class | real % | copy raw % | copy kept % |" in (tmp_path / "mix.md").read_text()
+    bad = subprocess.run(command + ["--set", str(root)], cwd=REPO, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "write NAME=DIR" in bad.stderr

@@ -1,0 +1,107 @@
+"""Each class's share of the labelled pixels: in the real training masks, and in synthetic sets before and after
+the filter.
+
+A plan decides which classes a synthetic set teaches: FreeMask's hardness plan repeats whole masks, so the set
+keeps the real data's class mix; the class-targeted plan (`joint-filtered-targeted`) gives the classes with a
+high mean loss more of the budget. This table says how far each set moved the mix, and what the filter left of
+it (kept pixels: the filtered masks' labels).
+
+    python benchmarks/set_class_mix.py --data camvid:../shared/datasets/camvid \
+        --set hardness=runs/camvid_latent_m2f_targeted/synthetic/hardness \
+        --set targeted=runs/camvid_latent_m2f_targeted/synthetic/targeted --out results/camvid_latent_targeted_class_mix
+
+Prints a Markdown table and writes OUT.json and OUT.md (each to a temp name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="the real dataset spec (its train split is the reference)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=DIR",
+                        help="a synthetic set (segsynth synthesize; filtered ones give the kept column too)")
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    return parser.parse_args(argv)
+
+
+def class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Labelled pixels per class (ignore and values past the classes left out)."""
+    values = label[label < num_classes]
+    return np.bincount(values.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
+
+
+def shares(counts: np.ndarray) -> list[float]:
+    total = counts.sum()
+    return [float(c / total) if total else 0.0 for c in counts]
+
+
+def markdown(report: dict) -> str:
+    columns = ["real"] + [f"{name} {kind}" for name, entry in report["sets"].items()
+                          for kind in ("raw", "kept") if entry.get(kind)]
+    lines = ["| class | " + " | ".join(f"{c} %" for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for i, name in enumerate(report["classes"]):
+        cells = [report["real"][i]] + [entry[kind][i] for entry in report["sets"].values()
+                                       for kind in ("raw", "kept") if entry.get(kind)]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * value:.2f}" for value in cells) + " |")
+    sizes = ", ".join(f"{name} {entry['samples']}" for name, entry in report["sets"].items())
+    return "\n".join(lines) + f"\n\nSamples: real {report['real_samples']}, {sizes}.\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from PIL import Image
+
+    from segsynth.data import open_dataset
+    from segsynth.formats.manifest import read_manifest, read_set_info
+    from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
+
+    # 1. The real split's class mix.
+    dataset = open_dataset(args.data)
+    classes, split = list(dataset.classes), dataset.split(args.split)
+    real = sum(class_counts(split.label(i), len(classes)) for i in range(len(split)))
+    report = {"data": args.data, "split": args.split, "classes": classes, "real": shares(real),
+              "real_samples": len(split), "sets": {}}
+
+    # 2. Each set's raw and (when filtered) kept mix.
+    for item in args.set:
+        name, _, folder = item.partition("=")
+        if not folder:
+            raise SegsynthError(f"--set {item}: write NAME=DIR, e.g. --set hardness=runs/x/synthetic/hardness")
+        folder = Path(folder)
+        set_classes = read_set_info(folder)["classes"]
+        if set_classes != classes:
+            raise SegsynthError(f"--set {item}: {folder / 'classes.json'} has other classes than {args.data}")
+        records = read_manifest(folder)
+        if not records:
+            raise SegsynthError(f"--set {item}: {folder} has no finished samples")
+        raw = np.zeros(len(classes), np.int64)
+        kept = np.zeros(len(classes), np.int64)
+        filtered = all(record.get("filtered_mask") for record in records)
+        for record in records:
+            raw += class_counts(np.array(Image.open(folder / record["mask"])), len(classes))
+            if filtered:
+                kept += class_counts(np.array(Image.open(folder / record["filtered_mask"])), len(classes))
+        report["sets"][name] = {"folder": str(folder), "samples": len(records), "raw": shares(raw),
+                                "kept": shares(kept) if filtered else None,
+                                "kept_of_raw": [float(k / r) if r else None for k, r in zip(kept, raw)]
+                                if filtered else None}
+    table = markdown(report)
+    print(table)
+    if args.out:
+        atomic_write_json(Path(args.out + ".json"), report)
+        atomic_write_text(Path(args.out + ".md"), f"# Class mix of the labelled pixels: real {args.split} split and "
+                                                  "synthetic sets (raw masks; kept = after the filter)\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
