@@ -79,7 +79,14 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     # crops) is the targeted plan's alone.
     derived = {name: spec for name, spec in plan_variants(config, ARMS)[1].items()
                if any(name in arm.synthetic for arm in arms if arm.round == 0)}
-    if any("targeted" in arm.synthetic for arm in arms) or any(s.source == "targeted" for s in derived.values()):
+    renders_targeted = any("targeted" in arm.synthetic for arm in arms) or any(
+        spec.source == "targeted" for spec in derived.values())
+    if config.plan.get("class_crop") and not renders_targeted:
+        raise SegsynthError(f"run config plan.class_crop {config.plan['class_crop']}: class-centred crops are the "
+                            "targeted plan's, and no arm of this run renders it; add the arm "
+                            "joint-filtered-targeted, or remove class_crop (the closed loop's crops are "
+                            "loop_planner: targeted-crops with loop_class_crop)")
+    if renders_targeted:
         result.append(Stage("plan targeted", lambda: make_plan(context.stage_config(
             PlanConfig, "plan", data=config.data, out=str(plans["targeted"]), stats=str(stats_path),
             targeted=True, budget=total, seed=TARGETED_FIRST_SEED)), plans["targeted"].is_file))
