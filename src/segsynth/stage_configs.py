@@ -812,7 +812,8 @@ class RunConfig:
     preset: str = field("default", range=Range(choices=("quick", "default", "demo")),
                         help="quick or default: sizes for toy or real data (any key overrides them); "
                              "demo: the toy data's comparison of `make demo` (--method all)")
-    arms: list[str] = field([], help="arms to run (default: every arm of the method)")
+    arms: list[str] = field([], help="arms to run (default: the method's main arms; an arm outside them, such as "
+                                     "freemask's joint-filtered-targeted, runs when named)")
     seeds: list[int] = field([0, 1], range=Range(0, 2**31 - 1, lengths=tuple(range(1, 33))),
                              help="training seeds per arm")
     eval_split: str = field("val", help="held-out split every arm is evaluated on")
