@@ -56,6 +56,16 @@ def test_dropped_class_loses_every_pixel_and_others_keep_the_rule():
     assert filtered.tolist() == [[0, 255, 255, 255, 2, 255]]
 
 
+def _toy_val_set(tmp_path):
+    """A synthetic set that copies the toy val split (images and masks), and its class names."""
+    root = write_synthetic_set(tmp_path / "syn", open_dataset(TOY), split="val")
+    return root, json.loads((root / "classes.json").read_text())["classes"]
+
+
+def _filter(root, segmenter, **options) -> dict:
+    return filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(segmenter), device="cpu", **options))
+
+
 def test_a_region_class_is_kept_or_ignored_whole_by_its_mean_loss():
     # class 1: two regions (8-neighbour: the diagonal pair is one region), threshold 2.0; class 0 keeps the
     # pixel rule's decisions
@@ -78,19 +88,14 @@ def test_a_region_class_is_kept_or_ignored_whole_by_its_mean_loss():
 def test_filter_judges_region_classes_per_object_and_records_them(tmp_path, toy_segmenter):
     from scipy import ndimage
 
-    dataset = open_dataset(TOY)
-    root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
-    classes = json.loads((root / "classes.json").read_text())["classes"]
+    root, classes = _toy_val_set(tmp_path)
     name = classes[BUILDING]
     with pytest.raises(SegsynthError, match=r"region_classes and drop_classes both name \['" + name):
-        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), region_classes=[name],
-                                      drop_classes=[name], device="cpu"))
+        _filter(root, toy_segmenter, region_classes=[name], drop_classes=[name])
     with pytest.raises(SegsynthError, match=r"region_classes \['bike'\]: not classes of"):
-        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), region_classes=["bike"],
-                                      device="cpu"))
+        _filter(root, toy_segmenter, region_classes=["bike"])
     assert not (root / "filter.json").exists()  # refused before anything was written
-    summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), region_classes=[name],
-                                            device="cpu"))
+    summary = _filter(root, toy_segmenter, region_classes=[name])
     regions = whole = 0
     for line in (root / "manifest.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -201,16 +206,12 @@ def test_filter_resumes_and_refuses_other_settings(tmp_path, toy_segmenter):
 
 
 def test_filter_drops_named_classes_and_records_them(tmp_path, toy_segmenter):
-    dataset = open_dataset(TOY)
-    root = write_synthetic_set(tmp_path / "syn", dataset, split="val")
-    classes = json.loads((root / "classes.json").read_text())["classes"]
+    root, classes = _toy_val_set(tmp_path)
     name = classes[ROAD]
     with pytest.raises(SegsynthError, match=r"not classes of .*classes.json \(its classes: "):
-        filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), drop_classes=["bike"],
-                                      device="cpu"))
+        _filter(root, toy_segmenter, drop_classes=["bike"])
     assert not (root / "filter.json").exists()  # refused before anything was written
-    summary = filter_synthetic(FilterConfig(synthetic=str(root), segmenter=str(toy_segmenter), drop_classes=[name],
-                                            device="cpu"))
+    summary = _filter(root, toy_segmenter, drop_classes=[name])
     assert summary["mean_ignored_by_class"][name] == 1.0
     assert summary["mean_ignored_by_class"][classes[BUILDING]] < 1.0
     building = building_kept = 0
