@@ -1,13 +1,14 @@
-"""Each class's share of the labelled pixels: in the real training masks, and in synthetic sets before and after
-the filter.
+"""Each class's share of the labelled pixels: in the real training masks, in the masks a plan renders, and in
+synthetic sets before and after the filter.
 
 A plan decides which classes a synthetic set teaches: FreeMask's hardness plan repeats whole masks, so the set
 keeps the real data's class mix; the class-targeted plan (`joint-filtered-targeted`) gives the classes with a
 high mean loss more of the budget. This table says how far each set moved the mix, and what the filter left of
-it (kept pixels: the filtered masks' labels).
+it (kept pixels: the filtered masks' labels). A plan needs no rendering: its column counts each entry's real
+mask (or its crop) once per seed.
 
     python benchmarks/set_class_mix.py --data camvid:../shared/datasets/camvid \
-        --set hardness=runs/camvid_latent_m2f_targeted/synthetic/hardness \
+        --plan hardness=runs/camvid_latent_m2f_targeted/plans/hardness.jsonl \
         --set targeted=runs/camvid_latent_m2f_targeted/synthetic/targeted --out results/camvid_latent_targeted_class_mix
 
 Prints a Markdown table and writes OUT.json and OUT.md (each to a temp name, then renamed).
@@ -26,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="the real dataset spec (its train split is the reference)")
     parser.add_argument("--split", default="train")
+    parser.add_argument("--plan", action="append", default=[], metavar="NAME=FILE",
+                        help="a plan of mask entries (segsynth plan): the masks it renders, once per seed")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=DIR",
                         help="a synthetic set (segsynth synthesize; filtered ones give the kept column too)")
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
@@ -45,11 +48,11 @@ def shares(counts: np.ndarray) -> list[float]:
 
 def markdown(report: dict) -> str:
     columns = ["real"] + [f"{name} {kind}" for name, entry in report["sets"].items()
-                          for kind in ("raw", "kept") if entry.get(kind)]
+                          for kind in ("planned", "raw", "kept") if entry.get(kind)]
     lines = ["| class | " + " | ".join(f"{c} %" for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for i, name in enumerate(report["classes"]):
         cells = [report["real"][i]] + [entry[kind][i] for entry in report["sets"].values()
-                                       for kind in ("raw", "kept") if entry.get(kind)]
+                                       for kind in ("planned", "raw", "kept") if entry.get(kind)]
         lines.append(f"| {name} | " + " | ".join(f"{100 * value:.2f}" for value in cells) + " |")
     sizes = ", ".join(f"{name} {entry['samples']}" for name, entry in report["sets"].items())
     return "\n".join(lines) + f"\n\nSamples: real {report['real_samples']}, {sizes}.\n"
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
 
     from segsynth.data import open_dataset
     from segsynth.formats.manifest import read_manifest, read_set_info
+    from segsynth.formats.plan import read_plan
     from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
 
     # 1. The real split's class mix.
@@ -71,7 +75,26 @@ def main(argv=None) -> int:
     report = {"data": args.data, "split": args.split, "classes": classes, "real": shares(real),
               "real_samples": len(split), "sets": {}}
 
-    # 2. Each set's raw and (when filtered) kept mix.
+    # 2. Each plan's mix: the real masks (or crops) it renders, once per seed.
+    for item in args.plan:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SegsynthError(f"--plan {item}: write NAME=FILE, e.g. --plan hardness=runs/x/plans/hardness.jsonl")
+        entries = read_plan(path)
+        planned = np.zeros(len(classes), np.int64)
+        for entry in entries:
+            if entry.kind != "mask":
+                raise SegsynthError(f"--plan {item}: entry {entry.id} is a {entry.kind} entry; only mask entries "
+                                    "have a mask to count")
+            label = split.label(split.index_of(entry.source or entry.id))
+            if entry.crop:
+                top, left, height, width = entry.crop
+                label = label[top:top + height, left:left + width]
+            planned += len(entry.seeds) * class_counts(label, len(classes))
+        report["sets"][name] = {"plan": path, "samples": sum(len(entry.seeds) for entry in entries),
+                                "planned": shares(planned)}
+
+    # 3. Each set's raw and (when filtered) kept mix.
     for item in args.set:
         name, _, folder = item.partition("=")
         if not folder:

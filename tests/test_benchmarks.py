@@ -221,10 +221,16 @@ def test_set_class_mix_compares_real_raw_and_kept_shares(tmp_path):
         atomic_write_png(root / "masks_filtered" / f"{record['id']}.png", np.where(mask == 0, 255, mask).astype(np.uint8))
         lines.append(json.dumps({**record, "filtered_mask": f"masks_filtered/{record['id']}.png"}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    # a plan that renders the first real mask twice and the second's top-left quarter once
+    split = dataset.split("train")
+    first, second = split[0], split[1]
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text(json.dumps({"id": first.id, "seeds": [1, 2]}) + "\n"
+                    + json.dumps({"id": "b@x", "source": second.id, "seeds": [3], "crop": [0, 0, 16, 16]}) + "\n")
     out = tmp_path / "mix"
     command = [PYTHON, "benchmarks/set_class_mix.py", "--data", TOY_SPEC]
-    done = subprocess.run(command + ["--set", f"copy={root}", "--out", str(out)], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command + ["--plan", f"two={plan}", "--set", f"copy={root}", "--out", str(out)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     entry = report["sets"]["copy"]
@@ -232,7 +238,12 @@ def test_set_class_mix_compares_real_raw_and_kept_shares(tmp_path):
     assert entry["kept"][0] == 0.0 and entry["kept_of_raw"][0] == 0.0 and sum(entry["kept"]) == pytest.approx(1.0)
     present = [i for i, share in enumerate(report["real"]) if share > 0 and i != 0]
     assert present and all(entry["kept_of_raw"][i] == 1.0 for i in present)
-    assert "| class | real % | copy raw % | copy kept % |" in (tmp_path / "mix.md").read_text()
+    counts = 2 * np.bincount(first.label[first.label < 255], minlength=len(dataset.classes))
+    quarter = second.label[:16, :16]
+    counts = counts + np.bincount(quarter[quarter < 255], minlength=len(dataset.classes))
+    assert report["sets"]["two"]["planned"] == pytest.approx((counts / counts.sum()).tolist())
+    assert report["sets"]["two"]["samples"] == 3
+    assert "| class | real % | two planned % | copy raw % | copy kept % |" in (tmp_path / "mix.md").read_text()
     bad = subprocess.run(command + ["--set", str(root)], cwd=REPO, env=subprocess_env(), capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "write NAME=DIR" in bad.stderr
