@@ -85,6 +85,10 @@ def test_the_targeted_arm_renders_a_class_targeted_plan_of_the_same_budget(tmp_p
     manifest = [json.loads(line) for line in (out / "synthetic" / "targeted" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 24 and all("filtered_mask" in record for record in manifest)
     assert not (out / "synthetic" / "hardness").exists()  # no arm of this run renders the hardness plan
+    # A targeted plan made with other crops is refused, not mixed into the set rendered from it.
+    with pytest.raises(SegsynthError, match=r"targeted.jsonl: made with class_crop 0.5, this run asks for class_crop 0.8"):
+        run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "joint-filtered-targeted"],
+                                "plan": {"class_crop": 0.8}}))
     # Crops with no arm to render them are refused before any work.
     with pytest.raises(SegsynthError, match="plan.class_crop 0.5: class-centred crops are the targeted plan's"):
         run(resolve_run_config({**TINY_RUN, "out": str(tmp_path / "other"), "arms": ["real", "joint-filtered-hardness"],

@@ -20,6 +20,8 @@ subset), the loop's sets by `round_stages` after each round's training.
 
 from __future__ import annotations
 
+import yaml
+
 from segsynth.formats.checkpoint import resolve_checkpoint
 from segsynth.io import SegsynthError
 from segsynth.methods.base import Arm, Method, Stage
@@ -89,7 +91,8 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
     if renders_targeted:
         result.append(Stage("plan targeted", lambda: make_plan(context.stage_config(
             PlanConfig, "plan", data=config.data, out=str(plans["targeted"]), stats=str(stats_path),
-            targeted=True, budget=total, seed=TARGETED_FIRST_SEED)), plans["targeted"].is_file))
+            targeted=True, budget=total, seed=TARGETED_FIRST_SEED)),
+            lambda: _targeted_plan_done(plans["targeted"], config.plan)))
 
     # 3. The generator.
     generator_stages, generator = context.generator_stages()
@@ -140,6 +143,22 @@ def stages(context, arms: list[Arm]) -> list[Stage]:
                             lambda f=folder, s=spec: filtered_done(f, s.alpha, run_filter_rules(config)),
                             reads_reference=spec.judge == REFERENCE))
     return result
+
+
+def _targeted_plan_done(path, plan_section: dict) -> bool:
+    """The targeted plan exists and was made with the run's crop and cap; one made with others is refused (its
+    set was rendered from it: re-planning under it would mix two plans' samples in one set)."""
+    if not path.is_file():
+        return False
+    made = yaml.safe_load(path.with_name(path.name + ".config.yaml").read_text()) or {}
+    wanted = {key: plan_section.get(key, PlanConfig.__dataclass_fields__[key].default) for key in ("class_crop", "nmax")}
+    differ = {key: (made.get(key), value) for key, value in wanted.items() if made.get(key) != value}
+    if differ:
+        raise SegsynthError(f"{path}: made with {', '.join(f'{k} {a}' for k, (a, _) in differ.items())}, this run asks "
+                            f"for {', '.join(f'{k} {b}' for k, (_, b) in differ.items())}; delete the plan, its "
+                            "config and the run's synthetic/targeted folder to plan and render again, or run with "
+                            "the plan's settings")
+    return True
 
 
 def _filtered_users(arms: list[Arm], name: str) -> bool:
