@@ -35,12 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Labelled pixels per class (ignore and values past the classes left out)."""
-    values = label[label < num_classes]
-    return np.bincount(values.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
-
-
 def shares(counts: np.ndarray) -> list[float]:
     total = counts.sum()
     return [float(c / total) if total else 0.0 for c in counts]
@@ -67,11 +61,12 @@ def main(argv=None) -> int:
     from segsynth.formats.manifest import read_manifest, read_set_info
     from segsynth.formats.plan import read_plan
     from segsynth.io import SegsynthError, atomic_write_json, atomic_write_text
+    from segsynth.methods.freemask.targeted import class_pixel_counts
 
     # 1. The real split's class mix.
     dataset = open_dataset(args.data)
     classes, split = list(dataset.classes), dataset.split(args.split)
-    real = sum(class_counts(split.label(i), len(classes)) for i in range(len(split)))
+    real = sum(class_pixel_counts(split.label(i), len(classes)) for i in range(len(split)))
     report = {"data": args.data, "split": args.split, "classes": classes, "real": shares(real),
               "real_samples": len(split), "sets": {}}
 
@@ -90,7 +85,7 @@ def main(argv=None) -> int:
             if entry.crop:
                 top, left, height, width = entry.crop
                 label = label[top:top + height, left:left + width]
-            planned += len(entry.seeds) * class_counts(label, len(classes))
+            planned += len(entry.seeds) * class_pixel_counts(label, len(classes))
         report["sets"][name] = {"plan": path, "samples": sum(len(entry.seeds) for entry in entries),
                                 "planned": shares(planned)}
 
@@ -110,9 +105,9 @@ def main(argv=None) -> int:
         kept = np.zeros(len(classes), np.int64)
         filtered = all(record.get("filtered_mask") for record in records)
         for record in records:
-            raw += class_counts(np.array(Image.open(folder / record["mask"])), len(classes))
+            raw += class_pixel_counts(np.array(Image.open(folder / record["mask"])), len(classes))
             if filtered:
-                kept += class_counts(np.array(Image.open(folder / record["filtered_mask"])), len(classes))
+                kept += class_pixel_counts(np.array(Image.open(folder / record["filtered_mask"])), len(classes))
         report["sets"][name] = {"folder": str(folder), "samples": len(records), "raw": shares(raw),
                                 "kept": shares(kept) if filtered else None,
                                 "kept_of_raw": [float(k / r) if r else None for k, r in zip(kept, raw)]

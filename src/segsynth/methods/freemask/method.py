@@ -152,10 +152,10 @@ def _targeted_plan_done(path, plan_section: dict) -> bool:
         return False
     made = yaml.safe_load(path.with_name(path.name + ".config.yaml").read_text()) or {}
     wanted = {key: plan_section.get(key, PlanConfig.__dataclass_fields__[key].default) for key in ("class_crop", "nmax")}
-    differ = {key: (made.get(key), value) for key, value in wanted.items() if made.get(key) != value}
+    differ = [key for key in wanted if made.get(key) != wanted[key]]
     if differ:
-        raise SegsynthError(f"{path}: made with {', '.join(f'{k} {a}' for k, (a, _) in differ.items())}, this run asks "
-                            f"for {', '.join(f'{k} {b}' for k, (_, b) in differ.items())}; delete the plan, its "
+        raise SegsynthError(f"{path}: made with {', '.join(f'{key} {made.get(key)}' for key in differ)}, this run asks "
+                            f"for {', '.join(f'{key} {wanted[key]}' for key in differ)}; delete the plan, its "
                             "config and the run's synthetic/targeted folder to plan and render again, or run with "
                             "the plan's settings")
     return True
