@@ -197,9 +197,12 @@ class TrainConfig:
     resume: bool = field(False, help="continue from OUT/checkpoint if it exists")
     device: str = field("auto", range=DEVICE, help="auto, cpu or cuda")
     log_every: int = field(20, range=EVERY, help="write a metrics.jsonl line every N iterations")
-    loss: str = field("ce", range=Range(choices=("ce", "reliable")),
-                      help="ce (cross-entropy, per-pixel weights) or reliable (per predicted class, only the "
-                           "most confident share of pixels in full: training on noisy pseudo-masks, Attn2mask)")
+    loss: str = field("ce", range=Range(choices=("ce", "ce-ignore-unknown", "reliable")),
+                      help="ce (cross-entropy, per-pixel weights; Mask2Former: its set-prediction loss), "
+                           "ce-ignore-unknown (the same; Mask2Former's class term also leaves queries whose masks "
+                           "lie on ignore pixels unjudged, instead of telling them 'no object') or reliable (per "
+                           "predicted class, only the most confident share of pixels in full: training on noisy "
+                           "pseudo-masks, Attn2mask)")
     reliable_share: float = field(0.5, range=Range(0.0, 1.0, low_open=True),
                                   help="loss reliable: share of each predicted class's pixels trusted in full")
     unreliable_weight: float = field(0.0, range=PROBABILITY,

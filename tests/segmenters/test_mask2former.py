@@ -38,7 +38,7 @@ def images(batch=2, height=32, width=48, seed=0):
 
 def test_presets_are_table_rows_and_the_paper_configs_build():
     assert set(MASK2FORMER_VARIANTS) <= set(SEGMENTERS)
-    assert SEGMENTERS["mask2former-small"].losses == ("ce",)
+    assert SEGMENTERS["mask2former-small"].losses == ("ce", "ce-ignore-unknown")
     for name in ("mask2former-swin-t", "mask2former-swin-l"):  # configs only: the big models are not built here
         config = mask2former_config(name, {"num_labels": 150})
         assert config.num_queries == 100 and config.hidden_dim == 256 and config.decoder_layers == 10
@@ -151,6 +151,45 @@ def test_ignored_pixels_get_no_gradient(ignore_as):
     reference = Mask2FormerLoss(config, {})(mask_logits, class_logits, masks, classes)
     (reference["loss_mask"] + reference["loss_dice"]).backward()
     assert mask_logits.grad[0, :, 6:18, 6:18].abs().max() > 0
+
+
+def test_ignore_unknown_leaves_queries_on_ignore_pixels_unjudged():
+    """--loss ce-ignore-unknown: an unmatched query whose mask lies on ignore pixels gets no "no object" push
+    (the reference loss gives it one); without ignore pixels both losses are the same number."""
+    torch.manual_seed(0)
+    config = mask2former_config("mask2former-tiny", {"num_labels": 3})
+    labels = torch.zeros(1, 24, 24, dtype=torch.long)
+    labels[:, :, 12:] = 1
+    class_logits = torch.randn(1, 8, 4)
+    mask_logits = torch.full((1, 8, 24, 24), -12.0)
+    mask_logits[0, :2, :, :12], mask_logits[0, 2:4, :, 12:] = 12.0, 12.0  # queries 0-3 on the labelled classes
+
+    def layer(labels, ignore_unknown):
+        logits = class_logits.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        layer_loss(logits, mask_logits, *targets_from_labels(labels, None), 1.0, config, ignore_unknown).backward()
+        return logits.grad[0]
+
+    torch.testing.assert_close(layer(labels, True), layer(labels, False))  # nothing ignored: the reference loss
+
+    hidden = labels.clone()
+    hidden[:, 6:18, 6:18] = 255  # e.g. a building the filter (or drop_classes) ignored whole
+    mask_logits[0, 7] = -12.0
+    mask_logits[0, 7, 8:16, 8:16] = 12.0  # query 7 found something there
+    unknown, reference = layer(hidden, True), layer(hidden, False)
+    assert reference[7].abs().max() > 1e-3  # the reference tells it "no object"
+    assert unknown[7].abs().max() < 1e-3 * reference[7].abs().max()
+    assert unknown[5].abs().max() > 1e-4  # an unmatched query off the ignore block is judged as before
+    torch.testing.assert_close(unknown[5], reference[5])
+
+
+def test_ignore_unknown_is_a_training_loss_for_both_kinds(tmp_path):
+    for model in ("mask2former-tiny", "segformer-tiny"):
+        assert training_loss(TrainConfig(data=TOY_SPEC, out="unused", model=model, loss="ce-ignore-unknown"))
+    out = tmp_path / "out"
+    train(TrainConfig(data=TOY_SPEC, out=str(out), loss="ce-ignore-unknown", **{**M2F_TRAIN, "iterations": 2,
+                                                                               "eval_split": ""}))
+    assert json.loads((out / "checkpoint" / "segsynth.json").read_text())["state"]["finished"] is True
 
 
 def test_fractional_weights_change_the_mask_terms():

@@ -42,8 +42,10 @@ class SegmenterKind:
 # name -> how to build it and how to load its checkpoints. A new architecture is one more row.
 SEGMENTERS = {
     **{name: SegmenterKind(create_segformer, load_segformer) for name in SEGFORMER_VARIANTS},
-    # "ce" = its own set-prediction loss, with per-pixel weights (mask2former.py)
-    **{name: SegmenterKind(create_mask2former, load_mask2former, losses=("ce",)) for name in MASK2FORMER_VARIANTS},
+    # "ce" = its own set-prediction loss, with per-pixel weights; "ce-ignore-unknown" the same with the class term
+    # unjudged on ignore pixels (mask2former.py)
+    **{name: SegmenterKind(create_mask2former, load_mask2former, losses=("ce", "ce-ignore-unknown"))
+       for name in MASK2FORMER_VARIANTS},
 }
 
 

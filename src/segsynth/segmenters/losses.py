@@ -26,6 +26,15 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return (per_pixel * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+def ignore_unknown_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """`--loss ce-ignore-unknown`. Per pixel it is `weighted_cross_entropy` itself (an ignore pixel carries no
+    loss either way); a set-prediction segmenter that receives it (Mask2Former) also leaves its class term
+    unjudged on ignore pixels: a query whose mask lies there is not told "no object" (segmenters/mask2former.py).
+    Where the filter or `drop_classes` ignores every pixel of a class, the reference set loss says the class is
+    absent from an image that shows it; this loss says nothing about it."""
+    return weighted_cross_entropy(logits, labels, weights)
+
+
 def pixel_losses(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-pixel cross-entropy of a segmenter's prediction at label resolution (ignore pixels get 0):
     what FreeMask's class statistics and filter score. SegFormer: its logits, resized bilinearly;
@@ -49,6 +58,7 @@ def _reliable(config):
 # TrainConfig.loss -> builder(config) -> loss(logits, labels, weights). A new loss is one more row.
 LOSSES = {
     "ce": lambda config: weighted_cross_entropy,
+    "ce-ignore-unknown": lambda config: ignore_unknown_cross_entropy,
     "reliable": _reliable,
 }
 

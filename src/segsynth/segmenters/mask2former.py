@@ -41,7 +41,14 @@ not count: each point's mask and dice terms carry the label's per-pixel weight
 cost too, and no importance-sampled point lands on a zero-weight pixel. With
 unit weights and no ignore pixels the loss is transformers' loss exactly
 (tests/segmenters/test_mask2former.py checks it). The class term is not
-weighted; a class whose every pixel has weight 0 is not a target. As in the
+weighted; a class whose every pixel has weight 0 is not a target. So with
+`--loss ce` (the reference) a query that finds such a class is told "no
+object": where FreeMask's filter ignores a whole sign, or `drop_classes` every
+building, the set loss says the image has none. `--loss ce-ignore-unknown`
+scales each unmatched query's "no object" term by the share of its predicted
+mask (pixels with mask logit > 0; no gradient) on pixels with weight > 0: a query on ignore
+pixels is not judged, one on labelled pixels is judged as in the reference,
+and without ignore pixels the two losses are equal. As in the
 reference, an image with more classes than queries leaves the extra classes
 unmatched (100 queries for ADE20K's 150 classes: no image has that many).
 """
@@ -59,7 +66,7 @@ from transformers.models.mask2former.modeling_mask2former import sample_point
 
 from segsynth import IGNORE_INDEX
 from segsynth.io import SegsynthError
-from segsynth.segmenters.losses import weighted_cross_entropy
+from segsynth.segmenters.losses import ignore_unknown_cross_entropy, weighted_cross_entropy
 from segsynth.segmenters.segformer import IMAGENET_MEAN, IMAGENET_STD, label_info, load_pretrained
 
 SWIN_STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -189,8 +196,10 @@ def _uncertain_points(logits, weights_at, config) -> torch.Tensor:
     return coordinates
 
 
-def layer_loss(class_logits, mask_logits, classes, masks, weight_maps, num_masks, config) -> torch.Tensor:
-    """One decoder layer's weighted class + mask + dice loss."""
+def layer_loss(class_logits, mask_logits, classes, masks, weight_maps, num_masks, config,
+               ignore_unknown: bool = False) -> torch.Tensor:
+    """One decoder layer's weighted class + mask + dice loss; `ignore_unknown`: each unmatched query's
+    "no object" term scaled by the share of its mask on known (weight > 0) pixels."""
     matches = hungarian_match(class_logits, mask_logits, classes, masks, weight_maps, config)
     batch_of = torch.cat([torch.full_like(queries, image) for image, (queries, _) in enumerate(matches)])
     queries = torch.cat([queries for queries, _ in matches])
@@ -223,11 +232,32 @@ def layer_loss(class_logits, mask_logits, classes, masks, weight_maps, num_masks
                                                        for image, (_, targets) in enumerate(matches)])
     class_weight = torch.ones(num_classes + 1, device=class_logits.device)
     class_weight[-1] = config.no_object_weight
-    loss_class = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=class_weight)
+    if not ignore_unknown:
+        loss_class = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=class_weight)
+    else:
+        per_query = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=class_weight, reduction="none")
+        judged = _known_mask_shares(mask_logits, weight_maps)
+        if len(queries):
+            judged[batch_of, queries] = 1.0
+        # The reference's normaliser (sum of the targets' class weights), so unit shares give its loss exactly and
+        # an unjudged query lowers the loss instead of raising the others' weight.
+        loss_class = (per_query * judged).sum() / class_weight[target_classes].sum()
     return config.class_weight * loss_class + config.mask_weight * loss_mask + config.dice_weight * loss_dice
 
 
-def set_prediction_loss(outputs, labels: torch.Tensor, weights: torch.Tensor | None, config) -> torch.Tensor:
+@torch.no_grad()
+def _known_mask_shares(mask_logits: torch.Tensor, weight_maps: torch.Tensor) -> torch.Tensor:
+    """(B, Q, h, w) mask logits, (B, H, W) weight maps -> (B, Q): the share of each query's predicted mask
+    (its pixels with logit > 0) on pixels with weight > 0; a query that claims no pixel is fully judged.
+    No gradient: a query must not lower its loss by moving its mask onto ignore pixels."""
+    known = F.adaptive_avg_pool2d((weight_maps > 0).float()[:, None], mask_logits.shape[-2:])
+    claimed = (mask_logits > 0).float()
+    area = claimed.sum((-2, -1))
+    return torch.where(area > 0, (claimed * known).sum((-2, -1)) / area.clamp_min(1.0), torch.ones_like(area))
+
+
+def set_prediction_loss(outputs, labels: torch.Tensor, weights: torch.Tensor | None, config,
+                        ignore_unknown: bool = False) -> torch.Tensor:
     """The whole training loss of one forward pass: the final layer plus every auxiliary (intermediate) layer."""
     classes, masks, weight_maps = targets_from_labels(labels, weights)
     # Mask terms are normalised by the mean number of target masks per process (as the reference does).
@@ -238,7 +268,7 @@ def set_prediction_loss(outputs, labels: torch.Tensor, weights: torch.Tensor | N
     num_masks = num_masks.clamp_min(1.0)
     layers = [(outputs.class_queries_logits, outputs.masks_queries_logits)]
     layers += [(aux["class_queries_logits"], aux["masks_queries_logits"]) for aux in outputs.auxiliary_logits or []]
-    return sum(layer_loss(class_logits, mask_logits, classes, masks, weight_maps, num_masks, config)
+    return sum(layer_loss(class_logits, mask_logits, classes, masks, weight_maps, num_masks, config, ignore_unknown)
                for class_logits, mask_logits in layers)
 
 
@@ -271,10 +301,12 @@ class Mask2FormerSegmenter(nn.Module):
         if labels is None:
             outputs = self._outputs(images)
             return semantic_log_probs(outputs.class_queries_logits, outputs.masks_queries_logits)
-        if loss is not weighted_cross_entropy:  # training_loss() refuses this before any compute; a backstop
-            raise SegsynthError("Mask2Former trains with its own set-prediction loss (--loss ce); per-pixel-logit "
-                                "losses such as --loss reliable need a segformer-* model")
-        return set_prediction_loss(self._outputs(images, auxiliary=True), labels, weights, self.model.config)
+        ignore_unknown = {weighted_cross_entropy: False, ignore_unknown_cross_entropy: True}.get(loss)
+        if ignore_unknown is None:  # training_loss() refuses this before any compute; a backstop
+            raise SegsynthError("Mask2Former trains with its own set-prediction loss (--loss ce or ce-ignore-unknown); "
+                                "per-pixel-logit losses such as --loss reliable need a segformer-* model")
+        return set_prediction_loss(self._outputs(images, auxiliary=True), labels, weights, self.model.config,
+                                   ignore_unknown)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
