@@ -4,8 +4,6 @@ Nothing is trained: only the config objects are built (paths are not opened)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fakes import REPO
