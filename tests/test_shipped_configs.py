@@ -25,6 +25,7 @@ VERBS = {
     "camvid_latent_mask2former_share_run.yaml": "run", "camvid_latent_mask2former_targeted_run.yaml": "run",
     "camvid_latent_mask2former_region_run.yaml": "run", "camvid_latent_mask2former_targeted_drop_run.yaml": "run",
     "camvid_latent_mask2former_targeted_unknown_run.yaml": "run",
+    "camvid_latent_mask2former_targeted_drop_unknown_run.yaml": "run",
     "camvid_mask2former_run.yaml": "run",
     "camvid_run.yaml": "run", "camvid_seggen.yaml": "run",
     "camvid_generator.yaml": "train-generator", "camvid_latent_generator.yaml": "train-generator",

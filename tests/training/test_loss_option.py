@@ -44,7 +44,7 @@ def test_reliable_loss_uses_the_configured_share_and_weight():
     got = model(images, labels, weights, training_loss(config))
     assert torch.allclose(got, expected) and not torch.allclose(got, weighted_cross_entropy(logits, labels, weights))
     for change, message in (({"loss": "dice"}, r"TrainConfig.loss = 'dice' is unknown: loss must be one of: ce, "
-                                                r"reliable"),
+                                                r"ce-ignore-unknown, reliable"),
                             ({"reliable_share": 0.0}, r"reliable_share must be a number in \(0, 1\]"),
                             ({"unreliable_weight": 2.0}, r"unreliable_weight must be a number in \[0, 1\]")):
         with pytest.raises(SegsynthError, match=message):  # refused as the config is made, before any work
