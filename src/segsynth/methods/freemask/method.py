@@ -20,8 +20,7 @@ subset), the loop's sets by `round_stages` after each round's training.
 
 from __future__ import annotations
 
-import yaml
-
+from segsynth.config import load_yaml
 from segsynth.formats.checkpoint import resolve_checkpoint
 from segsynth.io import SegsynthError
 from segsynth.methods.base import Arm, Method, Stage
@@ -150,7 +149,7 @@ def _targeted_plan_done(path, plan_section: dict) -> bool:
     set was rendered from it: re-planning under it would mix two plans' samples in one set)."""
     if not path.is_file():
         return False
-    made = yaml.safe_load(path.with_name(path.name + ".config.yaml").read_text()) or {}
+    made = load_yaml(path.with_name(path.name + ".config.yaml"))
     wanted = {key: plan_section.get(key, PlanConfig.__dataclass_fields__[key].default) for key in ("class_crop", "nmax")}
     differ = [key for key in wanted if made.get(key) != wanted[key]]
     if differ:
