@@ -739,8 +739,9 @@ class FilterConfig:
     alpha: float = field(1.25, range=Range(0.0, 100.0, low_open=True),
                          help="ignore a pixel of class c when its loss > alpha * mean real loss of c")
     drop_classes: list[str] = field([], help="class names whose synthetic pixels all become ignore, whatever their "
-                                             "loss: learn those classes from real pixels only (tried on CamVid "
-                                             "bicyclist, where it did not help: results/camvid_latent_mask2former.md)")
+                                             "loss: learn those classes from real pixels only (on CamVid it did "
+                                             "not help bicyclist, and made building, tree and fence 2-4x worse than "
+                                             "the generator's pixels did: results/camvid_latent_mask2former.md)")
     class_alphas: dict = field({}, help="alpha per class name over `alpha`, e.g. bicyclist=0.6: stricter for a class "
                                         "whose L̄_c is high, where alpha * L̄_c keeps pixels the judge gives little "
                                         "probability (CamVid bicyclist at 1.25: any above 9 percent)")
