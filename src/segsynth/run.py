@@ -136,6 +136,7 @@ def resolve_run_config(values: dict, source: str = "run config") -> RunConfig:
             check_section(f"per_method.{member}.{section}", keys[section], *RUN_SECTIONS[section], source)
     config = with_derived_arms(config, method)
     check_pretrain_split(config, method, source)
+    check_paste_classes(config, method, source)
     return config
 
 
@@ -181,6 +182,16 @@ def check_pretrain_split(config: RunConfig, method: Method, source: str) -> None
                                 f"{iterations} gives {pretrain} pretraining and {iterations - pretrain} fine-tuning "
                                 "iterations; each stage of the pretrain-finetune arms needs at least 1: raise train "
                                 "iterations or change pretrain_fraction")
+
+
+def check_paste_classes(config: RunConfig, method: Method, source: str) -> None:
+    """A paste arm pastes the train section's paste_classes; without them it would fail only when trained."""
+    table = method.arm_table(config)
+    pasting = [name for name in config.arms if table[name].recipe == "paste"]
+    if pasting and not config.train.get("paste_classes"):
+        raise SegsynthError(f"{source}: arm(s) {', '.join(pasting)} paste the train section's paste_classes onto "
+                            f"real images, and it names none; add e.g. train: {{paste_classes: [pole, sign]}} "
+                            f"(class names of {config.data}), or leave the arm(s) out")
 
 
 def arm_iterations(config: RunConfig, arm: Arm) -> int:

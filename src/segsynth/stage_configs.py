@@ -47,7 +47,7 @@ DTYPE = Range(choices=("auto", "fp32", "fp16", "bf16"))
 SEGMENTER_NAMES = ("segformer-b0", "segformer-b1", "segformer-b2", "segformer-b3", "segformer-b4", "segformer-b5",
                    "segformer-small", "segformer-tiny", "mask2former-swin-t", "mask2former-swin-s", "mask2former-swin-b",
                    "mask2former-swin-l", "mask2former-small", "mask2former-tiny")  # segmenters.SEGMENTERS
-RECIPE_NAMES = ("real", "synthetic", "joint", "pretrain-finetune", "replace")  # training.recipes.RECIPES
+RECIPE_NAMES = ("real", "synthetic", "joint", "pretrain-finetune", "replace", "paste")  # training.recipes.RECIPES
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm-solver++", "dpmpp", "uni-pc")
 SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
 PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
@@ -161,7 +161,7 @@ class TrainConfig:
                             "(segmenters.SEGMENTERS)")
     pretrained: str | None = field(None, help="hub id or local folder to initialise from")
     recipe: str = field("real", range=Range(choices=RECIPE_NAMES),
-                        help="real, synthetic, joint, pretrain-finetune or replace (see segsynth.recipes)")
+                        help="real, synthetic, joint, pretrain-finetune, replace or paste (see segsynth.recipes)")
     synthetic: list[str] = field([], help="synthetic set folder for the synthetic recipes")
     synthetic_masks: str = field("auto", range=Range(choices=("auto", "filtered", "raw")),
                                  help="auto (filtered when the set has them), filtered or raw")
@@ -171,6 +171,13 @@ class TrainConfig:
                               help="replace recipe: same-mask (a synthetic sample of the drawn real mask) "
                                    "or pool (any sample of the --synthetic sets, uniformly: SegGen's "
                                    "MaskSyn samples have no real twin)")
+    paste_classes: list[str] = field([], help="paste recipe: class names whose filter-kept synthetic pixels are "
+                                              "pasted onto real images (e.g. the thin classes)")
+    paste_probability: float = field(0.5, range=PROBABILITY,
+                                     help="paste recipe: chance a real draw gets a synthetic sample's pixels pasted")
+    paste_from: str = field("pool", range=Range(choices=("same-mask", "pool")),
+                            help="paste recipe: pool (any synthetic sample: new objects where its mask has them) or "
+                                 "same-mask (a sample of the drawn real mask: new looks for the objects it has)")
     pretrain_iterations: int = field(0, range=Range(0, MAX_ITERATIONS),
                                      help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
     init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")

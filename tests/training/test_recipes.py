@@ -155,3 +155,56 @@ def test_synthetic_set_of_other_classes_is_refused(tmp_path, synthetic):
     (synthetic / "classes.json").write_text(json.dumps(info))
     with pytest.raises(SegsynthError, match="classes differ"):
         RECIPES["synthetic"](_config(tmp_path, recipe="synthetic", synthetic=[str(synthetic)]), open_dataset(TOY))
+
+
+def test_paste_pixels_pastes_only_the_kept_pixels_of_the_chosen_classes():
+    from segsynth.data import Sample
+    from segsynth.training.stream import paste_pixels
+
+    target = Sample("real", np.zeros((6, 8, 3), np.uint8), np.zeros((6, 8), np.uint8))
+    donor_label = np.full((12, 16), 1, np.uint8)  # twice the size: resized (nearest) to the target first
+    donor_label[:, :4] = 2                         # class 2 on the left quarter ...
+    donor_label[:2, :4] = 255                      # ... but the filter ignored its top rows
+    donor_label[:, 12:] = 3                        # class 3 on the right quarter: not pasted
+    donor = Sample("syn", np.full((12, 16, 3), 200, np.uint8), donor_label)
+    pasted = paste_pixels(target, donor, (2,))
+    expected = np.zeros((6, 8), bool)
+    expected[1:, :2] = True
+    assert pasted.id == "real+syn"
+    assert np.array_equal(pasted.label == 2, expected) and not np.isin(pasted.label, (1, 3, 255)).any()
+    assert np.array_equal(pasted.image[..., 0] == 200, expected)
+    assert pasted.weight is None and (target.label == 0).all()  # the real sample is not edited
+    weighted = paste_pixels(Sample("real", target.image, target.label, np.full((6, 8), 0.5, np.float32)), donor, (2,))
+    assert np.array_equal(weighted.weight == 1.0, expected) and (weighted.weight[~expected] == 0.5).all()
+
+
+def test_paste_recipe_pastes_synthetic_pixels_of_the_named_classes_onto_real_draws(tmp_path):
+    def invert_everything(i, image, label, other):
+        image[:] = 255 - image
+        return np.ones(label.shape, bool)
+
+    dataset = open_dataset(TOY)
+    donors = write_synthetic_set(tmp_path / "inverted", dataset, split="val", copies=3, corrupt=invert_everything)
+    with pytest.raises(SegsynthError, match=r"recipe paste needs --paste-classes NAME \(once per class\).*classes: sky, building"):
+        RECIPES["paste"](_config(tmp_path, recipe="paste", synthetic=[str(donors)]), dataset)
+    with pytest.raises(SegsynthError, match="--paste-classes: lamp not a class of toy.*options: sky, building"):
+        RECIPES["paste"](_config(tmp_path, recipe="paste", synthetic=[str(donors)], paste_classes=["pole", "lamp"]),
+                         dataset)
+    with pytest.raises(SegsynthError, match="paste same-mask needs sets made .* or --paste-from pool"):
+        RECIPES["paste"](_config(tmp_path, recipe="paste", synthetic=[str(donors)], paste_classes=["pole"],
+                                 paste_from="same-mask"), dataset)
+    config = _config(tmp_path, recipe="paste", synthetic=[str(donors)], paste_classes=["person", "pole"],
+                     paste_probability=0.5)
+    (source,) = RECIPES["paste"](config, dataset)
+    assert source.paste_classes == (6, 7) and len(source.split) == 12 and len(source.alternatives) == 12
+    identity = AugmentConfig(crop=(32, 40), base=(32, 40), scale_range=(1.0, 1.0), flip=False, photometric=False)
+    stream = SampleStream([source], identity, seed=0)
+    pasted_draws = 0
+    for draw in range(120):
+        image, label, _ = stream[draw]
+        real = source.split[stream.locate(draw)[1]]
+        changed = (label.numpy() != real.label) | (image.permute(1, 2, 0).numpy() != real.image).any(-1)
+        # Only pixels now labelled person or pole changed, and every one of them came from an inverted donor.
+        assert np.isin(label.numpy()[changed], (6, 7)).all()
+        pasted_draws += bool(changed.any())
+    assert 0.35 < pasted_draws / 120 < 0.6  # p = 0.5 (a donor with no person or pole changes nothing)

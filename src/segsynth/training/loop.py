@@ -83,7 +83,7 @@ def _train_stage(config: TrainConfig, sources: list[Source] | None) -> Path:
     if config.recipe not in RECIPES:
         raise SegsynthError(f"unknown recipe {config.recipe!r}; options: {', '.join(RECIPES)}")
     if config.synthetic and config.recipe == "real":
-        raise SegsynthError("--synthetic was given but --recipe is real; choose synthetic, joint, pretrain-finetune or replace")
+        raise SegsynthError("--synthetic was given but --recipe is real; choose synthetic, joint, pretrain-finetune, replace or paste")
     criterion = training_loss(config)
     sources = sources or RECIPES[config.recipe](config, dataset)
     first = sources[0].split[0]

@@ -8,6 +8,9 @@
                      (SegGen, p = 0.6): one of the same real mask (--replace-from
                      same-mask), or any sample of the synthetic sets, uniformly
                      (--replace-from pool: SegGen's MaskSyn masks have no real twin)
+  paste              every draw real; with probability p the filter-kept pixels of
+                     --paste-classes from a synthetic sample are pasted over it
+                     (copy-paste: synthetic data teaches only those classes)
 Synthetic sets are read with their filtered masks when they have them
 (`--synthetic-masks auto`), so filter-ignored pixels reach the loss as 255.
 """
@@ -74,11 +77,42 @@ def joint_sources(config, real: Dataset):
 def replace_sources(config, real: Dataset):
     """SegGen: a real draw becomes a synthetic sample with probability p -- of the same real mask (same-mask),
     or drawn uniformly from every synthetic sample (pool)."""
+    pool, index = synthetic_alternatives(config, real, config.replace_from, "--replace-from")
+    return [Source("real+replace", real.split("train"), 1.0, alternatives=pool, alternative_index=index,
+                   replace_probability=config.replace_probability)]
+
+
+def paste_sources(config, real: Dataset):
+    """Copy-paste: every draw is a real sample; with probability p, the pixels of --paste-classes that the
+    filter kept in a synthetic sample (of the same real mask, or any: --paste-from) are pasted over it. The
+    synthetic set then teaches only the classes pasted, and every other pixel of every draw stays real, where
+    the joint recipe shows each real image half as often and the generator's large classes as well."""
+    classes = paste_class_ids(config, real)
+    pool, index = synthetic_alternatives(config, real, config.paste_from, "--paste-from")
+    return [Source("real+paste", real.split("train"), 1.0, alternatives=pool, alternative_index=index,
+                   replace_probability=config.paste_probability, paste_classes=classes)]
+
+
+def paste_class_ids(config, real: Dataset) -> tuple[int, ...]:
+    names = list(real.classes)
+    if not config.paste_classes:
+        raise SegsynthError(f"recipe paste needs --paste-classes NAME (once per class), the classes whose synthetic pixels "
+                            f"are pasted onto real images; {real.spec}'s classes: {', '.join(names)}")
+    unknown = [name for name in config.paste_classes if name not in names]
+    if unknown:
+        raise SegsynthError(f"--paste-classes: {', '.join(unknown)} not a class of {real.spec}; "
+                            f"options: {', '.join(names)}")
+    return tuple(names.index(name) for name in config.paste_classes)
+
+
+def synthetic_alternatives(config, real: Dataset, mode: str, option: str) -> tuple[Split, dict[int, list[int]] | None]:
+    """The pooled synthetic samples, and for `same-mask` the pool indices made from each real training mask
+    (None for `pool`: any pooled sample may be drawn)."""
     sets = open_synthetic_sets(config, real)
     pool: Split = concat_splits("synthetic", [s.split("train") for s in sets])
+    if mode == "pool":
+        return pool, None
     real_split = real.split("train")
-    if config.replace_from == "pool":  # no index: every draw may become any pooled sample (training/stream.py)
-        return [Source("real+replace", real_split, 1.0, alternatives=pool, replace_probability=config.replace_probability)]
     alternatives: dict[int, list[int]] = {}
     offset = 0
     for folder, dataset in zip(config.synthetic, sets):
@@ -88,10 +122,9 @@ def replace_sources(config, real: Dataset):
                 alternatives.setdefault(real_split.index_of(source), []).append(offset + index)
         offset += len(dataset.split("train"))
     if not alternatives:
-        raise SegsynthError("no synthetic sample names a real training mask as its source; the replace recipe "
-                            "needs sets made by `segsynth synthesize` from this dataset, or --replace-from pool")
-    return [Source("real+replace", real_split, 1.0, alternatives=pool, alternative_index=alternatives,
-                   replace_probability=config.replace_probability)]
+        raise SegsynthError(f"no synthetic sample names a real training mask as its source; {config.recipe} "
+                            f"{mode} needs sets made by `segsynth synthesize` from this dataset, or {option} pool")
+    return pool, alternatives
 
 
 # recipe name -> builder(config, real dataset) -> sources. pretrain-finetune runs
@@ -102,4 +135,5 @@ RECIPES = {
     "joint": joint_sources,
     "pretrain-finetune": synthetic_sources,
     "replace": replace_sources,
+    "paste": paste_sources,
 }

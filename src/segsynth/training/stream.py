@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from segsynth.data import Sample, Split
-from segsynth.data.transforms import AugmentConfig, augment
+from segsynth.data.transforms import AugmentConfig, augment, resize_pair
 from segsynth.distributed import DistInfo
 from segsynth.io import SegsynthError
 
@@ -35,6 +35,9 @@ class Source:
     alternatives: Split | None = None
     alternative_index: dict[int, list[int]] | None = None
     replace_probability: float = 0.0
+    # Copy-paste: with these class ids, the picked alternative is not a replacement but a donor whose pixels of
+    # these classes are pasted over the real sample (image and label), every other real pixel kept.
+    paste_classes: tuple[int, ...] = ()
 
 
 # --- the sample stream --------------------------------------------------------
@@ -88,11 +91,33 @@ class SampleStream(TorchDataset):
         if choices and rng.random() < source.replace_probability:
             alternative = choices[int(rng.integers(len(choices)))]
             sample = self.cache.get((source_index, 1, alternative), lambda: source.alternatives[alternative])
+            if source.paste_classes:
+                real = self.cache.get((source_index, 0, item), lambda: source.split[item])
+                sample = paste_pixels(real, sample, source.paste_classes)
         else:
             sample = self.cache.get((source_index, 0, item), lambda: source.split[item])
         image, label, weight = augment(sample.image, sample.label, sample.weight, self.augment_config, rng)
         weight = np.ones(label.shape, np.float32) if weight is None else weight
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label), torch.from_numpy(weight)
+
+
+def paste_pixels(target: Sample, donor: Sample, classes: tuple[int, ...]) -> Sample:
+    """`target` with the donor's pixels of `classes` pasted at the same place (Copy-Paste, Ghiasi et al. 2021,
+    without scale jitter: a street scene's objects belong where they stand). The donor is resized to the target
+    first (image bilinear, label nearest); its ignore pixels (255: the filter's) are never pasted, so only pixels
+    the filter kept replace real ones. The pasted pixels keep the donor's weight where it has one."""
+    height, width = target.label.shape
+    image, label, weight = donor.image, donor.label, donor.weight
+    if label.shape != (height, width):
+        image, label, weight = resize_pair(image, label, weight, (height, width))
+    pasted = np.isin(label, np.asarray(classes, dtype=label.dtype))
+    new_image, new_label = target.image.copy(), target.label.copy()
+    new_image[pasted], new_label[pasted] = image[pasted], label[pasted]
+    new_weight = None
+    if target.weight is not None or weight is not None:
+        new_weight = np.ones((height, width), np.float32) if target.weight is None else target.weight.copy()
+        new_weight[pasted] = 1.0 if weight is None else weight[pasted]
+    return Sample(f"{target.id}+{donor.id}", new_image, new_label, new_weight)
 
 
 class DecodedCache:

@@ -10,8 +10,10 @@ Stages, after the real-only reference segmenter:
   5. filter both synthetic sets (loss > α·L̄_c -> ignore)
 Arms: real; synthetic-only raw / filtered + hardness; joint raw / filtered /
 filtered + hardness; pre-train on filtered + hardness, then fine-tune on real.
-One more arm runs only when named: joint on the filtered class-targeted set
-(the budget split over classes by L̄_c rather than over masks by hardness).
+Two more arms run only when named: joint on the filtered class-targeted set
+(the budget split over classes by L̄_c rather than over masks by hardness),
+and copy-paste of the filtered hardness set's pixels of the train section's
+paste_classes onto real images (every other pixel of every draw real).
 Derived arms (variants.py) vary one setting of these: the filter's alpha and
 judge, the synthetic volume K, and the closed loop's rounds (loop.py); their
 sets are made here from the sets above (a copy filtered again, a nested
@@ -46,9 +48,11 @@ ARMS = {
     "pretrain-finetune-filtered-hardness": Arm("pretrain-finetune-filtered-hardness", "pretrain-finetune",
                                                ("hardness",), "filtered"),
     "joint-filtered-targeted": Arm("joint-filtered-targeted", "joint", ("targeted",), "filtered"),
+    "paste-filtered-hardness": Arm("paste-filtered-hardness", "paste", ("hardness",), "filtered"),
 }
-# The arms a run trains when none are named: the paper's seven (the targeted arm is ours; it runs when named).
-MAIN_ARMS = tuple(name for name in ARMS if name != "joint-filtered-targeted")
+# The arms a run trains when none are named: the paper's seven (the targeted and paste arms are ours; each runs
+# when named).
+MAIN_ARMS = tuple(name for name in ARMS if name not in ("joint-filtered-targeted", "paste-filtered-hardness"))
 SETS = ("uniform", "hardness", "targeted")
 TARGETED_FIRST_SEED = 5_000_000  # the targeted plan's seeds meet neither the uniform plan's nor the hardness plan's
 
