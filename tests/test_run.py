@@ -243,15 +243,19 @@ def test_real_arm_trains_beside_the_others_when_no_stage_left_reads_it(tmp_path,
 
 
 def test_the_paste_arm_pastes_the_filtered_hardness_set_onto_real_images(tmp_path):
-    """paste-filtered-hardness: the hardness set, filtered, pasted class by class onto real draws; a run naming
-    the arm without the classes to paste is refused before any work."""
+    """paste-filtered-hardness: the hardness set, filtered, pasted class by class onto real draws; its control
+    paste-real pastes from real images; a run naming either without the classes to paste is refused early."""
     with pytest.raises(SegsynthError, match=r"paste-filtered-hardness paste the train section's paste_classes .*"
                                             r"train: \{paste_classes: \[pole, sign\]\}"):
         resolve_run_config({**TINY_RUN, "out": str(tmp_path / "none"), "arms": ["real", "paste-filtered-hardness"]})
     out = tmp_path / "run"
-    results = run(resolve_run_config({**TINY_RUN, "out": str(out), "arms": ["real", "paste-filtered-hardness"],
+    results = run(resolve_run_config({**TINY_RUN, "out": str(out),
+                                      "arms": ["real", "paste-filtered-hardness", "paste-real"],
                                       "train": {**TINY_RUN["train"], "paste_classes": ["person", "pole", "sign"]}}))
     assert 0.0 <= results["arms"]["paste-filtered-hardness"]["mean"] <= 100.0
+    assert 0.0 <= results["arms"]["paste-real"]["mean"] <= 100.0
+    control = (out / "arms" / "paste-real" / "seed0" / "config.yaml").read_text()
+    assert "paste_from: real" in control and "synthetic: []" in control
     manifest = [json.loads(line) for line in (out / "synthetic" / "hardness" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 24 and all("filtered_mask" in record for record in manifest)
     saved = (out / "arms" / "paste-filtered-hardness" / "seed0" / "config.yaml").read_text()

@@ -175,9 +175,11 @@ class TrainConfig:
                                               "pasted onto real images (e.g. the thin classes)")
     paste_probability: float = field(0.5, range=PROBABILITY,
                                      help="paste recipe: chance a real draw gets a synthetic sample's pixels pasted")
-    paste_from: str = field("pool", range=Range(choices=("same-mask", "pool")),
-                            help="paste recipe: pool (any synthetic sample: new objects where its mask has them) or "
-                                 "same-mask (a sample of the drawn real mask: new looks for the objects it has)")
+    paste_from: str = field("pool", range=Range(choices=("same-mask", "pool", "real")),
+                            help="paste recipe: pool (any synthetic sample: new objects where its mask has them), "
+                                 "same-mask (a sample of the drawn real mask: new looks for the objects it has) or "
+                                 "real (another real training image, no --synthetic: the control without "
+                                 "synthetic data)")
     pretrain_iterations: int = field(0, range=Range(0, MAX_ITERATIONS),
                                      help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
     init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")

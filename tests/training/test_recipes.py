@@ -208,3 +208,21 @@ def test_paste_recipe_pastes_synthetic_pixels_of_the_named_classes_onto_real_dra
         assert np.isin(label.numpy()[changed], (6, 7)).all()
         pasted_draws += bool(changed.any())
     assert 0.35 < pasted_draws / 120 < 0.6  # p = 0.5 (a donor with no person or pole changes nothing)
+
+    # The control without synthetic data: donors are the real training images themselves.
+    with pytest.raises(SegsynthError, match="--paste-from real pastes pixels of other real training images; it "
+                                            "reads no --synthetic set"):
+        RECIPES["paste"](_config(tmp_path, recipe="paste", synthetic=[str(donors)], paste_classes=["pole"],
+                                 paste_from="real"), dataset)
+    (control,) = RECIPES["paste"](_config(tmp_path, recipe="paste", paste_classes=["pole"], paste_from="real",
+                                          paste_probability=1.0), dataset)
+    assert control.alternatives.ids == dataset.split("train").ids and control.alternative_index is None
+    control_stream = SampleStream([control], identity, seed=0)
+    added = 0
+    for draw in range(12):
+        _, label, _ = control_stream[draw]
+        real = control.split[control_stream.locate(draw)[1]].label
+        changed = label.numpy() != real
+        assert (label.numpy()[changed] == 7).all()  # only pole was pasted, and pasting never removes a pole pixel
+        added += int(changed.sum())
+    assert added > 0

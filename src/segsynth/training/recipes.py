@@ -86,9 +86,17 @@ def paste_sources(config, real: Dataset):
     """Copy-paste: every draw is a real sample; with probability p, the pixels of --paste-classes that the
     filter kept in a synthetic sample (of the same real mask, or any: --paste-from) are pasted over it. The
     synthetic set then teaches only the classes pasted, and every other pixel of every draw stays real, where
-    the joint recipe shows each real image half as often and the generator's large classes as well."""
+    the joint recipe shows each real image half as often and the generator's large classes as well.
+    --paste-from real takes the donors from the real training split instead: copy-paste without synthetic data,
+    the control that tells the synthetic pixels' share of a gain from the augmentation's."""
     classes = paste_class_ids(config, real)
-    pool, index = synthetic_alternatives(config, real, config.paste_from, "--paste-from")
+    if config.paste_from == "real":
+        if config.synthetic:
+            raise SegsynthError("--paste-from real pastes pixels of other real training images; it reads no "
+                                "--synthetic set: drop --synthetic, or paste from it with --paste-from pool")
+        pool, index = real.split("train"), None
+    else:
+        pool, index = synthetic_alternatives(config, real, config.paste_from, "--paste-from")
     return [Source("real+paste", real.split("train"), 1.0, alternatives=pool, alternative_index=index,
                    replace_probability=config.paste_probability, paste_classes=classes)]
 

@@ -13,7 +13,8 @@ filtered + hardness; pre-train on filtered + hardness, then fine-tune on real.
 Two more arms run only when named: joint on the filtered class-targeted set
 (the budget split over classes by L̄_c rather than over masks by hardness),
 and copy-paste of the filtered hardness set's pixels of the train section's
-paste_classes onto real images (every other pixel of every draw real).
+paste_classes onto real images (every other pixel of every draw real), with
+its control paste-real (the same classes pasted from other real images).
 Derived arms (variants.py) vary one setting of these: the filter's alpha and
 judge, the synthetic volume K, and the closed loop's rounds (loop.py); their
 sets are made here from the sets above (a copy filtered again, a nested
@@ -49,10 +50,13 @@ ARMS = {
                                                ("hardness",), "filtered"),
     "joint-filtered-targeted": Arm("joint-filtered-targeted", "joint", ("targeted",), "filtered"),
     "paste-filtered-hardness": Arm("paste-filtered-hardness", "paste", ("hardness",), "filtered"),
+    # its control: the same classes pasted from other real images (no synthetic data)
+    "paste-real": Arm("paste-real", "paste", (), "raw", train=(("paste_from", "real"),)),
 }
 # The arms a run trains when none are named: the paper's seven (the targeted and paste arms are ours; each runs
 # when named).
-MAIN_ARMS = tuple(name for name in ARMS if name not in ("joint-filtered-targeted", "paste-filtered-hardness"))
+MAIN_ARMS = tuple(name for name in ARMS if name not in ("joint-filtered-targeted", "paste-filtered-hardness",
+                                                         "paste-real"))
 SETS = ("uniform", "hardness", "targeted")
 TARGETED_FIRST_SEED = 5_000_000  # the targeted plan's seeds meet neither the uniform plan's nor the hardness plan's
 
