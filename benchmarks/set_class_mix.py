@@ -5,11 +5,16 @@ A plan decides which classes a synthetic set teaches: FreeMask's hardness plan r
 keeps the real data's class mix; the class-targeted plan (`joint-filtered-targeted`) gives the classes with a
 high mean loss more of the budget. This table says how far each set moved the mix, and what the filter left of
 it (kept pixels: the filtered masks' labels). A plan needs no rendering: its column counts each entry's real
-mask (or its crop) once per seed.
+mask (or its crop) once per seed. A trained arm's column (--stream, the arm's folder) counts what its training
+stream shows over one epoch of draws, at the real images' size without augmentation: the real repeats and the
+synthetic samples of the joint recipe, the real images with pasted pixels of the paste recipe.
 
     python benchmarks/set_class_mix.py --data camvid:../shared/datasets/camvid \
         --plan hardness=runs/camvid_latent_m2f_targeted/plans/hardness.jsonl \
         --set targeted=runs/camvid_latent_m2f_targeted/synthetic/targeted --out results/camvid_latent_targeted_class_mix
+    python benchmarks/set_class_mix.py --data camvid:../shared/datasets/camvid \
+        --stream joint=runs/camvid_latent_m2f_targeted/arms/joint-filtered-hardness/seed0 \
+        --stream paste=runs/camvid_latent_m2f_paste/arms/paste-filtered-hardness/seed0 --out results/camvid_latent_paste_class_mix
 
 Prints a Markdown table and writes OUT.json and OUT.md (each to a temp name, then renamed).
 """
@@ -31,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a plan of mask entries (segsynth plan): the masks it renders, once per seed")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=DIR",
                         help="a synthetic set (segsynth synthesize; filtered ones give the kept column too)")
+    parser.add_argument("--stream", action="append", default=[], metavar="NAME=ARM_DIR",
+                        help="a trained arm's folder (its config.yaml): one epoch of its training stream")
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
     return parser.parse_args(argv)
 
@@ -41,12 +48,12 @@ def shares(counts: np.ndarray) -> list[float]:
 
 
 def markdown(report: dict) -> str:
-    columns = ["real"] + [f"{name} {kind}" for name, entry in report["sets"].items()
-                          for kind in ("planned", "raw", "kept") if entry.get(kind)]
+    kinds = ("planned", "raw", "kept", "trained")
+    columns = ["real"] + [f"{name} {kind}" for name, entry in report["sets"].items() for kind in kinds if entry.get(kind)]
     lines = ["| class | " + " | ".join(f"{c} %" for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for i, name in enumerate(report["classes"]):
         cells = [report["real"][i]] + [entry[kind][i] for entry in report["sets"].values()
-                                       for kind in ("planned", "raw", "kept") if entry.get(kind)]
+                                       for kind in kinds if entry.get(kind)]
         lines.append(f"| {name} | " + " | ".join(f"{100 * value:.2f}" for value in cells) + " |")
     sizes = ", ".join(f"{name} {entry['samples']}" for name, entry in report["sets"].items())
     return "\n".join(lines) + f"\n\nSamples: real {report['real_samples']}, {sizes}.\n"
@@ -112,6 +119,12 @@ def main(argv=None) -> int:
                                 "kept": shares(kept) if filtered else None,
                                 "kept_of_raw": [float(k / r) if r else None for k, r in zip(kept, raw)]
                                 if filtered else None}
+    # 4. Each trained arm's stream: one epoch of draws at the real images' size, no augmentation.
+    for item in args.stream:
+        name, _, folder = item.partition("=")
+        if not folder:
+            raise SegsynthError(f"--stream {item}: write NAME=ARM_DIR, e.g. --stream paste=runs/x/arms/paste/seed0")
+        report["sets"][name] = stream_mix(Path(folder), dataset, split, len(classes))
     table = markdown(report)
     print(table)
     if args.out:
@@ -119,6 +132,32 @@ def main(argv=None) -> int:
         atomic_write_text(Path(args.out + ".md"), f"# Class mix of the labelled pixels: real {args.split} split and "
                                                   "synthetic sets (raw masks; kept = after the filter)\n\n" + table)
     return 0
+
+
+def stream_mix(folder: Path, dataset, split, class_count: int) -> dict:
+    from segsynth.config import build_config, load_yaml
+    from segsynth.data.transforms import AugmentConfig
+    from segsynth.io import SegsynthError
+    from segsynth.methods.freemask.targeted import class_pixel_counts
+    from segsynth.stage_configs import TrainConfig
+    from segsynth.training.recipes import RECIPES
+    from segsynth.training.stream import SampleStream
+
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise SegsynthError(f"--stream {folder}: no config.yaml; give a `segsynth train --out` folder")
+    config = build_config(TrainConfig, load_yaml(config_file), str(config_file))
+    if config.recipe == "pretrain-finetune":
+        raise SegsynthError(f"--stream {folder}: a pretrain-finetune arm has two streams; give its pretrain/ folder")
+    size = split.label(0).shape
+    identity = AugmentConfig(crop=size, base=size, scale_range=(1.0, 1.0), flip=False, photometric=False,
+                             cat_max_ratio=1.01)
+    stream = SampleStream(RECIPES[config.recipe](config, dataset), identity, seed=config.seed)
+    counts = np.zeros(class_count, np.int64)
+    for draw in range(len(stream.epoch_items)):
+        counts += class_pixel_counts(stream[draw][1].numpy(), class_count)
+    return {"arm": str(folder), "recipe": config.recipe, "samples": len(stream.epoch_items),
+            "trained": shares(counts)}
 
 
 if __name__ == "__main__":

@@ -227,10 +227,18 @@ def test_set_class_mix_compares_real_raw_and_kept_shares(tmp_path):
     plan = tmp_path / "plan.jsonl"
     plan.write_text(json.dumps({"id": first.id, "seeds": [1, 2]}) + "\n"
                     + json.dumps({"id": "b@x", "source": second.id, "seeds": [3], "crop": [0, 0, 16, 16]}) + "\n")
+    # two trained arms' folders (their config.yaml): real only, and joint on the filtered copy
+    from segsynth.config import save_config
+    from segsynth.stage_configs import TrainConfig
+
+    for name, recipe in (("real", "real"), ("joint", "joint")):
+        save_config(TrainConfig(data=TOY_SPEC, out=str(tmp_path / name), recipe=recipe,
+                                synthetic=[str(root)] if recipe == "joint" else []), tmp_path / name / "config.yaml")
     out = tmp_path / "mix"
     command = [PYTHON, "benchmarks/set_class_mix.py", "--data", TOY_SPEC]
-    done = subprocess.run(command + ["--plan", f"two={plan}", "--set", f"copy={root}", "--out", str(out)], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command + ["--plan", f"two={plan}", "--set", f"copy={root}", "--out", str(out),
+                                     "--stream", f"real-arm={tmp_path / 'real'}", "--stream", f"joint-arm={tmp_path / 'joint'}"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     entry = report["sets"]["copy"]
@@ -243,7 +251,17 @@ def test_set_class_mix_compares_real_raw_and_kept_shares(tmp_path):
     counts = counts + np.bincount(quarter[quarter < 255], minlength=len(dataset.classes))
     assert report["sets"]["two"]["planned"] == pytest.approx((counts / counts.sum()).tolist())
     assert report["sets"]["two"]["samples"] == 3
-    assert "| class | real % | two planned % | copy raw % | copy kept % |" in (tmp_path / "mix.md").read_text()
+    assert "| class | real % | two planned % | copy raw % | copy kept % | real-arm trained % | joint-arm trained % |" \
+        in (tmp_path / "mix.md").read_text()
+    # A real arm's stream is the real mix; a joint arm's is one real epoch plus the kept pixels of the copy.
+    assert report["sets"]["real-arm"]["trained"] == pytest.approx(report["real"])
+    real_counts = sum(np.bincount(split.label(i)[split.label(i) < 255], minlength=len(dataset.classes))
+                      for i in range(len(split)))
+    kept_counts = real_counts.copy()
+    kept_counts[0] = 0
+    joint = real_counts + kept_counts
+    assert report["sets"]["joint-arm"]["trained"] == pytest.approx((joint / joint.sum()).tolist())
+    assert report["sets"]["joint-arm"]["samples"] == 16
     bad = subprocess.run(command + ["--set", str(root)], cwd=REPO, env=subprocess_env(), capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "write NAME=DIR" in bad.stderr
