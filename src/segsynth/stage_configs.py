@@ -52,10 +52,10 @@ SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "lcm", "dpmsolver++", "dpm
 SCHEDULER = Range(choices=SCHEDULER_NAMES)  # generators.schedulers.SCHEDULERS and ALIASES
 PSEUDO_MASK_PRESETS = ("diffumask", "dataset-diffusion", "daam")  # methods.attn2mask.pseudo_mask.PRESETS
 METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
-# methods.freemask.method.ARMS but "real": the arms a closed loop can continue
+# methods.freemask.method.ARMS that train on synthetic sets: the arms a closed loop can continue
 FREEMASK_SYNTHETIC_ARMS = ("synthetic-raw-uniform", "synthetic-filtered-hardness", "joint-raw-uniform",
                            "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness",
-                           "joint-filtered-targeted")
+                           "joint-filtered-targeted", "paste-filtered-hardness")
 SWEEP_LENGTHS = tuple(range(0, 17))  # at most 16 values per sweep
 GENERATOR_KIND_NAMES = ("builtin", "latent", "text2mask-sd")  # GENERATOR_KINDS below, generators.TRAINERS
 

@@ -237,4 +237,4 @@ def test_a_filter_judge_without_a_checkpoint_stops_the_run_before_any_work(tmp_p
 def test_the_loop_arm_choices_are_freemask_arms():
     from segsynth.stage_configs import FREEMASK_SYNTHETIC_ARMS
 
-    assert FREEMASK_SYNTHETIC_ARMS == tuple(name for name in ARMS if name != "real")
+    assert FREEMASK_SYNTHETIC_ARMS == tuple(name for name, arm in ARMS.items() if arm.synthetic)
