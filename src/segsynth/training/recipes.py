@@ -79,7 +79,7 @@ def replace_sources(config, real: Dataset):
     or drawn uniformly from every synthetic sample (pool)."""
     pool, index = synthetic_alternatives(config, real, config.replace_from, "--replace-from")
     return [Source("real+replace", real.split("train"), 1.0, alternatives=pool, alternative_index=index,
-                   replace_probability=config.replace_probability)]
+                   alternative_probability=config.replace_probability)]
 
 
 def paste_sources(config, real: Dataset):
@@ -98,7 +98,7 @@ def paste_sources(config, real: Dataset):
     else:
         pool, index = synthetic_alternatives(config, real, config.paste_from, "--paste-from")
     return [Source("real+paste", real.split("train"), 1.0, alternatives=pool, alternative_index=index,
-                   replace_probability=config.paste_probability, paste_classes=classes)]
+                   alternative_probability=config.paste_probability, paste_classes=classes)]
 
 
 def paste_class_ids(config, real: Dataset) -> tuple[int, ...]:

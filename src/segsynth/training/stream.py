@@ -34,7 +34,7 @@ class Source:
     # without an index (pool), j is any index of `alternatives`.
     alternatives: Split | None = None
     alternative_index: dict[int, list[int]] | None = None
-    replace_probability: float = 0.0
+    alternative_probability: float = 0.0
     # Copy-paste: with these class ids, the picked alternative is not a replacement but a donor whose pixels of
     # these classes are pasted over the real sample (image and label), every other real pixel kept.
     paste_classes: tuple[int, ...] = ()
@@ -88,7 +88,7 @@ class SampleStream(TorchDataset):
             choices = source.alternative_index.get(item)
         else:
             choices = range(len(source.alternatives)) if source.alternatives is not None else None
-        if choices and rng.random() < source.replace_probability:
+        if choices and rng.random() < source.alternative_probability:
             alternative = choices[int(rng.integers(len(choices)))]
             sample = self.cache.get((source_index, 1, alternative), lambda: source.alternatives[alternative])
             if source.paste_classes:
