@@ -14,6 +14,7 @@ from PIL import Image
 
 from segsynth.cli import main
 from segsynth.html_report import write_report
+from segsynth.report import format_paired
 from segsynth.stage_configs import ReportConfig
 
 IMG = re.compile(r"<img [^>]*src=\"([^\"]*)\"")
@@ -39,6 +40,12 @@ def test_the_report_of_a_comparison_run_holds_every_section(compare_run, tmp_pat
     for name, arm in results["arms"].items():
         assert re.search(rf"<td class=\"\">{re.escape(name)}</td><td class=\"\">[a-z0-9]+</td><td class=\"num\">"
                          rf"{arm['mean']:.2f}</td>", table), name
+        # Each arm against real-only at the same seeds, and its own training seconds, as results.md gives them.
+        row = table[table.index(f'<td class="">{name}</td>'):]
+        row = row[:row.index("</tr>")]
+        if name != "real":
+            assert f'<td class="num">{format_paired(arm["vs_real_paired"])}</td>' in row, name
+        assert row.endswith(f'<td class="num">{round(arm["train_seconds"])}</td>'), name
     # 2-6. Every section, from its own files.
     for anchor in ("per-class", "freemask", "seggen", "attn2mask", "stages"):
         assert f"id='{anchor}'" in page, anchor
@@ -167,3 +174,22 @@ def test_large_gallery_pictures_are_stored_small():
     assert {tuple(c) for c in small.reshape(-1, 3)} == {(0, 0, 0), (70, 130, 180)}  # nearest: no blended colours
     tiny = tile_uri(photo[:64, :80], photo=True)
     assert tiny.startswith("data:image/png;base64,")  # toy-sized pictures stay lossless
+
+
+def test_trainings_that_ran_side_by_side_keep_their_seconds_in_the_table(compare_run, tmp_path):
+    """`--parallel` records a training as "train ARM seed S (parallel)"; the table's "train s" counts it the same."""
+    out, _, _ = compare_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    seconds = json.loads((copy / "seconds.json").read_text())
+    trainings = [key for key in seconds if key.startswith("train ")]
+    assert trainings
+    marked = {(f"{key} (parallel)" if key in trainings else key): value for key, value in seconds.items()}
+    (copy / "seconds.json").write_text(json.dumps(marked))
+
+    def comparison(page: str) -> str:
+        return page[page.index("id='comparison'"):page.index("id='per-class'")]
+
+    original = comparison((out / "report.html").read_text())
+    again = comparison(write_report(ReportConfig(run=str(copy), out=str(tmp_path / "r.html"))).read_text())
+    assert again == original

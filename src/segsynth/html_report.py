@@ -44,7 +44,7 @@ from PIL import Image
 from segsynth import IGNORE_INDEX
 from segsynth.formats.manifest import read_manifest
 from segsynth.io import SegsynthError, atomic_write_text, read_json, read_jsonl, safe_relative_path
-from segsynth.report import summarize_seeds
+from segsynth.report import PARALLEL_MARK, format_paired, paired_with_real, summarize_seeds
 from segsynth.stage_configs import ReportConfig
 
 REPORT = "report.html"
@@ -243,7 +243,9 @@ def arm_table(run: RunFolder, sets: dict[str, list[str]]) -> dict[str, dict]:
                     continue
             run.missing.append(f"{path.relative_to(run.root)} (arm {arm}, seed {seed}: not trained or not evaluated)")
         summary = summarize_seeds(metrics, run.classes)
-        seconds = sum(run.seconds.get(f"train {arm} seed {seed}", 0.0) for seed in run.seeds)
+        # a training that ran beside others is recorded under its name + PARALLEL_MARK (its own seconds)
+        seconds = sum(run.seconds.get(f"train {arm} seed {seed}{mark}", 0.0)
+                      for seed in run.seeds for mark in ("", PARALLEL_MARK))
         images = sum(len(run.records(name)) for name in sets.get(arm, []))
         table[arm] = {**summary, "method": arm_method(run, arm), "synthetic_images": images, "train_seconds": seconds}
     return table
@@ -375,21 +377,27 @@ def legend_html(run: RunFolder) -> str:
 
 
 def comparison_section(run: RunFolder, table: dict[str, dict]) -> str:
-    real = table.get("real", {}).get("mean")
+    real_arm = table.get("real")
+    real = None if real_arm is None else real_arm["mean"]
     rows = []
     for name, arm in table.items():
         delta = None if arm["mean"] is None or real is None or name == "real" else round(arm["mean"] - real, 2)
+        paired = None if real_arm is None or name == "real" else paired_with_real(arm["miou"], real_arm["miou"])
         rows.append([name, arm["method"], arm["mean"], arm["spread"], ", ".join(f"{v:.2f}" for v in arm["miou"].values()),
-                     None if delta is None else f"{delta:+.2f}", arm["synthetic_images"], round(arm["train_seconds"])])
+                     None if delta is None else f"{delta:+.2f}", format_paired(paired) or None,
+                     arm["synthetic_images"], round(arm["train_seconds"])])
     train = run.config.get("train") or {}
     settings = (f"data <code>{esc(run.config.get('data', '?'))}</code>, evaluated on <code>{esc(run.eval_split)}</code>; "
                 f"segmenter {esc(train.get('model', '?'))}, {esc(train.get('iterations', '?'))} iterations of batch "
                 f"{esc(train.get('batch_size', '?'))} per arm; seeds {esc(run.seeds)}; "
                 f"{esc(run.config.get('images_per_mask', '?'))} synthetic image(s) per real mask.")
     return (f"<h2 id='comparison'>Comparison</h2><p>{settings}</p>" +
-            table_html(["arm", "method", "mIoU mean", "spread", "per seed", "vs real", "synthetic images", "train s"],
+            table_html(["arm", "method", "mIoU mean", "spread", "per seed", "vs real", "seeds above real", "synthetic images",
+                        "train s"],
                        rows, sortable=True, numeric_from=2) +
-            "<p class='hint'>Click a column header to sort. Spread = max - min over seeds.</p>")
+            "<p class='hint'>Click a column header to sort. Spread = max - min over seeds. Seeds above real: the seeds "
+            "whose mIoU beats real-only's at the same seed (same initialisation), out of those both arms have, and "
+            "the range of those differences.</p>")
 
 
 def per_class_section(run: RunFolder, table: dict[str, dict]) -> str:
