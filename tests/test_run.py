@@ -244,13 +244,15 @@ def test_real_arm_trains_beside_the_others_when_no_stage_left_reads_it(tmp_path,
 
 def test_the_paste_arm_pastes_the_filtered_hardness_set_onto_real_images(tmp_path):
     """paste-filtered-hardness: the hardness set, filtered, pasted class by class onto real draws; its control
-    paste-real pastes from real images; a run naming either without the classes to paste is refused early."""
+    paste-real pastes from real images, paste-hardness-and-real from both; a run naming any of them without the
+    classes to paste is refused early."""
     with pytest.raises(SegsynthError, match=r"paste-filtered-hardness paste the train section's paste_classes .*"
                                             r"train: \{paste_classes: \[pole, sign\]\}"):
         resolve_run_config({**TINY_RUN, "out": str(tmp_path / "none"), "arms": ["real", "paste-filtered-hardness"]})
     out = tmp_path / "run"
     results = run(resolve_run_config({**TINY_RUN, "out": str(out),
-                                      "arms": ["real", "paste-filtered-hardness", "paste-real"],
+                                      "arms": ["real", "paste-filtered-hardness", "paste-real",
+                                               "paste-hardness-and-real"],
                                       "train": {**TINY_RUN["train"], "paste_classes": ["person", "pole", "sign"]}}))
     assert 0.0 <= results["arms"]["paste-filtered-hardness"]["mean"] <= 100.0
     assert 0.0 <= results["arms"]["paste-real"]["mean"] <= 100.0
@@ -260,3 +262,7 @@ def test_the_paste_arm_pastes_the_filtered_hardness_set_onto_real_images(tmp_pat
     assert len(manifest) == 24 and all("filtered_mask" in record for record in manifest)
     saved = (out / "arms" / "paste-filtered-hardness" / "seed0" / "config.yaml").read_text()
     assert "recipe: paste" in saved and "- person" in saved and "synthetic/hardness" in saved
+    both = (out / "arms" / "paste-hardness-and-real" / "seed0" / "config.yaml").read_text()
+    assert "paste_from: pool+real" in both and "synthetic/hardness" in both
+    assert 0.0 <= results["arms"]["paste-hardness-and-real"]["mean"] <= 100.0
+

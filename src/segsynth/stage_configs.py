@@ -55,7 +55,8 @@ METHOD_NAMES = ("freemask", "seggen", "attn2mask", "all")  # run.METHODS
 # methods.freemask.method.ARMS that train on synthetic sets: the arms a closed loop can continue
 FREEMASK_SYNTHETIC_ARMS = ("synthetic-raw-uniform", "synthetic-filtered-hardness", "joint-raw-uniform",
                            "joint-filtered-uniform", "joint-filtered-hardness", "pretrain-finetune-filtered-hardness",
-                           "joint-filtered-targeted", "paste-filtered-hardness")
+                           "joint-filtered-targeted", "paste-filtered-hardness",
+                           "paste-hardness-and-real")
 SWEEP_LENGTHS = tuple(range(0, 17))  # at most 16 values per sweep
 GENERATOR_KIND_NAMES = ("builtin", "latent", "text2mask-sd")  # GENERATOR_KINDS below, generators.TRAINERS
 
@@ -175,11 +176,12 @@ class TrainConfig:
                                               "pasted onto real images (e.g. the thin classes)")
     paste_probability: float = field(0.5, range=PROBABILITY,
                                      help="paste recipe: chance a real draw gets a synthetic sample's pixels pasted")
-    paste_from: str = field("pool", range=Range(choices=("same-mask", "pool", "real")),
+    paste_from: str = field("pool", range=Range(choices=("same-mask", "pool", "real", "pool+real")),
                             help="paste recipe: pool (any synthetic sample: new objects where its mask has them), "
-                                 "same-mask (a sample of the drawn real mask: new looks for the objects it has) or "
+                                 "same-mask (a sample of the drawn real mask: new looks for the objects it has), "
                                  "real (another real training image, no --synthetic: the control without "
-                                 "synthetic data)")
+                                 "synthetic data) or pool+real (any synthetic sample or real training image, "
+                                 "uniformly: the synthetic set on top of copy-paste from real images)")
     pretrain_iterations: int = field(0, range=Range(0, MAX_ITERATIONS),
                                      help="pretrain-finetune: synthetic-stage iterations (--iterations is the real stage)")
     init_checkpoint: str | None = field(None, help="start from this segsynth checkpoint's weights")

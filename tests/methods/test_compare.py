@@ -84,7 +84,7 @@ def test_each_member_gets_its_own_generator_sections_under_the_users_keys():
         "steps"] == 8
     # Any arm of any member can be chosen.
     chosen = resolve_run_config({"method": "all", "arms": ["real", "freemask-joint-raw-uniform"]})
-    assert chosen.arms == ["real", "freemask-joint-raw-uniform"] and len(ARMS) == 1 + 9 + 4 + 5
+    assert chosen.arms == ["real", "freemask-joint-raw-uniform"] and len(ARMS) == 1 + 10 + 4 + 5
     assert member_config(chosen, "freemask").arms == ["real", "joint-raw-uniform"]
 
 

@@ -226,3 +226,28 @@ def test_paste_recipe_pastes_synthetic_pixels_of_the_named_classes_onto_real_dra
         assert (label.numpy()[changed] == 7).all()  # only pole was pasted, and pasting never removes a pole pixel
         added += int(changed.sum())
     assert added > 0
+
+    # Both pools at once: every synthetic sample and every real training image, each drawn uniformly.
+    with pytest.raises(SegsynthError, match="--paste-from pool\\+real draws donors from the --synthetic sets and the "
+                                            "real training images; name a set with --synthetic DIR"):
+        RECIPES["paste"](_config(tmp_path, recipe="paste", paste_classes=["pole"], paste_from="pool+real"), dataset)
+    (both,) = RECIPES["paste"](_config(tmp_path, recipe="paste", synthetic=[str(donors)], paste_classes=["pole"],
+                                       paste_from="pool+real", paste_probability=1.0), dataset)
+    train = dataset.split("train")
+    assert both.alternatives.ids == source.alternatives.ids + [f"real:{i}" for i in train.ids]
+    assert both.alternative_index is None and both.paste_classes == (7,)
+    assert np.array_equal(both.alternatives[len(source.alternatives) + 3].image, train[3].image)
+    assert np.array_equal(both.alternatives[3].image, source.alternatives[3].image)
+    # Over many draws both kinds of donor are pasted: an inverted (synthetic) donor's pole pixels and a real one's.
+    kinds = set()
+    both_stream = SampleStream([both], identity, seed=0)
+    inverted = {i: source.alternatives[i].image for i in range(len(source.alternatives))}
+    for draw in range(60):
+        image, label, _ = both_stream[draw]
+        real = both.split[both_stream.locate(draw)[1]]
+        changed = (label.numpy() != real.label) | (image.permute(1, 2, 0).numpy() != real.image).any(-1)
+        if changed.any():
+            pasted = image.permute(1, 2, 0).numpy()[changed]
+            kinds.add("synthetic" if any(np.array_equal(pasted, donor[changed]) for donor in inverted.values())
+                      else "real")
+    assert kinds == {"synthetic", "real"}

@@ -10,7 +10,9 @@
                      (--replace-from pool: SegGen's MaskSyn masks have no real twin)
   paste              every draw real; with probability p the filter-kept pixels of
                      --paste-classes from a synthetic sample are pasted over it
-                     (copy-paste: synthetic data teaches only those classes)
+                     (copy-paste: synthetic data teaches only those classes); the
+                     donor from --paste-from pool, same-mask, real (the control) or
+                     pool+real (synthetic and real donors together)
 Synthetic sets are read with their filtered masks when they have them
 (`--synthetic-masks auto`), so filter-ignored pixels reach the loss as 255.
 """
@@ -88,13 +90,24 @@ def paste_sources(config, real: Dataset):
     synthetic set then teaches only the classes pasted, and every other pixel of every draw stays real, where
     the joint recipe shows each real image half as often and the generator's large classes as well.
     --paste-from real takes the donors from the real training split instead: copy-paste without synthetic data,
-    the control that tells the synthetic pixels' share of a gain from the augmentation's."""
+    the control that tells the synthetic pixels' share of a gain from the augmentation's; pool+real draws each
+    donor uniformly from the synthetic samples and the real training images together, so that the synthetic
+    set is measured as an addition to copy-paste from real images rather than against it."""
     classes = paste_class_ids(config, real)
     if config.paste_from == "real":
         if config.synthetic:
             raise SegsynthError("--paste-from real pastes pixels of other real training images; it reads no "
                                 "--synthetic set: drop --synthetic, or paste from it with --paste-from pool")
         pool, index = real.split("train"), None
+    elif config.paste_from == "pool+real":
+        if not config.synthetic:
+            raise SegsynthError("--paste-from pool+real draws donors from the --synthetic sets and the real "
+                                "training images; name a set with --synthetic DIR, or use --paste-from real")
+        synthetic_pool, _ = synthetic_alternatives(config, real, "pool", "--paste-from")
+        real_split = real.split("train")
+        # Synthetic ids may repeat real ones (a sample named after its mask): the real donors get their own ids.
+        real_donors = Split("real donors", [f"real:{sample_id}" for sample_id in real_split.ids], real_split.__getitem__)
+        pool, index = concat_splits("synthetic and real donors", [synthetic_pool, real_donors]), None
     else:
         pool, index = synthetic_alternatives(config, real, config.paste_from, "--paste-from")
     return [Source("real+paste", real.split("train"), 1.0, alternatives=pool, alternative_index=index,

@@ -52,11 +52,14 @@ ARMS = {
     "paste-filtered-hardness": Arm("paste-filtered-hardness", "paste", ("hardness",), "filtered"),
     # its control: the same classes pasted from other real images (no synthetic data)
     "paste-real": Arm("paste-real", "paste", (), "raw", train=(("paste_from", "real"),)),
+    # both donor pools at once: does the synthetic set add to copy-paste from real images?
+    "paste-hardness-and-real": Arm("paste-hardness-and-real", "paste", ("hardness",), "filtered",
+                                   train=(("paste_from", "pool+real"),)),
 }
 # The arms a run trains when none are named: the paper's seven (the targeted and paste arms are ours; each runs
 # when named).
 MAIN_ARMS = tuple(name for name in ARMS if name not in ("joint-filtered-targeted", "paste-filtered-hardness",
-                                                         "paste-real"))
+                                                         "paste-real", "paste-hardness-and-real"))
 SETS = ("uniform", "hardness", "targeted")
 TARGETED_FIRST_SEED = 5_000_000  # the targeted plan's seeds meet neither the uniform plan's nor the hardness plan's
 
