@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,11 +21,11 @@ from PIL import Image
 from fakes import subprocess_env
 from segsynth.data import open_dataset
 from segsynth.distributed import shard
-from segsynth.generators.base import resize_mask
+from segsynth.generators.base import resize_image, resize_mask
 from segsynth.generators.testing import save_tiny_builtin
 from segsynth.io import SegsynthError
 from segsynth.plan import PlanConfig, make_plan
-from segsynth.synthesize import SynthesizeConfig, synthesize
+from segsynth.synthesize import SynthesizeConfig, check_source_images, synthesize
 from synthetic_sets import assert_same_pixels, images
 
 TOY = "toy:n=12,n_val=4,size=32"
@@ -116,6 +117,41 @@ def test_a_crop_outside_its_mask_is_refused_before_the_generator_opens(tmp_path)
     with pytest.raises(SegsynthError, match=r"a@road_s0: crop \[20, 0, 16, 16\].*outside mask toy_train_00000 \(32x32\)"):
         run(plan, tmp_path / "no_generator_here", tmp_path / "set")
     assert not (tmp_path / "set").exists()
+
+
+def test_strength_renders_each_sample_from_its_masks_own_image(tmp_path, generator_dir):
+    """--strength: each sample starts from the real image of its mask (the crop's window of it for a crop entry),
+    so it stays near that image; the setting is in the set's generator identity and every record."""
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"id": "toy_train_00002", "seeds": [1, 2]}\n'
+                    '{"id": "toy_train_00004@c", "source": "toy_train_00004", "crop": [0, 0, 16, 16], "seeds": [3]}\n')
+    run(plan, generator_dir, tmp_path / "near", steps=10, strength=0.2)
+    run(plan, generator_dir, tmp_path / "noise", steps=10)
+    real = open_dataset(TOY).split("train")
+    sources = {"toy_train_00002_s1": real[2].image, "toy_train_00002_s2": real[2].image,
+               "toy_train_00004@c_s3": resize_image(real[4].image[:16, :16], (32, 32))}
+    near, noise = images(tmp_path / "near"), images(tmp_path / "noise")
+    for sample_id, source in sources.items():
+        distance = np.abs(near[sample_id].astype(float) - source).mean()
+        assert distance < 0.5 * np.abs(noise[sample_id].astype(float) - source).mean(), sample_id
+    assert all(record["generator"]["strength"] == 0.2 for record in manifest(tmp_path / "near"))
+    assert json.loads((tmp_path / "near" / "synthesis.json").read_text())["generator"]["strength"] == 0.2
+    assert "strength" not in manifest(tmp_path / "noise")[0]["generator"]
+    with pytest.raises(SegsynthError, match="made with a different generator"):
+        run(plan, generator_dir, tmp_path / "near", steps=10, strength=0.3)
+
+
+def test_strength_is_refused_where_there_is_no_source_image(tmp_path, generator_dir):
+    plan = make_test_plan(tmp_path / "plan.jsonl", uniform=1, limit=1)
+    config = SynthesizeConfig(data=TOY, plan=str(plan), generator=f"builtin:{generator_dir}", out=str(tmp_path / "o"),
+                              strength=0.5)
+    with pytest.raises(SegsynthError, match="cannot start from source images; drop --strength"):
+        check_source_images(SimpleNamespace(takes_source_images=False), config)
+    config.data = "synthetic-raw:masks"
+    with pytest.raises(SegsynthError, match="a generated mask set has no images"):
+        check_source_images(SimpleNamespace(takes_source_images=True), config)
+    with pytest.raises(SegsynthError, match="strength"):
+        SynthesizeConfig(data=TOY, plan=str(plan), generator="builtin:x", out="o", strength=0.0)
 
 
 def test_rerun_skips_finished_samples(tmp_path, generator_dir):

@@ -661,6 +661,10 @@ class SynthesizeConfig:
                                         "(attention, builtin, attention-sd, controlnet), merged into its UNet")
     lora_scale: float = field(1.0, range=Range(0.0, 10.0), help="--lora: scale of the adapter's update (0: off, 1: as "
                                                                 "trained)")
+    strength: float | None = field(None, range=Range(0.0, 1.0, low_open=True),
+                                   help="builtin and latent: start each sample from its mask's own image noised to "
+                                        "this share of the schedule and run that share of the steps (SDEdit): small "
+                                        "values keep the real image's layout and colours; default: from pure noise")
 
     __cross_checks__ = (_pseudo_mask_settings,)
 

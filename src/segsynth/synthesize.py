@@ -60,7 +60,7 @@ from segsynth.distributed import all_reduce_sum, barrier, init_distributed, shar
 from segsynth.formats.manifest import merge_manifests, read_manifest, read_records, sample_record, write_set_info
 from segsynth.formats.plan import plan_requests, read_plan
 from segsynth.generators import Generator, GeneratorSettings, open_generator
-from segsynth.generators.base import Condition, GeneratedSample, Request, resize_mask
+from segsynth.generators.base import Condition, GeneratedSample, Request, resize_image, resize_mask
 from segsynth.io import SegsynthError, append_text, atomic_write_json, atomic_write_png, read_json
 from segsynth.outputs import check_no_escaping_links, claim_folder
 from segsynth.pipeline import run_pipeline
@@ -92,6 +92,7 @@ def synthesize(config: SynthesizeConfig) -> dict:
     # 2. The generator: its files, classes and per-request inputs are checked as it opens, before any compute.
     generator = open_generator(config.generator, generator_settings(config, info.device))
     check_request_kinds(generator, requests, config)
+    check_source_images(generator, config)
     generator.check_dataset(dataset.classes, dataset.palette)
     generator.check_requests(requests)
     identity = generator.identity()
@@ -149,7 +150,7 @@ def generator_settings(config: SynthesizeConfig, device: torch.device) -> Genera
                              colour_map=config.colour_map, captions=config.captions, resolution=resolution,
                              dtype=config.dtype, device=str(device), pseudo_mask=config.pseudo_mask,
                              pseudo_mask_settings=dict(config.pseudo_mask_settings), lora=config.lora,
-                             lora_scale=config.lora_scale)
+                             lora_scale=config.lora_scale, strength=config.strength)
 
 
 def source_provenance(spec: str) -> dict[str, dict] | None:
@@ -193,6 +194,17 @@ def check_request_kinds(generator: Generator, requests: list[Request], config: S
         raise SegsynthError(f"{config.plan}: has {', '.join(kinds)} request(s), but generator {config.generator} "
                             f"takes only {', '.join(generator.request_kinds)} requests; use a plan made for it or "
                             "another generator")
+
+
+def check_source_images(generator: Generator, config: SynthesizeConfig) -> None:
+    """--strength starts each sample from its mask's own image: the generator must take one, the data have one."""
+    if config.strength is None:
+        return
+    if not generator.takes_source_images:
+        raise SegsynthError(f"generator {config.generator} cannot start from source images; drop --strength (it works "
+                            "with the builtin and latent generators)")
+    if base_spec(config.data).partition(":")[0].strip().lower() == "synthetic-raw":
+        raise SegsynthError(f"--data {config.data}: a generated mask set has no images to start from; drop --strength")
 
 
 def read_state(out: Path) -> dict | None:
@@ -300,17 +312,26 @@ def _batches(generator: Generator, split: Split, dataset, requests: list[Request
             key = (request.source, request.crop)
             if key not in mask_cache:
                 mask_cache.clear()
-                label = split.label(split.index_of(request.source))
+                index = split.index_of(request.source)
+                # --strength: the sample starts from the mask's own image (the same window of it), so read both
+                if generator.strength is not None:
+                    sample = split[index]
+                    image, label = sample.image, sample.label
+                else:
+                    image, label = None, split.label(index)
                 if request.crop is not None:  # a class-centred window of the mask, rendered at the working size
                     top, left, height, width = request.crop
                     label = np.ascontiguousarray(label[top: top + height, left: left + width])
+                    image = None if image is None else image[top: top + height, left: left + width]
                 size = generator.working_size(label.shape)
-                mask_cache[key] = (size, resize_mask(label, size), generator.prompt(request, label, dataset.classes))
-            size, mask, prompt = mask_cache[key]
+                mask_cache[key] = (size, resize_mask(label, size), generator.prompt(request, label, dataset.classes),
+                                   None if image is None else resize_image(image, size))
+            size, mask, prompt, image = mask_cache[key]
         else:
-            size, mask, prompt = generator.working_size(None), None, generator.prompt(request, None, dataset.classes)
+            size, mask, prompt, image = (generator.working_size(None), None,
+                                         generator.prompt(request, None, dataset.classes), None)
         bucket = buckets.setdefault(size, [])
-        bucket.append(Condition(request, mask, prompt))
+        bucket.append(Condition(request, mask, prompt, image))
         if len(bucket) == batch_size:
             yield _prepare(generator, buckets.pop(size))
     for bucket in buckets.values():

@@ -67,12 +67,51 @@ def test_builtin_samples_with_each_ode_scheduler(builtin_dir, scheduler):
     assert generator.render_masks([np.zeros((32, 32), np.uint8)], [""], [0])[0].shape == (32, 32, 3)
 
 
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(float) - b.astype(float)).mean())
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler"])
+def test_strength_starts_from_the_source_image_and_stays_near_it_when_small(builtin_dir, scheduler):
+    """SDEdit: at a small strength the sample is its source image redrawn a little; at strength 1 the source is
+    all but drowned in noise; another source image under the same mask and seed gives another sample."""
+    split = open_dataset(TOY).split("train")
+    masks, images = [split.label(i) for i in range(3)], [split[i].image for i in range(3)]
+
+    def render(strength, sources):
+        generator = open_generator(f"builtin:{builtin_dir}", GeneratorSettings(steps=10, strength=strength,
+                                                                               scheduler=scheduler))
+        return generator.render_masks(masks, [""] * 3, [5, 6, 7], sources)
+
+    near, far = render(0.2, images), render(1.0, images)
+    for source, small, large in zip(images, near, far):
+        assert _distance(small, source) < 0.5 * _distance(large, source)
+    swapped = render(0.2, images[1:] + images[:1])
+    assert _distance(swapped[0], near[0]) > 10
+    # one sample alone is the same as in its batch
+    alone = open_generator(f"builtin:{builtin_dir}", GeneratorSettings(steps=10, strength=0.2, scheduler=scheduler)
+                           ).render_masks(masks[1:2], [""], [6], images[1:2])[0]
+    assert _distance(alone, near[1]) <= 1.0
+
+
+def test_strength_is_part_of_the_identity_and_needs_source_images(builtin_dir):
+    generator = open_generator(f"builtin:{builtin_dir}", GeneratorSettings(steps=10, strength=0.35))
+    assert generator.identity()["strength"] == 0.35 and generator.denoising_steps() == 3
+    assert "strength" not in open_generator(f"builtin:{builtin_dir}").identity()
+    with pytest.raises(SegsynthError, match="carry no source image"):
+        generator.render_masks([np.zeros((32, 32), np.uint8)], [""], [0])
+    with pytest.raises(SegsynthError, match="must be 32x32x3"):
+        generator.render_masks([np.zeros((32, 32), np.uint8)], [""], [0], [np.zeros((16, 16, 3), np.uint8)])
+
+
 @pytest.mark.parametrize("settings, message", [
     (GeneratorSettings(guidance=2.0), "guidance 2 needs a model trained with --cond-dropout > 0"),
     (GeneratorSettings(captions="c.jsonl"), "takes no captions"),
     (GeneratorSettings(scheduler="lcm"), "not consistency-distilled"),
     (GeneratorSettings(dtype="fp16"), "fp32 only"),
     (GeneratorSettings(resolution=(64, 64)), "works at"),
+    (GeneratorSettings(strength=0.05, steps=10), "runs no denoising step; raise --strength to at least 0.1"),
+    (GeneratorSettings(strength=1.5), r"outside \(0, 1\]"),
 ])
 def test_builtin_refuses_settings_it_cannot_honour(builtin_dir, settings, message):
     with pytest.raises(SegsynthError, match=message):

@@ -195,6 +195,28 @@ def test_a_latent_model_trained_with_condition_dropout_samples_with_guidance(tmp
     assert np.abs(guided.astype(int) - plain.astype(int)).mean() > 0.5
 
 
+def test_strength_starts_the_latents_from_the_encoded_source_image(tmp_path):
+    """SDEdit on the latent generator: the source is encoded by the generator's own autoencoder and standardised
+    as the training latents were; at a small strength the sample is near the autoencoder's round trip of its
+    source (here a colour autoencoder: its latents are the image's colours, so the round trip is a colour grid)."""
+    folder = save_tiny_latent(tmp_path / "g", f"taesd:{save_colour_taesd(tmp_path / 'ae')}", iterations=2)
+    split = open_dataset(TOY).split("train")
+    masks, sources = [split.label(i) for i in range(3)], [split[i].image for i in range(3)]
+
+    def render(strength):
+        generator = open_generator(f"latent:{folder}", GeneratorSettings(steps=10, strength=strength))
+        return generator, generator.render_masks(masks, [""] * 3, [1, 2, 3], sources)
+
+    generator, near = render(0.2)
+    _, far = render(1.0)
+    with torch.no_grad():
+        batch = torch.from_numpy(np.stack(sources)).permute(0, 3, 1, 2).float()
+        round_trips = generator.decode(generator.encode_source(batch))
+    for trip, small, large in zip(round_trips, near, far):
+        assert np.abs(small.astype(float) - trip).mean() < 0.5 * np.abs(large.astype(float) - trip).mean()
+    assert generator.identity()["strength"] == 0.2
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"autoencoder": None}, "--kind latent needs --autoencoder"),
     ({"autoencoder": "taesd:/nowhere/at/all"}, "autoencoder folder /nowhere/at/all does not exist"),

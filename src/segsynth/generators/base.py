@@ -77,6 +77,7 @@ class GeneratorSettings:
     pseudo_mask_settings: dict = field(default_factory=dict)  # ... with these PseudoMaskConfig fields overridden
     lora: str | None = None  # a `segsynth adapt` adapter folder, loaded onto the UNet (generators/lora.py)
     lora_scale: float = 1.0  # ... at this scale (0: off, 1: as trained)
+    strength: float | None = None  # start from the request's source image noised this far (SDEdit); None: from noise
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Condition:
     request: Request
     mask: np.ndarray | None
     prompt: str
+    image: np.ndarray | None = None  # the mask's own image at working size, H x W x 3 uint8: only for --strength
 
 
 @dataclass
@@ -134,6 +136,10 @@ class Generator(ABC):
     uses_prompts: bool = False
     steps: int | None = None
     guidance: float | None = None
+    # Backends that can start a sample from its mask's own image, noised part of the way (SDEdit; `strength`):
+    # `synthesize` then reads each request's source image into its Condition.
+    takes_source_images: bool = False
+    strength: float | None = None
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
         """Raise SegsynthError if this generator cannot make samples of these classes (before any compute)."""
@@ -189,10 +195,13 @@ class MaskToImageGenerator(Generator):
         return [GeneratedSample(image, resize_mask(condition.mask, image.shape[:2]))
                 for image, condition in zip(images, prepared.conditions)]
 
-    def render_masks(self, masks: list[np.ndarray], prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-        """Images for masks already at working size (the API for callers without a plan)."""
-        conditions = [Condition(Request(f"mask{i}_s{seed}", "mask", int(seed), source=f"mask{i}"), mask, prompt)
-                      for i, (mask, prompt, seed) in enumerate(zip(masks, prompts, seeds))]
+    def render_masks(self, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
+                     images: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Images for masks already at working size (the API for callers without a plan); `images`: each mask's
+        own image at working size, for a generator opened with a `strength`."""
+        images = images if images is not None else [None] * len(masks)
+        conditions = [Condition(Request(f"mask{i}_s{seed}", "mask", int(seed), source=f"mask{i}"), mask, prompt, image)
+                      for i, (mask, prompt, seed, image) in enumerate(zip(masks, prompts, seeds, images))]
         return self.render(self.prepare(conditions))
 
 
@@ -204,6 +213,17 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == tuple(size):
         return mask
     return np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of an H x W x 3 uint8 image to (H, W), the resize the mask generators' training
+    images get (generators/builtin/train.py `resize_pair`), so a source image looks as the training images did."""
+    if image.shape[:2] == tuple(size):
+        return image
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
+    resized = torch.nn.functional.interpolate(tensor, size=tuple(size), mode="bilinear", antialias=True,
+                                              align_corners=False)
+    return resized[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:

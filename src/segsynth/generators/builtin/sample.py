@@ -16,7 +16,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from segsynth.generators.base import (Condition, GeneratorSettings, MaskToImageGenerator, Prepared,
                                       check_trained_classes, file_fingerprint, initial_noise, resolve_device)
-from segsynth.generators.builtin.model import PATCH, MaskDenoiser, check_generator_folder, decode_images, encode_masks
+from segsynth.generators.builtin.model import (PATCH, MaskDenoiser, check_generator_folder, decode_images, encode_images,
+                                              encode_masks)
 from segsynth.generators.lora import folder_identity, load_adapter
 from segsynth.generators.schedulers import make_scheduler, scheduler_name
 from segsynth.io import SegsynthError, loading
@@ -27,6 +28,7 @@ class BuiltinGenerator(MaskToImageGenerator):
 
     name = "builtin"
     uses_prompts = False
+    takes_source_images = True
 
     def __init__(self, folder: str | os.PathLike, settings: GeneratorSettings | None = None):
         settings = settings or GeneratorSettings()
@@ -51,6 +53,17 @@ class BuiltinGenerator(MaskToImageGenerator):
         # classifier-free guidance scale; None at 1 (no guidance), as before guidance existed, so manifests
         # and identities of unguided sets stay what they were
         self.guidance = None if scale == 1.0 else scale
+        # SDEdit (Meng et al. 2022): start from the mask's own image noised to this share of the schedule and run
+        # only the remaining steps, so the sample keeps that image's layout and colours and the model redraws
+        # the detail; None renders from pure noise
+        self.strength = None if settings.strength is None else float(settings.strength)
+        if self.strength is not None:
+            if not 0.0 < self.strength <= 1.0:
+                raise SegsynthError(f"strength {self.strength:g} is outside (0, 1]: 1 starts from pure noise, "
+                                    "small values stay close to the source image")
+            if self.denoising_steps() < 1:
+                raise SegsynthError(f"strength {self.strength:g} with {self.steps} steps runs no denoising step; "
+                                    f"raise --strength to at least {1 / self.steps:g} or --steps")
         self.scheduler_name = scheduler_name(settings.scheduler or sampling["scheduler"])
         if self.scheduler_name == "lcm":
             raise SegsynthError(f"the {self.name} generator is not consistency-distilled; use dpm++, unipc, ddim or "
@@ -100,6 +113,10 @@ class BuiltinGenerator(MaskToImageGenerator):
     def decode(self, sample: torch.Tensor) -> list[np.ndarray]:
         return decode_images(sample)
 
+    def encode_source(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float 0..255 at working size -> the model's sample space (for `strength`)."""
+        return encode_images(images)
+
     # --- the contract ------------------------------------------------------------------------------------
 
     def check_dataset(self, classes: Sequence[str], palette: Sequence[Sequence[int]]) -> None:
@@ -118,15 +135,31 @@ class BuiltinGenerator(MaskToImageGenerator):
         seeds = [condition.request.seed for condition in conditions]
         condition = self.encode_condition(np.stack([c.mask for c in conditions]))
         noise = initial_noise(seeds, self.noise_shape())
-        return Prepared(self.size, [c.prompt for c in conditions], seeds, {"condition": condition, "noise": noise},
-                        conditions)
+        tensors = {"condition": condition, "noise": noise}
+        if self.strength is not None:
+            tensors["source"] = source_images(conditions, self.size)
+        return Prepared(self.size, [c.prompt for c in conditions], seeds, tensors, conditions)
+
+    def denoising_steps(self) -> int:
+        """The steps a sample runs: all of them from noise, the last `strength` share of them from a source image."""
+        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
 
     @torch.no_grad()
     def render(self, prepared: Prepared) -> list[np.ndarray]:
         condition = prepared.tensors["condition"].to(self.device)
         scheduler = self.new_scheduler()
-        sample = prepared.tensors["noise"].to(self.device) * scheduler.init_noise_sigma
-        for timestep in scheduler.timesteps:
+        noise = prepared.tensors["noise"].to(self.device)
+        timesteps = scheduler.timesteps
+        if self.strength is None:
+            sample = noise * scheduler.init_noise_sigma
+        else:  # as diffusers' img2img pipelines: skip the first steps, noise the source to the first one kept
+            begin = (self.steps - self.denoising_steps()) * scheduler.order
+            timesteps = timesteps[begin:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin)
+            clean = self.encode_source(prepared.tensors["source"].to(self.device))
+            sample = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(clean)))
+        for timestep in timesteps:
             model_input = scheduler.scale_model_input(sample, timestep)
             predicted = self.denoiser.guided(model_input, condition, timestep, self.guidance or 1.0)
             sample = scheduler.step(predicted, timestep, sample).prev_sample
@@ -137,6 +170,21 @@ class BuiltinGenerator(MaskToImageGenerator):
                     "steps": self.steps, "scheduler": self.scheduler_name, "size": list(self.size), "dtype": "fp32"}
         if self.guidance is not None:
             identity["guidance"] = self.guidance
+        if self.strength is not None:
+            identity["strength"] = self.strength
         if self.lora:
             identity["lora"] = self.lora
         return identity
+
+
+def source_images(conditions: list[Condition], size: tuple[int, int]) -> torch.Tensor:
+    """The conditions' source images as one (B, 3, H, W) float 0..255 batch, each checked to be at `size`."""
+    missing = [c.request.id for c in conditions if c.image is None]
+    if missing:
+        raise SegsynthError(f"requests {missing[:3]} carry no source image, which a generator opened with a strength "
+                            "starts from; render them through `segsynth synthesize` (it reads each mask's image) or "
+                            "pass images to render_masks")
+    wrong = [c.request.id for c in conditions if tuple(c.image.shape) != (*size, 3)]
+    if wrong:
+        raise SegsynthError(f"requests {wrong[:3]}: source images must be {size[0]}x{size[1]}x3 (the working size)")
+    return torch.from_numpy(np.stack([c.image for c in conditions])).permute(0, 3, 1, 2).float()

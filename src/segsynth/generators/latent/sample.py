@@ -14,7 +14,8 @@ from segsynth.generators.base import file_fingerprint, folder_fingerprint
 from segsynth.generators.builtin.model import MaskDenoiser, one_hot_masks
 from segsynth.generators.builtin.sample import BuiltinGenerator
 from segsynth.generators.latent.autoencoder import open_autoencoder
-from segsynth.generators.latent.model import AUTOENCODER_FOLDER, MaskEncoder, check_latent_folder, unstandardise
+from segsynth.generators.latent.model import (AUTOENCODER_FOLDER, MaskEncoder, check_latent_folder, standardise,
+                                              unstandardise)
 
 
 class LatentGenerator(BuiltinGenerator):
@@ -53,3 +54,7 @@ class LatentGenerator(BuiltinGenerator):
         images = self.autoencoder.decode(unstandardise(sample.float(), self.latent_mean, self.latent_std))
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(pixels)
+
+    def encode_source(self, images: torch.Tensor) -> torch.Tensor:
+        """Source images (0..255) -> standardised latents, encoded as the training images were."""
+        return standardise(self.autoencoder.encode(images / 255.0), self.latent_mean, self.latent_std)
