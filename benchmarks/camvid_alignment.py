@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curve", action="store_true",
                         help="also score every snapshot the generator's training kept (train-generator --keep-every: "
                              "GEN/snapshots/it<N>): alignment against training iterations from one run")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="start each image from its mask's own image noised to this share (SDEdit); the "
+                             "score then measures what a re-render keeps of the real image, not a drawing from noise")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grid", type=int, default=8, help="rows in the grid image")
     parser.add_argument("--work", default="runs/camvid_alignment", help="folder for the synthetic and resized sets")
@@ -123,7 +126,7 @@ def main() -> int:
         started = time.time()
         summary = synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"{kind}:{folder}",
                                               out=str(work / tag), split=args.split, batch_size=args.batch_size,
-                                              steps=args.steps, guidance=scale))
+                                              steps=args.steps, guidance=scale, strength=args.strength))
         synth_wall = time.time() - started
         # 2. The segmenter on generated images (vs their masks).
         sweep.append({"guidance": scale, "folder": tag, "summary": summary, "synthesize_wall_s": round(synth_wall, 1),
@@ -138,7 +141,8 @@ def main() -> int:
     for iterations, path in snapshots:
         tag = f"curve_it{iterations}"
         synthesize(SynthesizeConfig(data=args.data, plan=str(plan), generator=f"{kind}:{path}", out=str(work / tag),
-                                    split=args.split, batch_size=args.batch_size, steps=args.steps, guidance=scales[0]))
+                                    split=args.split, batch_size=args.batch_size, steps=args.steps, guidance=scales[0],
+                                    strength=args.strength))
         training = json.loads((path / GENERATOR_FILE).read_text()).get("training", {})
         curve.append({"iterations": iterations, "minutes": training.get("minutes"),
                       "generated": score(f"folder:{work / tag}", "train", f"generated_{tag}")})
@@ -167,7 +171,7 @@ def main() -> int:
         "miou_generated_vs_conditioning_masks": round(generated["miou"], 2),
         "miou_real_val": round(real["miou"], 2),
         "miou_real_val_at_working_size": round(low_res["miou"], 2),
-        "inference_size": list(inference), "guidance": best["guidance"],
+        "inference_size": list(inference), "guidance": best["guidance"], "strength": args.strength,
         "alignment": round(generated["miou"] / low_res["miou"], 4) if low_res["miou"] else None,
         "guidance_sweep": [{"guidance": row["guidance"], "miou_generated": round(row["generated"]["miou"], 2),
                             "alignment": round(row["generated"]["miou"] / low_res["miou"], 4) if low_res["miou"] else None,
@@ -183,6 +187,8 @@ def main() -> int:
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     guided = "" if best["guidance"] is None else f", guidance {best['guidance']:g}"
+    if args.strength is not None:
+        guided += f", each from its real image noised to strength {args.strength:g}"
     lines = [
         f"# {kind.capitalize()} generator on CamVid: mask alignment", "",
         f"Generator `{folder}`: {meta.get('parameters', 0) / 1e6:.2f} M parameters, working size "
