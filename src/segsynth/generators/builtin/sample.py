@@ -142,7 +142,8 @@ class BuiltinGenerator(MaskToImageGenerator):
 
     def denoising_steps(self) -> int:
         """The steps a sample runs: all of them from noise, the last `strength` share of them from a source image."""
-        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
+        # (+1e-9: 100 x 0.29 is 28.999... in floating point and means 29 steps)
+        return self.steps if self.strength is None else min(int(self.steps * self.strength + 1e-9), self.steps)
 
     @torch.no_grad()
     def render(self, prepared: Prepared) -> list[np.ndarray]:
