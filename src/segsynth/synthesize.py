@@ -153,11 +153,17 @@ def generator_settings(config: SynthesizeConfig, device: torch.device) -> Genera
                              lora_scale=config.lora_scale, strength=config.strength)
 
 
+def data_kind(spec: str) -> tuple[str, str]:
+    """A dataset spec's kind (lower case) and argument."""
+    kind, _, argument = base_spec(spec).partition(":")
+    return kind.strip().lower(), argument
+
+
 def source_provenance(spec: str) -> dict[str, dict] | None:
     """For `--data` that is a synthetic set: per sample id, where that sample came from (set, id, prompt,
     generator); None for any other dataset."""
-    kind, _, argument = base_spec(spec).partition(":")
-    if kind.strip().lower() not in ("synthetic", "synthetic-raw"):
+    kind, argument = data_kind(spec)
+    if kind not in ("synthetic", "synthetic-raw"):
         return None
     folder = Path(argument)
     return {record["id"]: {"set": str(folder.resolve()), "id": record["id"],
@@ -203,7 +209,7 @@ def check_source_images(generator: Generator, config: SynthesizeConfig) -> None:
     if not generator.takes_source_images:
         raise SegsynthError(f"generator {config.generator} cannot start from source images; drop --strength (it works "
                             "with the builtin and latent generators)")
-    if base_spec(config.data).partition(":")[0].strip().lower() == "synthetic-raw":
+    if data_kind(config.data)[0] == "synthetic-raw":
         raise SegsynthError(f"--data {config.data}: a generated mask set has no images to start from; drop --strength")
 
 

@@ -215,15 +215,20 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
 
 
+def resize_image_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of a (3, H, W) image (0..255) to `size`: the mask generators' training images
+    (generators/builtin/train.py `resize_pair`) and their source images (`resize_image`) get the same one."""
+    resized = torch.nn.functional.interpolate(image.float()[None], size=tuple(size), mode="bilinear", antialias=True,
+                                              align_corners=False)
+    return resized[0].clamp(0, 255)
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Antialiased bilinear resize of an H x W x 3 uint8 image to (H, W), the resize the mask generators' training
-    images get (generators/builtin/train.py `resize_pair`), so a source image looks as the training images did."""
+    """`resize_image_tensor` for an H x W x 3 uint8 image, so a source image looks as the training images did."""
     if image.shape[:2] == tuple(size):
         return image
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
-    resized = torch.nn.functional.interpolate(tensor, size=tuple(size), mode="bilinear", antialias=True,
-                                              align_corners=False)
-    return resized[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return resize_image_tensor(tensor, size).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:

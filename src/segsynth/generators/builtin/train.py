@@ -35,7 +35,7 @@ from segsynth.config import save_config, to_dict
 from segsynth.data import open_dataset
 from segsynth.data.validate import check_before_compute
 from segsynth.formats.checkpoint import check_resumed_settings, training_state_folder
-from segsynth.generators.base import resolve_device
+from segsynth.generators.base import resize_image_tensor, resolve_device
 from segsynth.generators.builtin.model import (FORMAT, GENERATOR_FILE, PATCH, MaskDenoiser, build_unet, encode_images,
                                                encode_masks, training_noise_schedule, working_size)
 from segsynth.generators.schedulers import scheduler_name
@@ -214,9 +214,8 @@ def rescaled_crop(image: torch.Tensor, label: torch.Tensor, size, crop_scale: fl
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
-    image = F.interpolate(image.float()[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
     label = F.interpolate(label.float()[None, None], size=tuple(size), mode="nearest-exact")[0, 0].to(torch.uint8)
-    return image.clamp(0, 255), label
+    return resize_image_tensor(image, size), label
 
 
 def _loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
