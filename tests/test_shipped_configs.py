@@ -28,6 +28,7 @@ VERBS = {
     "camvid_latent_mask2former_paste_k4_run.yaml": "run", "camvid_latent_mask2former_paste_g8000_run.yaml": "run",
     "camvid_latent_mask2former_sdedit_run.yaml": "run", "camvid_latent_mask2former_sdedit07_run.yaml": "run",
     "camvid_latent_mask2former_sdeditcontrol_run.yaml": "run", "camvid_latent_mask2former_evidence_run.yaml": "run",
+    "camvid_latent_mask2former_evidence_control_run.yaml": "run",
     "camvid_latent_mask2former_targeted_drop_run.yaml": "run",
     "camvid_latent_mask2former_targeted_unknown_run.yaml": "run",
     "camvid_latent_mask2former_targeted_drop_unknown_run.yaml": "run",
